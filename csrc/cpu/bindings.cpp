@@ -1,0 +1,80 @@
+// fastlayers._C: the CPU kernels as a plain pybind11 module (no torch headers,
+// no libtorch). Tensors arrive as raw addresses (int), strides in elements and
+// dtype codes (fastlayers/_dtypes.py); Python allocates every buffer.
+#include <pybind11/pybind11.h>
+#include <omp.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "norm.h"
+
+namespace py = pybind11;
+using namespace fastlayers;
+
+static inline void* P(uintptr_t p) { return reinterpret_cast<void*>(p); }
+
+static void check_norm_dtypes(int x_dt, int r_dt, int w_dt, int b_dt, int y_dt, int h_dt, bool has_r, bool has_b,
+                              bool has_h) {
+  check_dtype(x_dt, "x", true);
+  check_dtype(w_dt, "weight", true);
+  check_dtype(y_dt, "y", true);
+  if (has_r) check_dtype(r_dt, "residual", true);
+  if (has_b) check_dtype(b_dt, "bias", true);
+  if (has_h) check_dtype(h_dt, "h", true);
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastlayers CPU kernels (C++/OpenMP, torch-free ABI)";
+
+  m.def(
+      "norm_fwd",
+      [](uintptr_t x, int64_t x_stride, int x_dt, uintptr_t r, int64_t r_stride, int r_dt, uintptr_t w, int w_dt,
+         uintptr_t b, int b_dt, uintptr_t y, int64_t y_stride, int y_dt, uintptr_t h, int64_t h_stride, int h_dt,
+         uintptr_t mean, uintptr_t rstd, int64_t M, int64_t N, double eps, bool is_rms, uintptr_t workspace,
+         int parts) {
+        check_norm_dtypes(x_dt, r_dt, w_dt, b_dt, y_dt, h_dt, r != 0, b != 0, h != 0);
+        if (parts < 1) throw std::invalid_argument("fastlayers: parts must be >= 1");
+        NormFwdArgs a{P(x), x_stride, x_dt, P(r), r_stride, r_dt, P(w), w_dt, P(b), b_dt, P(y), y_stride, y_dt,
+                      P(h),  h_stride, h_dt, P(mean), P(rstd), M,  N,  eps, is_rms};
+        py::gil_scoped_release nogil;
+        cpu::norm_fwd(a, P(workspace), parts);
+      },
+      "Fused residual + RMSNorm/LayerNorm forward (see csrc/include/fastlayers/common.h).");
+
+  m.def(
+      "norm_bwd",
+      [](uintptr_t dy, int64_t dy_stride, int dy_dt, uintptr_t x, int64_t x_stride, int x_dt, uintptr_t r,
+         int64_t r_stride, int r_dt, uintptr_t w, int w_dt, uintptr_t b, int b_dt, uintptr_t mean, uintptr_t rstd,
+         uintptr_t dh, int64_t dh_stride, int dh_dt, uintptr_t dx, int64_t dx_stride, int dx_dt, uintptr_t dr,
+         int64_t dr_stride, int dr_dt, uintptr_t dw_part, uintptr_t db_part, int64_t M, int64_t N, bool is_rms,
+         uintptr_t workspace, int parts) {
+        check_norm_dtypes(x_dt, r_dt, w_dt, b_dt, dx_dt, dh_dt, r != 0, b != 0, dh != 0);
+        check_dtype(dy_dt, "dy", true);
+        if (dr) check_dtype(dr_dt, "dresidual", true);
+        if (parts < 1) throw std::invalid_argument("fastlayers: parts must be >= 1");
+        NormBwdArgs a{P(dy), dy_stride, dy_dt, P(x), x_stride, x_dt, P(r), r_stride, r_dt, P(w), w_dt, P(b), b_dt,
+                      P(mean), P(rstd), P(dh), dh_stride, dh_dt, P(dx), dx_stride, dx_dt, P(dr), dr_stride, dr_dt,
+                      P(dw_part), P(db_part), M, N, is_rms};
+        py::gil_scoped_release nogil;
+        cpu::norm_bwd(a, P(workspace), parts);
+      },
+      "Fused residual + RMSNorm/LayerNorm backward; dw/db as (parts, N) partial sums.");
+
+  m.def("max_threads", []() { return omp_get_max_threads(); });
+
+  // Ask the kernel to back [ptr, ptr+nbytes) with transparent huge pages before
+  // first touch. Large fresh outputs otherwise cost one page fault per 4 KiB,
+  // which on small machines is slower than the kernel itself. Only the 2 MiB-aligned
+  // interior is advised; it is a hint and never changes contents.
+  m.def("advise_hugepages", [](uintptr_t ptr, size_t nbytes) {
+#ifdef MADV_HUGEPAGE
+    const uintptr_t huge = 2u << 20;
+    const uintptr_t lo = (ptr + huge - 1) & ~(huge - 1);
+    const uintptr_t hi = (ptr + nbytes) & ~(huge - 1);
+    if (hi > lo) return madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE) == 0;
+#endif
+    (void)ptr;
+    (void)nbytes;
+    return false;
+  });
+}

@@ -1,0 +1,117 @@
+// Row loads/stores between the storage dtypes and the accumulator type.
+// Every helper is always-inlined into the row kernels, so each ISA clone of a
+// kernel (FL_CLONES) gets its own vectorised copy of these loops.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#include "fastlayers/common.h"
+
+#if defined(__GNUC__)
+#define FL_INLINE static inline __attribute__((always_inline))
+#else
+#define FL_INLINE static inline
+#endif
+
+// x86-64: build a baseline and an AVX2/FMA/F16C (x86-64-v3) clone, chosen at load time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTLAYERS_NO_CLONES)
+#define FL_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FL_CLONES
+#endif
+
+namespace fastlayers {
+namespace cpu {
+
+FL_INLINE float bf16_to_f32(uint16_t v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even; NaN stays NaN (quiet bit forced so it cannot round to inf).
+FL_INLINE uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+FL_INLINE const void* elem_ptr(const void* base, int dt, int64_t off) {
+  const int64_t sz = dt == kF64 ? 8 : dt == kF32 ? 4 : 2;
+  return static_cast<const char*>(base) + off * sz;
+}
+FL_INLINE void* elem_ptr(void* base, int dt, int64_t off) {
+  const int64_t sz = dt == kF64 ? 8 : dt == kF32 ? 4 : 2;
+  return static_cast<char*>(base) + off * sz;
+}
+
+template <typename Acc, bool Add>
+FL_INLINE void load_or_add(const void* p, int dt, Acc* out, int64_t n) {
+  switch (dt) {
+    case kF32: {
+      const float* s = static_cast<const float*>(p);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) out[j] = Add ? out[j] + Acc(s[j]) : Acc(s[j]);
+      break;
+    }
+    case kF64: {
+      const double* s = static_cast<const double*>(p);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) out[j] = Add ? out[j] + Acc(s[j]) : Acc(s[j]);
+      break;
+    }
+    case kF16: {
+      const _Float16* s = static_cast<const _Float16*>(p);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) out[j] = Add ? out[j] + Acc(float(s[j])) : Acc(float(s[j]));
+      break;
+    }
+    case kBF16: {
+      const uint16_t* s = static_cast<const uint16_t*>(p);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) out[j] = Add ? out[j] + Acc(bf16_to_f32(s[j])) : Acc(bf16_to_f32(s[j]));
+      break;
+    }
+  }
+}
+
+template <typename Acc>
+FL_INLINE void load_row(const void* p, int dt, Acc* out, int64_t n) { load_or_add<Acc, false>(p, dt, out, n); }
+template <typename Acc>
+FL_INLINE void add_row(const void* p, int dt, Acc* out, int64_t n) { load_or_add<Acc, true>(p, dt, out, n); }
+
+template <typename Acc>
+FL_INLINE void store_row(const Acc* in, void* p, int dt, int64_t n) {
+  switch (dt) {
+    case kF32: {
+      float* d = static_cast<float*>(p);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) d[j] = float(in[j]);
+      break;
+    }
+    case kF64: {
+      double* d = static_cast<double*>(p);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) d[j] = double(in[j]);
+      break;
+    }
+    case kF16: {
+      _Float16* d = static_cast<_Float16*>(p);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) d[j] = _Float16(float(in[j]));
+      break;
+    }
+    case kBF16: {
+      uint16_t* d = static_cast<uint16_t*>(p);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) d[j] = f32_to_bf16(float(in[j]));
+      break;
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastlayers

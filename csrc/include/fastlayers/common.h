@@ -1,0 +1,63 @@
+// Shared by the CPU and CUDA modules: dtype codes and small helpers.
+// The extensions never include torch headers: Python passes raw pointers,
+// sizes, strides and these dtype codes (see fastlayers/_dtypes.py).
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace fastlayers {
+
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
+
+inline const char* dtype_name(int dt) {
+  switch (dt) {
+    case kF32: return "float32";
+    case kF16: return "float16";
+    case kBF16: return "bfloat16";
+    case kF64: return "float64";
+    default: return "unknown";
+  }
+}
+
+inline void check_dtype(int dt, const char* what, bool allow_f64) {
+  if (dt == kF32 || dt == kF16 || dt == kBF16 || (allow_f64 && dt == kF64)) return;
+  throw std::invalid_argument(std::string("fastlayers: unsupported dtype code ") + std::to_string(dt) +
+                              " for " + what);
+}
+
+// Arguments of the fused residual-add + RMSNorm/LayerNorm forward.
+// Rows are `stride` elements apart; the last dimension is contiguous.
+// Null pointers (0) mean "absent".
+struct NormFwdArgs {
+  const void* x; int64_t x_stride; int x_dt;
+  const void* r; int64_t r_stride; int r_dt;     // residual, optional
+  const void* w; int w_dt;                        // weight (N,)
+  const void* b; int b_dt;                        // bias (N,), optional (LayerNorm only)
+  void* y; int64_t y_stride; int y_dt;            // normalised output
+  void* h; int64_t h_stride; int h_dt;            // pre-norm sum x + r, optional
+  void* mean;                                     // (M,) stat dtype, LayerNorm only
+  void* rstd;                                     // (M,) stat dtype
+  int64_t M, N;
+  double eps;
+  bool is_rms;
+};
+
+// Backward. dx/dr receive d(loss)/dh (the same values); dw_part/db_part are
+// (P, N) partial sums, one row per part, reduced by the caller.
+struct NormBwdArgs {
+  const void* dy; int64_t dy_stride; int dy_dt;
+  const void* x; int64_t x_stride; int x_dt;
+  const void* r; int64_t r_stride; int r_dt;
+  const void* w; int w_dt;
+  const void* b; int b_dt;                        // only tells whether db is wanted
+  const void* mean; const void* rstd;
+  const void* dh; int64_t dh_stride; int dh_dt;   // incoming grad of h (prenorm), optional
+  void* dx; int64_t dx_stride; int dx_dt;
+  void* dr; int64_t dr_stride; int dr_dt;         // optional
+  void* dw_part; void* db_part;                   // (P, N) stat dtype; db_part optional
+  int64_t M, N;
+  bool is_rms;
+};
+
+}  // namespace fastlayers

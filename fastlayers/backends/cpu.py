@@ -1,0 +1,40 @@
+"""CPU backend: C++/OpenMP kernels in ``fastlayers._C`` (see backends/__init__.py for the contract)."""
+import torch
+
+from .._dtypes import code, ptr, stat_dtype, stride0
+
+try:
+    from .. import _C
+    IMPORT_ERROR = None
+except ImportError as e:  # pragma: no cover - reported by available_backends()
+    _C = None
+    IMPORT_ERROR = e
+
+
+def _parts(M):
+    return max(1, min(torch.get_num_threads(), M))
+
+
+def norm_fwd(x, residual, weight, bias, y, h, mean, rstd, eps, is_rms):
+    M, N = x.shape
+    parts = _parts(M)
+    ws = torch.empty(parts * 3 * N, dtype=stat_dtype(x.dtype))
+    _C.norm_fwd(ptr(x), stride0(x), code(x), ptr(residual), stride0(residual), code(residual),
+                ptr(weight), code(weight), ptr(bias), code(bias), ptr(y), stride0(y), code(y),
+                ptr(h), stride0(h), code(h), ptr(mean), ptr(rstd), M, N, float(eps), bool(is_rms),
+                ws.data_ptr(), parts)
+
+
+def norm_bwd_parts(M, N, device):
+    return _parts(M)
+
+
+def norm_bwd(dy, x, residual, weight, bias, mean, rstd, dh, dx, dresidual, dw_part, db_part, is_rms):
+    M, N = x.shape
+    parts = dw_part.shape[0]
+    ws = torch.empty(parts * 3 * N, dtype=stat_dtype(x.dtype))
+    _C.norm_bwd(ptr(dy), stride0(dy), code(dy), ptr(x), stride0(x), code(x),
+                ptr(residual), stride0(residual), code(residual), ptr(weight), code(weight),
+                ptr(bias), code(bias), ptr(mean), ptr(rstd), ptr(dh), stride0(dh), code(dh),
+                ptr(dx), stride0(dx), code(dx), ptr(dresidual), stride0(dresidual), code(dresidual),
+                ptr(dw_part), ptr(db_part), M, N, bool(is_rms), ws.data_ptr(), parts)
