@@ -58,20 +58,25 @@ class BuildExt(build_ext):
                 self.build_cuda(ext)
             else:
                 self.build_extension(ext)
-        info = self.get_ext_fullpath("fastlayers._build_info")
-        info = os.path.join(os.path.dirname(info), "_build_info.py")
-        os.makedirs(os.path.dirname(info), exist_ok=True)
-        with open(info, "w") as f:
+        d = os.path.join(self.build_lib, "fastlayers")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "_build_info.py"), "w") as f:
             f.write("# Written by setup.py at build time.\n")
             f.write(f"CUDA_BUILT = {self._build_info.get('cuda_built', False)!r}\n")
             f.write(f"CUDA_REASON = {self._build_info.get('cuda_reason', '')!r}\n")
             f.write(f"CUDA_ARCHS = {self._build_info.get('cuda_archs', [])!r}\n")
+
+    def run(self):
+        super().run()
+        if self.inplace or getattr(self, "editable_mode", False):
+            shutil.copy(os.path.join(self.build_lib, "fastlayers", "_build_info.py"), ROOT / "fastlayers")
 
     def build_cuda(self, ext):
         nvcc, why = find_nvcc()
         if nvcc is None:
             print(f"fastlayers: building without CUDA (_cuda skipped): {why}", flush=True)
             self._build_info["cuda_reason"] = f"_cuda was not built: {why} at install time"
+            self.extensions.remove(ext)  # nothing to copy or package
             return
         archs = cuda_archs()
         import pybind11

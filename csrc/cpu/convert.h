@@ -7,6 +7,10 @@
 
 #include "fastlayers/common.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #if defined(__GNUC__)
 #define FL_INLINE static inline __attribute__((always_inline))
 #else
@@ -40,12 +44,10 @@ FL_INLINE uint16_t f32_to_bf16(float f) {
 }
 
 FL_INLINE const void* elem_ptr(const void* base, int dt, int64_t off) {
-  const int64_t sz = dt == kF64 ? 8 : dt == kF32 ? 4 : 2;
-  return static_cast<const char*>(base) + off * sz;
+  return static_cast<const char*>(base) + off * (dt == kF64 ? 8 : dt == kF32 ? 4 : 2);
 }
 FL_INLINE void* elem_ptr(void* base, int dt, int64_t off) {
-  const int64_t sz = dt == kF64 ? 8 : dt == kF32 ? 4 : 2;
-  return static_cast<char*>(base) + off * sz;
+  return static_cast<char*>(base) + off * (dt == kF64 ? 8 : dt == kF32 ? 4 : 2);
 }
 
 template <typename Acc, bool Add>
@@ -111,6 +113,46 @@ FL_INLINE void store_row(const Acc* in, void* p, int dt, int64_t n) {
       break;
     }
   }
+}
+
+FL_INLINE int64_t dtype_size(int dt) { return dt == kF64 ? 8 : dt == kF32 ? 4 : 2; }
+
+// Outputs much larger than the caches are written with non-temporal stores: they
+// skip the read-for-ownership of every destination line (a third of the traffic
+// of a read-modify-write kernel) and do not evict the inputs from cache.
+constexpr int64_t kStreamMinBytes = int64_t(16) << 20;
+
+FL_INLINE void stream_bytes(void* dst, const void* src, int64_t nbytes) {
+#if defined(__SSE2__)
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  int64_t head = static_cast<int64_t>((-reinterpret_cast<uintptr_t>(d)) & 15u);
+  if (head > nbytes) head = nbytes;
+  std::memcpy(d, s, head);
+  d += head, s += head, nbytes -= head;
+  for (; nbytes >= 16; nbytes -= 16, d += 16, s += 16)
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+  std::memcpy(d, s, nbytes);
+#else
+  std::memcpy(dst, src, nbytes);
+#endif
+}
+
+FL_INLINE void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+// Store a row of accumulators as dtype dt, streaming through `stage` (n elements
+// of scratch) when `stream` is set.
+template <typename Acc>
+FL_INLINE void store_out(const Acc* in, void* p, int dt, int64_t n, void* stage, bool stream) {
+  if (!stream) return store_row(in, p, dt, n);
+  if ((dt == kF32 && sizeof(Acc) == 4) || (dt == kF64 && sizeof(Acc) == 8))
+    return stream_bytes(p, in, n * int64_t(sizeof(Acc)));
+  store_row(in, stage, dt, n);
+  stream_bytes(p, stage, n * dtype_size(dt));
 }
 
 }  // namespace cpu

@@ -17,15 +17,17 @@ namespace fastlayers {
 namespace cpu {
 
 template <typename Acc>
-FL_INLINE void norm_fwd_rows(const NormFwdArgs& a, int64_t r0, int64_t r1, Acc* buf, Acc* wbuf, Acc* bbuf) {
+FL_INLINE void norm_fwd_rows(const NormFwdArgs& a, int64_t r0, int64_t r1, Acc* buf, Acc* wbuf, Acc* bbuf,
+                             Acc* stage) {
   const int64_t N = a.N;
+  const bool stream = a.M * N * dtype_size(a.y_dt) >= kStreamMinBytes;
   load_row(a.w, a.w_dt, wbuf, N);
   if (a.b) load_row(a.b, a.b_dt, bbuf, N);
   const Acc inv_n = Acc(1) / Acc(N);
   for (int64_t i = r0; i < r1; ++i) {
     load_row(elem_ptr(a.x, a.x_dt, i * a.x_stride), a.x_dt, buf, N);
     if (a.r) add_row(elem_ptr(a.r, a.r_dt, i * a.r_stride), a.r_dt, buf, N);
-    if (a.h) store_row(buf, elem_ptr(a.h, a.h_dt, i * a.h_stride), a.h_dt, N);
+    if (a.h) store_out(buf, elem_ptr(a.h, a.h_dt, i * a.h_stride), a.h_dt, N, stage, stream);
     Acc mu = 0;
     if (!a.is_rms) {
       Acc s = 0;
@@ -49,14 +51,16 @@ FL_INLINE void norm_fwd_rows(const NormFwdArgs& a, int64_t r0, int64_t r1, Acc* 
 #pragma omp simd
       for (int64_t j = 0; j < N; ++j) buf[j] = (buf[j] - mu) * rstd * wbuf[j];
     }
-    store_row(buf, elem_ptr(a.y, a.y_dt, i * a.y_stride), a.y_dt, N);
+    store_out(buf, elem_ptr(a.y, a.y_dt, i * a.y_stride), a.y_dt, N, stage, stream);
   }
+  if (stream) stream_fence();
 }
 
 template <typename Acc>
 FL_INLINE void norm_bwd_rows(const NormBwdArgs& a, int64_t r0, int64_t r1, Acc* hb, Acc* gb, Acc* wbuf,
-                             Acc* dw, Acc* db) {
+                             Acc* stage, Acc* dw, Acc* db) {
   const int64_t N = a.N;
+  const bool stream = a.M * N * dtype_size(a.dx_dt) >= kStreamMinBytes;
   load_row(a.w, a.w_dt, wbuf, N);
   for (int64_t j = 0; j < N; ++j) dw[j] = 0;
   if (db)
@@ -99,23 +103,24 @@ FL_INLINE void norm_bwd_rows(const NormBwdArgs& a, int64_t r0, int64_t r1, Acc* 
 #pragma omp simd
     for (int64_t j = 0; j < N; ++j) gb[j] = rstd * (gb[j] - c1 * hb[j] - c2);
     if (a.dh) add_row(elem_ptr(a.dh, a.dh_dt, i * a.dh_stride), a.dh_dt, gb, N);
-    store_row(gb, elem_ptr(a.dx, a.dx_dt, i * a.dx_stride), a.dx_dt, N);
-    if (a.dr) store_row(gb, elem_ptr(a.dr, a.dr_dt, i * a.dr_stride), a.dr_dt, N);
+    store_out(gb, elem_ptr(a.dx, a.dx_dt, i * a.dx_stride), a.dx_dt, N, stage, stream);
+    if (a.dr) store_out(gb, elem_ptr(a.dr, a.dr_dt, i * a.dr_stride), a.dr_dt, N, stage, stream);
   }
+  if (stream) stream_fence();
 }
 
 // Row-range entry points; on x86-64 each has an AVX2/FMA/F16C clone picked at load time.
 FL_CLONES void fwd_rows_f32(const NormFwdArgs& a, int64_t r0, int64_t r1, float* ws) {
-  norm_fwd_rows<float>(a, r0, r1, ws, ws + a.N, ws + 2 * a.N);
+  norm_fwd_rows<float>(a, r0, r1, ws, ws + a.N, ws + 2 * a.N, ws + 3 * a.N);
 }
 FL_CLONES void fwd_rows_f64(const NormFwdArgs& a, int64_t r0, int64_t r1, double* ws) {
-  norm_fwd_rows<double>(a, r0, r1, ws, ws + a.N, ws + 2 * a.N);
+  norm_fwd_rows<double>(a, r0, r1, ws, ws + a.N, ws + 2 * a.N, ws + 3 * a.N);
 }
 FL_CLONES void bwd_rows_f32(const NormBwdArgs& a, int64_t r0, int64_t r1, float* ws, float* dw, float* db) {
-  norm_bwd_rows<float>(a, r0, r1, ws, ws + a.N, ws + 2 * a.N, dw, db);
+  norm_bwd_rows<float>(a, r0, r1, ws, ws + a.N, ws + 2 * a.N, ws + 3 * a.N, dw, db);
 }
 FL_CLONES void bwd_rows_f64(const NormBwdArgs& a, int64_t r0, int64_t r1, double* ws, double* dw, double* db) {
-  norm_bwd_rows<double>(a, r0, r1, ws, ws + a.N, ws + 2 * a.N, dw, db);
+  norm_bwd_rows<double>(a, r0, r1, ws, ws + a.N, ws + 2 * a.N, ws + 3 * a.N, dw, db);
 }
 
 static inline void split(int64_t M, int parts, int t, int64_t* r0, int64_t* r1) {
@@ -125,7 +130,7 @@ static inline void split(int64_t M, int parts, int t, int64_t* r0, int64_t* r1) 
 }
 
 // Rows are split into `parts` contiguous blocks, one per OpenMP task; the
-// workspace holds 3*N accumulators per part. A runtime that grants fewer threads
+// workspace holds 4*N accumulators per part. A runtime that grants fewer threads
 // than asked still covers every part.
 void norm_fwd(const NormFwdArgs& a, void* workspace, int parts) {
   if (a.M == 0 || a.N == 0) return;
@@ -136,9 +141,9 @@ void norm_fwd(const NormFwdArgs& a, void* workspace, int parts) {
     split(a.M, parts, p, &r0, &r1);
     if (r0 == r1) continue;
     if (f64)
-      fwd_rows_f64(a, r0, r1, static_cast<double*>(workspace) + 3 * a.N * p);
+      fwd_rows_f64(a, r0, r1, static_cast<double*>(workspace) + 4 * a.N * p);
     else
-      fwd_rows_f32(a, r0, r1, static_cast<float*>(workspace) + 3 * a.N * p);
+      fwd_rows_f32(a, r0, r1, static_cast<float*>(workspace) + 4 * a.N * p);
   }
 }
 
@@ -152,11 +157,11 @@ void norm_bwd(const NormBwdArgs& a, void* workspace, int parts) {
     split(a.M, parts, p, &r0, &r1);
     if (f64) {
       double* db = a.db_part ? static_cast<double*>(a.db_part) + a.N * p : nullptr;
-      bwd_rows_f64(a, r0, r1, static_cast<double*>(workspace) + 3 * a.N * p,
+      bwd_rows_f64(a, r0, r1, static_cast<double*>(workspace) + 4 * a.N * p,
                    static_cast<double*>(a.dw_part) + a.N * p, db);
     } else {
       float* db = a.db_part ? static_cast<float*>(a.db_part) + a.N * p : nullptr;
-      bwd_rows_f32(a, r0, r1, static_cast<float*>(workspace) + 3 * a.N * p,
+      bwd_rows_f32(a, r0, r1, static_cast<float*>(workspace) + 4 * a.N * p,
                    static_cast<float*>(a.dw_part) + a.N * p, db);
     }
   }

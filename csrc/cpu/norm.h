@@ -3,7 +3,7 @@
 
 namespace fastlayers {
 namespace cpu {
-// workspace: parts * 3 * N accumulators (float, or double for float64 inputs).
+// workspace: parts * 4 * N accumulators (float, or double for float64 inputs).
 void norm_fwd(const NormFwdArgs& a, void* workspace, int parts);
 void norm_bwd(const NormBwdArgs& a, void* workspace, int parts);
 }  // namespace cpu

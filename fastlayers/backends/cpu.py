@@ -18,7 +18,7 @@ def _parts(M):
 def norm_fwd(x, residual, weight, bias, y, h, mean, rstd, eps, is_rms):
     M, N = x.shape
     parts = _parts(M)
-    ws = torch.empty(parts * 3 * N, dtype=stat_dtype(x.dtype))
+    ws = torch.empty(parts * 4 * N, dtype=stat_dtype(x.dtype))
     _C.norm_fwd(ptr(x), stride0(x), code(x), ptr(residual), stride0(residual), code(residual),
                 ptr(weight), code(weight), ptr(bias), code(bias), ptr(y), stride0(y), code(y),
                 ptr(h), stride0(h), code(h), ptr(mean), ptr(rstd), M, N, float(eps), bool(is_rms),
@@ -32,7 +32,7 @@ def norm_bwd_parts(M, N, device):
 def norm_bwd(dy, x, residual, weight, bias, mean, rstd, dh, dx, dresidual, dw_part, db_part, is_rms):
     M, N = x.shape
     parts = dw_part.shape[0]
-    ws = torch.empty(parts * 3 * N, dtype=stat_dtype(x.dtype))
+    ws = torch.empty(parts * 4 * N, dtype=stat_dtype(x.dtype))
     _C.norm_bwd(ptr(dy), stride0(dy), code(dy), ptr(x), stride0(x), code(x),
                 ptr(residual), stride0(residual), code(residual), ptr(weight), code(weight),
                 ptr(bias), code(bias), ptr(mean), ptr(rstd), ptr(dh), stride0(dh), code(dh),

@@ -1,0 +1,130 @@
+"""Backend selection.
+
+Default by device: CPU tensors run the ``cpu`` backend; CUDA tensors run the
+backend measured fastest for the op (``DEFAULT_CUDA``), or ``triton`` where
+``_cuda`` was not built. ``FASTLAYERS_BACKEND=<name>`` or
+``with fastlayers.use_backend(name):`` overrides it; an unavailable backend is an
+error that says why, never a silent fall-back.
+"""
+import contextlib
+import contextvars
+import os
+
+import torch
+
+from .backends import NAMES, load
+
+_override = contextvars.ContextVar("fastlayers_backend", default=None)
+
+# Per-op default on CUDA tensors, from GPU measurements (benchmarks/RESULTS.md).
+# Ops not listed default to "cuda" when built, else "triton".
+DEFAULT_CUDA = {}
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here (not built, missing dependency, wrong device)."""
+
+
+def _check_name(name):
+    if name not in NAMES:
+        raise ValueError(f"unknown fastlayers backend {name!r}; expected one of {', '.join(NAMES)}")
+    return name
+
+
+def _interpret():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_cache = {}
+
+
+def _module_status(name):
+    """(usable, reason) for a backend regardless of device; cached."""
+    if name in _cache:
+        return _cache[name]
+    if name == "reference":
+        res = (True, "pure PyTorch, runs anywhere")
+    elif name == "cpu":
+        mod = load("cpu")
+        res = (True, "C++/OpenMP kernels (fastlayers._C)") if mod.IMPORT_ERROR is None else \
+            (False, f"fastlayers._C failed to import: {mod.IMPORT_ERROR}")
+    elif name == "triton":
+        mod = load("triton")
+        if mod.IMPORT_ERROR is not None:
+            res = (False, f"triton is not installed ({mod.IMPORT_ERROR}); pip install triton")
+        else:
+            res = (True, "Triton kernels on CUDA tensors" +
+                   (" (and CPU tensors: TRITON_INTERPRET=1)" if _interpret() else ""))
+    else:  # cuda
+        try:
+            from . import _build_info
+            built, why = _build_info.CUDA_BUILT, _build_info.CUDA_REASON
+        except ImportError:
+            built, why = False, "_cuda was not built: no build information (package not built with setup.py)"
+        if not built:
+            res = (False, why)
+        else:
+            mod = load("cuda")
+            if mod.IMPORT_ERROR is not None:
+                res = (False, f"fastlayers._cuda failed to import: {mod.IMPORT_ERROR}")
+            elif not torch.cuda.is_available():
+                res = (False, "_cuda is built but no CUDA device is available to torch")
+            else:
+                res = (True, "CUDA C++ kernels (fastlayers._cuda)")
+    _cache[name] = res
+    return res
+
+
+def available_backends():
+    """Map every backend name to ``(usable, reason)``: what is usable here and why the others are not."""
+    return {n: _module_status(n) for n in NAMES}
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Run the ops inside the block on backend ``name`` (``None`` restores automatic choice)."""
+    token = _override.set(None if name is None else _check_name(name))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def requested_backend():
+    """The override in force (context manager first, then FASTLAYERS_BACKEND), or None."""
+    name = _override.get()
+    if name is None:
+        env = os.environ.get("FASTLAYERS_BACKEND", "").strip()
+        name = _check_name(env) if env else None
+    return name
+
+
+def _device_ok(name, device):
+    if name == "reference":
+        return True, ""
+    if name == "cpu":
+        return device.type == "cpu", f"backend 'cpu' runs on CPU tensors; got tensors on {device}"
+    if name == "cuda":
+        return device.type == "cuda", f"backend 'cuda' runs on CUDA tensors; got tensors on {device}"
+    ok = device.type == "cuda" or (device.type == "cpu" and _interpret())
+    return ok, (f"backend 'triton' runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1); "
+                f"got tensors on {device}")
+
+
+def resolve(op, device):
+    """Backend name for running ``op`` on ``device``; raises BackendUnavailable with the reason."""
+    name = requested_backend()
+    if name is None:
+        if device.type == "cuda":
+            name = DEFAULT_CUDA.get(op, "cuda")
+            if not _module_status(name)[0]:
+                name = "triton" if name == "cuda" else "cuda"
+        else:
+            name = "cpu"
+    usable, why = _module_status(name)
+    if not usable:
+        raise BackendUnavailable(f"fastlayers.{op}: backend {name!r} is not available: {why}")
+    ok, why = _device_ok(name, device)
+    if not ok:
+        raise BackendUnavailable(f"fastlayers.{op}: {why}")
+    return name

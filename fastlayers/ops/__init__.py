@@ -1,0 +1,4 @@
+"""Public ops. Each validates its arguments once, picks a backend, allocates the
+outputs and calls the kernel; each is also a ``torch.library`` custom op in the
+``fastlayers`` namespace, used while ``torch.compile`` traces."""
+from .norm import layer_norm, rms_norm  # noqa: F401

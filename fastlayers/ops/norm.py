@@ -1,0 +1,224 @@
+"""Fused residual add + RMSNorm / LayerNorm.
+
+    h = x + residual            (or x)
+    y = (h - mean(h)) * rstd * weight + bias     LayerNorm
+    y = h * rsqrt(mean(h^2) + eps) * weight       RMSNorm
+
+Eager calls go straight to the kernel (through a torch.autograd.Function when a
+gradient is needed); while torch.compile traces, the same kernels run through
+the registered custom ops ``fastlayers::norm_fwd`` / ``fastlayers::norm_bwd``.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._alloc import empty
+from .._dtypes import stat_dtype
+from ..backend import resolve
+from ..backends import load
+from ._common import (check_positive, check_same_device, check_shape, check_tensor, out_rows, rows)
+
+_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- kernels
+def _fwd(x, residual, weight, bias, eps, is_rms, store_h, h_fp32, backend, out=None, h_out=None, op="norm"):
+    """Allocate outputs and run the forward kernel. Returns y, h (or None), mean (or None), rstd."""
+    n, dev = x.shape[-1], x.device
+    stat = stat_dtype(x.dtype)
+    x2 = rows(x)
+    r2 = rows(residual) if residual is not None else None
+    y = out if out is not None else empty(x.shape, x.dtype, dev)
+    y2 = out_rows(op, "out", y, x.shape, x.dtype, dev) if out is not None else y.view(-1, n)
+    h = h2 = None
+    if store_h:
+        h_dtype = torch.float32 if h_fp32 and x.dtype != torch.float64 else x.dtype
+        h = h_out if h_out is not None else empty(x.shape, h_dtype, dev)
+        h2 = out_rows(op, "residual_out", h, x.shape, h_dtype, dev) if h_out is not None else h.view(-1, n)
+    mean = None if is_rms else torch.empty(x.shape[:-1], dtype=stat, device=dev)
+    rstd = torch.empty(x.shape[:-1], dtype=stat, device=dev)
+    load(backend).norm_fwd(x2, r2, weight.contiguous(), None if bias is None else bias.contiguous(), y2, h2,
+                           None if mean is None else mean.view(-1), rstd.view(-1), float(eps), bool(is_rms))
+    return y, h, mean, rstd
+
+
+def _bwd(dy, x, residual, weight, bias, mean, rstd, dh, is_rms, separate_dr, backend):
+    """Run the backward kernel. Returns dx, dresidual (or None), dweight, dbias (or None)."""
+    n, dev = x.shape[-1], x.device
+    stat = stat_dtype(x.dtype)
+    be = load(backend)
+    x2 = rows(x)
+    m = x2.shape[0]
+    dx = empty(x.shape, x.dtype, dev)
+    dr = empty(x.shape, residual.dtype, dev) if separate_dr else None
+    parts = be.norm_bwd_parts(m, n, dev)
+    dw_part = torch.empty(parts, n, dtype=stat, device=dev)
+    db_part = torch.empty(parts, n, dtype=stat, device=dev) if bias is not None else None
+    be.norm_bwd(rows(dy), x2, None if residual is None else rows(residual), weight.contiguous(),
+                None if bias is None else bias.contiguous(), None if is_rms else mean.view(-1), rstd.view(-1),
+                None if dh is None else rows(dh), dx.view(-1, n), None if dr is None else dr.view(-1, n),
+                dw_part, db_part, bool(is_rms))
+    dw = dw_part.sum(0).to(weight.dtype)
+    db = None if bias is None else db_part.sum(0).to(bias.dtype)
+    return dx, dr, dw, db
+
+
+def _grads(saved, cfg, dy, dh, bwd):
+    """Shared backward of the eager Function and the custom op: maps (dy, dh) to input grads."""
+    x, residual, weight, bias, mean, rstd = saved
+    is_rms, store_h, backend = cfg
+    if dy is None:
+        dy = torch.zeros_like(x)
+    separate_dr = residual is not None and residual.dtype != x.dtype
+    dx, dr, dw, db = bwd(dy, x, residual, weight, bias, mean, rstd, dh if store_h else None, is_rms,
+                         separate_dr, backend)
+    d_res = None if residual is None else (dr if separate_dr else dx)
+    return dx, d_res, dw, (db if bias is not None else None)
+
+
+class _NormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, is_rms, store_h, h_fp32, backend):
+        y, h, mean, rstd = _fwd(x, residual, weight, bias, eps, is_rms, store_h, h_fp32, backend)
+        ctx.save_for_backward(x, residual, weight, bias, mean, rstd)
+        ctx.cfg = (is_rms, store_h, backend)
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        return (*_grads(ctx.saved_tensors, ctx.cfg, dy, dh, _bwd), None, None, None, None, None)
+
+
+# ----------------------------------------------------------------------------- custom ops (torch.compile)
+@torch.library.custom_op("fastlayers::norm_fwd", mutates_args=())
+def norm_fwd_op(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float,
+                is_rms: bool, store_h: bool, h_fp32: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, h, mean, rstd); h and mean are empty when not produced."""
+    y, h, mean, rstd = _fwd(x, residual, weight, bias, eps, is_rms, store_h, h_fp32, backend)
+    none = x.new_empty(0)
+    return y, (none if h is None else h), (rstd.new_empty(0) if mean is None else mean), rstd
+
+
+@norm_fwd_op.register_fake
+def _(x, residual, weight, bias, eps, is_rms, store_h, h_fp32, backend):
+    stat = stat_dtype(x.dtype)
+    y = x.new_empty(x.shape)
+    h_dtype = torch.float32 if h_fp32 and x.dtype != torch.float64 else x.dtype
+    h = x.new_empty(x.shape, dtype=h_dtype) if store_h else x.new_empty(0)
+    mean = x.new_empty(x.shape[:-1], dtype=stat) if not is_rms else x.new_empty(0, dtype=stat)
+    return y, h, mean, x.new_empty(x.shape[:-1], dtype=stat)
+
+
+@torch.library.custom_op("fastlayers::norm_bwd", mutates_args=())
+def norm_bwd_op(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
+                mean: Tensor, rstd: Tensor, dh: Optional[Tensor], is_rms: bool, separate_dr: bool,
+                backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dresidual, dweight, dbias); dresidual/dbias are empty when not produced separately."""
+    dx, dr, dw, db = _bwd(dy, x, residual, weight, bias, mean, rstd, dh, is_rms, separate_dr, backend)
+    return dx, (x.new_empty(0) if dr is None else dr), dw, (weight.new_empty(0) if db is None else db)
+
+
+@norm_bwd_op.register_fake
+def _(dy, x, residual, weight, bias, mean, rstd, dh, is_rms, separate_dr, backend):
+    dr = x.new_empty(x.shape, dtype=residual.dtype) if separate_dr else x.new_empty(0)
+    db = bias.new_empty(bias.shape) if bias is not None else weight.new_empty(0)
+    return x.new_empty(x.shape), dr, weight.new_empty(weight.shape), db
+
+
+def _bwd_via_op(dy, x, residual, weight, bias, mean, rstd, dh, is_rms, separate_dr, backend):
+    dx, dr, dw, db = torch.ops.fastlayers.norm_bwd(dy, x, residual, weight, bias, mean, rstd, dh, is_rms,
+                                                   separate_dr, backend)
+    return dx, (dr if separate_dr else None), dw, (db if bias is not None else None)
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps, is_rms, store_h, h_fp32, backend = inputs
+    _, _, mean, rstd = output
+    ctx.save_for_backward(x, residual, weight, bias, mean, rstd)
+    ctx.cfg = (is_rms, store_h, backend)
+
+
+def _op_backward(ctx, dy, dh, dmean, drstd):
+    return (*_grads(ctx.saved_tensors, ctx.cfg, dy, dh, _bwd_via_op), None, None, None, None, None)
+
+
+torch.library.register_autograd("fastlayers::norm_fwd", _op_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+def _norm(op, x, weight, bias, eps, residual, prenorm, residual_in_fp32, is_rms, out, residual_out):
+    check_tensor(op, "x", x)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"fastlayers.{op}: x must have a non-empty last (normalised) dimension; "
+                         f"got shape {tuple(x.shape)}")
+    n = x.shape[-1]
+    check_tensor(op, "weight", weight)
+    check_shape(op, "weight", weight, (n,), " (x's last dimension)")
+    if bias is not None:
+        check_tensor(op, "bias", bias)
+        check_shape(op, "bias", bias, (n,), " (x's last dimension)")
+    if residual is not None:
+        check_tensor(op, "residual", residual)
+        check_shape(op, "residual", residual, x.shape, " (the shape of x)")
+        if residual.dtype != x.dtype and not (residual_in_fp32 and residual.dtype == torch.float32):
+            raise TypeError(f"fastlayers.{op}: residual dtype {residual.dtype} does not match x dtype {x.dtype} "
+                            f"(a float32 residual is accepted with residual_in_fp32=True)")
+    check_same_device(op, x, weight=weight, bias=bias, residual=residual, out=out, residual_out=residual_out)
+    check_positive(op, "eps", eps)
+    if residual_out is not None and not prenorm:
+        raise ValueError(f"fastlayers.{op}: residual_out is only written with prenorm=True")
+
+    backend = resolve(op, x.device)
+    if backend != "reference" and backend != "cpu" and x.dtype not in _GPU_DTYPES:
+        raise TypeError(f"fastlayers.{op}: backend {backend!r} supports float32, float16 and bfloat16; "
+                        f"got {x.dtype} (use the cpu or reference backend)")
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, residual, weight, bias))
+    if (out is not None or residual_out is not None) and needs_grad:
+        raise RuntimeError(f"fastlayers.{op}: out=/residual_out= do not support automatic differentiation; "
+                           f"call without them or under torch.no_grad()")
+
+    if backend == "reference":
+        res = reference.norm(x, weight, bias, eps, residual, prenorm, residual_in_fp32, is_rms)
+        if out is None and residual_out is None:
+            return res
+        y, h = res if prenorm else (res, None)
+        if out is not None:
+            y = out.copy_(y)
+        if residual_out is not None:
+            h = residual_out.copy_(h)
+        return (y, h) if prenorm else y
+
+    if torch.compiler.is_compiling():
+        y, h, _, _ = torch.ops.fastlayers.norm_fwd(x, residual, weight, bias, float(eps), is_rms, prenorm,
+                                                    residual_in_fp32, backend)
+    elif needs_grad:
+        y, h = _NormFunction.apply(x, residual, weight, bias, eps, is_rms, prenorm, residual_in_fp32, backend)
+    else:
+        y, h, _, _ = _fwd(x, residual, weight, bias, eps, is_rms, prenorm, residual_in_fp32, backend,
+                          out=out, h_out=residual_out, op=op)
+    return (y, h) if prenorm else y
+
+
+def rms_norm(x, weight, eps=1e-6, residual=None, prenorm=False, residual_in_fp32=False, *, out=None,
+             residual_out=None):
+    """Fused ``h = x + residual``; ``y = h * rsqrt(mean(h^2) + eps) * weight``.
+
+    Returns ``y`` (dtype of x), or ``(y, h)`` with ``prenorm=True``; ``h`` is fp32
+    with ``residual_in_fp32=True`` (then a fp32 ``residual`` is accepted too).
+    Without ``prenorm`` the kernel never writes ``h``. ``out``/``residual_out``
+    receive the results in place (no autograd). Statistics are computed in fp32.
+    """
+    return _norm("rms_norm", x, weight, None, eps, residual, prenorm, residual_in_fp32, True, out, residual_out)
+
+
+def layer_norm(x, weight, bias=None, eps=1e-5, residual=None, prenorm=False, residual_in_fp32=False, *, out=None,
+               residual_out=None):
+    """Fused ``h = x + residual``; ``y = (h - mean(h)) * rsqrt(var(h) + eps) * weight + bias``.
+
+    Same conventions as :func:`rms_norm`.
+    """
+    return _norm("layer_norm", x, weight, bias, eps, residual, prenorm, residual_in_fp32, False, out,
+                 residual_out)
