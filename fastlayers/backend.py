@@ -38,6 +38,15 @@ def _interpret():
 _cache = {}
 
 
+def _import_error(name):
+    """The ImportError a backend module recorded while loading its kernels (None when they loaded)."""
+    try:
+        mod = load(name)
+    except ImportError as e:
+        return e
+    return getattr(mod, "IMPORT_ERROR", f"fastlayers.backends.{name} defines no kernels")
+
+
 def _module_status(name):
     """(usable, reason) for a backend regardless of device; cached."""
     if name in _cache:
@@ -45,13 +54,13 @@ def _module_status(name):
     if name == "reference":
         res = (True, "pure PyTorch, runs anywhere")
     elif name == "cpu":
-        mod = load("cpu")
-        res = (True, "C++/OpenMP kernels (fastlayers._C)") if mod.IMPORT_ERROR is None else \
-            (False, f"fastlayers._C failed to import: {mod.IMPORT_ERROR}")
+        err = _import_error("cpu")
+        res = (True, "C++/OpenMP kernels (fastlayers._C)") if err is None else \
+            (False, f"fastlayers._C failed to import: {err}")
     elif name == "triton":
-        mod = load("triton")
-        if mod.IMPORT_ERROR is not None:
-            res = (False, f"triton is not installed ({mod.IMPORT_ERROR}); pip install triton")
+        err = _import_error("triton")
+        if err is not None:
+            res = (False, f"triton is not usable ({err}); pip install triton")
         else:
             res = (True, "Triton kernels on CUDA tensors" +
                    (" (and CPU tensors: TRITON_INTERPRET=1)" if _interpret() else ""))
@@ -64,9 +73,9 @@ def _module_status(name):
         if not built:
             res = (False, why)
         else:
-            mod = load("cuda")
-            if mod.IMPORT_ERROR is not None:
-                res = (False, f"fastlayers._cuda failed to import: {mod.IMPORT_ERROR}")
+            err = _import_error("cuda")
+            if err is not None:
+                res = (False, f"fastlayers._cuda failed to import: {err}")
             elif not torch.cuda.is_available():
                 res = (False, "_cuda is built but no CUDA device is available to torch")
             else:
@@ -111,8 +120,11 @@ def _device_ok(name, device):
                 f"got tensors on {device}")
 
 
+@torch.compiler.assume_constant_result
 def resolve(op, device):
-    """Backend name for running ``op`` on ``device``; raises BackendUnavailable with the reason."""
+    """Backend name for running ``op`` on ``device``; raises BackendUnavailable with the reason.
+
+    While torch.compile traces, the choice is made once and baked into the graph."""
     name = requested_backend()
     if name is None:
         if device.type == "cuda":

@@ -1,0 +1,270 @@
+"""Dispatch, errors, modules, torch.library integration (torch.compile, opcheck)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastlayers
+from fastlayers import reference
+
+# ----------------------------------------------------------------------------- backends
+def test_available_backends_reports_every_backend_with_a_reason():
+    av = fastlayers.available_backends()
+    assert set(av) == {"reference", "cpu", "triton", "cuda"}
+    for name, (ok, why) in av.items():
+        assert isinstance(ok, bool) and isinstance(why, str) and why, name
+    assert av["reference"][0] and av["cpu"][0]
+    if not torch.cuda.is_available():
+        assert not av["cuda"][0]
+        assert "_cuda" in av["cuda"][1] or "CUDA" in av["cuda"][1]
+
+
+def _spy(monkeypatch, name):
+    from fastlayers.backends import load
+    mod = load(name)
+    calls = []
+    real = mod.norm_fwd
+    monkeypatch.setattr(mod, "norm_fwd", lambda *a, **k: (calls.append(name), real(*a, **k))[1])
+    return calls
+
+
+def test_default_on_cpu_is_cpu_and_overrides_apply(monkeypatch):
+    calls = _spy(monkeypatch, "cpu")
+    x, w = torch.randn(2, 8), torch.randn(8)
+    fastlayers.rms_norm(x, w)
+    assert calls == ["cpu"]
+    with fastlayers.use_backend("reference"):
+        y = fastlayers.rms_norm(x, w)
+    assert calls == ["cpu"]
+    torch.testing.assert_close(y, reference.rms_norm(x, w))
+    monkeypatch.setenv("FASTLAYERS_BACKEND", "reference")
+    fastlayers.rms_norm(x, w)
+    assert calls == ["cpu"]
+    with fastlayers.use_backend("cpu"):  # the context manager wins over the environment
+        fastlayers.rms_norm(x, w)
+    assert calls == ["cpu", "cpu"]
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="unknown fastlayers backend 'tpu'"):
+        with fastlayers.use_backend("tpu"):
+            pass
+
+
+def test_unknown_backend_in_environment(monkeypatch):
+    monkeypatch.setenv("FASTLAYERS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="bogus"):
+        fastlayers.rms_norm(torch.randn(2, 4), torch.ones(4))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_unavailable_backend_says_why():
+    with fastlayers.use_backend("cuda"):
+        with pytest.raises(fastlayers.BackendUnavailable, match="backend 'cuda' is not available: .+"):
+            fastlayers.rms_norm(torch.randn(2, 4), torch.ones(4))
+
+
+def test_backend_on_wrong_device():
+    x = torch.randn(2, 4, device="meta")
+    with fastlayers.use_backend("cpu"):
+        with pytest.raises(fastlayers.BackendUnavailable, match="runs on CPU tensors"):
+            fastlayers.rms_norm(x, torch.ones(4, device="meta"))
+
+
+def test_triton_rejected_on_cpu_without_interpreter():
+    """Without TRITON_INTERPRET the triton backend refuses CPU tensors, with the reason."""
+    code = ("import torch, fastlayers\n"
+            "with fastlayers.use_backend('triton'):\n"
+            "    try:\n"
+            "        fastlayers.rms_norm(torch.randn(2, 4), torch.ones(4))\n"
+            "    except fastlayers.BackendUnavailable as e:\n"
+            "        print('ERR', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "ERR" in out.stdout, out.stdout + out.stderr
+    assert "triton" in out.stdout
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("is_rms", [True, False], ids=["rms", "ln"])
+def test_bad_input_errors(is_rms):
+    op = fastlayers.rms_norm if is_rms else fastlayers.layer_norm
+    x, w = torch.randn(3, 16), torch.randn(16)
+    with pytest.raises(ValueError, match=r"weight must have shape \(16,\).*got \(15,\)"):
+        op(x, torch.randn(15))
+    with pytest.raises(TypeError, match="residual dtype torch.float16 does not match x dtype torch.float32"):
+        op(x, w, residual=torch.randn(3, 16).half())
+    with pytest.raises(ValueError, match=r"residual must have shape \(3, 16\)"):
+        op(x, w, residual=torch.randn(3, 17))
+    with pytest.raises(TypeError, match="x must be a floating tensor.*got torch.int64"):
+        op(torch.ones(3, 16, dtype=torch.long), w)
+    with pytest.raises(TypeError, match="weight must be a floating tensor.*got torch.int32"):
+        op(x, torch.ones(16, dtype=torch.int32))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        op([1.0, 2.0], w)
+    for eps in (0, -1e-6, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            op(x, w, eps=eps) if is_rms else op(x, w, None, eps=eps)
+    with pytest.raises(ValueError, match="weight is on meta but x is on cpu"):
+        op(x, torch.randn(16, device="meta"))
+    with pytest.raises(ValueError, match="non-empty last"):
+        op(torch.randn(3, 0), torch.randn(0))
+    if not is_rms:
+        with pytest.raises(ValueError, match=r"bias must have shape \(16,\)"):
+            op(x, w, torch.randn(4))
+
+
+def test_bad_input_raises_before_any_kernel(monkeypatch):
+    from fastlayers.backends import cpu as cpu_backend
+    monkeypatch.setattr(cpu_backend, "norm_fwd", lambda *a, **k: pytest.fail("kernel ran on bad input"))
+    with pytest.raises(ValueError):
+        fastlayers.rms_norm(torch.randn(3, 16), torch.randn(15))
+
+
+def test_out_errors():
+    x, w = torch.randn(3, 16), torch.randn(16)
+    with pytest.raises(ValueError, match="out must be a torch.float32 tensor of shape"):
+        fastlayers.rms_norm(x, w, out=torch.empty(3, 15))
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        fastlayers.rms_norm(x, w, out=torch.empty(16, 3).t())
+    with pytest.raises(RuntimeError, match="do not support automatic differentiation"):
+        fastlayers.rms_norm(x.requires_grad_(), w, out=torch.empty(3, 16))
+    with pytest.raises(ValueError, match="residual_out is only written with prenorm=True"):
+        fastlayers.rms_norm(x.detach(), w, residual_out=torch.empty(3, 16))
+
+
+def test_float64_rejected_on_gpu_backends_only():
+    x, w = torch.randn(2, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    y = fastlayers.rms_norm(x, w)  # cpu backend computes float64 in float64
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, reference.rms_norm(x, w))
+    if fastlayers.available_backends()["triton"][0] and os.environ.get("TRITON_INTERPRET") == "1":
+        with fastlayers.use_backend("triton"), pytest.raises(TypeError, match="float64"):
+            fastlayers.rms_norm(x, w)
+
+
+# ----------------------------------------------------------------------------- modules
+def test_rmsnorm_module_state_dict_compatible_with_torch():
+    ours, theirs = fastlayers.RMSNorm(64, eps=1e-6), torch.nn.RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.randn(64))
+    ours.load_state_dict(theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict()) == ["weight"]
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+    r = torch.randn(5, 64)
+    y, h = ours(x, residual=r, prenorm=True)
+    torch.testing.assert_close(h, x + r)
+    torch.testing.assert_close(y, theirs(x + r), atol=1e-5, rtol=1e-5)
+    theirs.load_state_dict(ours.state_dict())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_layernorm_module_state_dict_compatible_with_torch(bias):
+    ours, theirs = fastlayers.LayerNorm(64, bias=bias), torch.nn.LayerNorm(64, bias=bias)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn_like(p))
+    ours.load_state_dict(theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+    ours(x).sum().backward()
+    theirs(x).sum().backward()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- torch.library
+class _Block(torch.nn.Module):
+    """Pre-Norm residual chain using both ops with prenorm and a fused residual."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.n1, self.n2 = fastlayers.RMSNorm(d), fastlayers.LayerNorm(d)
+        self.lin = torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        y, h = self.n1(x, residual=x * 0.5, prenorm=True)
+        return self.n2(self.lin(y), residual=h).square().mean()
+
+
+def test_torch_compile_fullgraph_forward_backward():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = _Block(32)
+    x = torch.randn(4, 7, 32, requires_grad=True)
+    loss = m(x)
+    loss.backward()
+    grads = [p.grad.clone() for p in m.parameters()] + [x.grad.clone()]
+    m.zero_grad()
+    x.grad = None
+    cm = torch.compile(m, fullgraph=True, backend="aot_eager")
+    closs = cm(x)
+    closs.backward()
+    torch.testing.assert_close(closs, loss)
+    for g, p in zip(grads, list(m.parameters()) + [x]):
+        torch.testing.assert_close(p.grad, g)
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = _Block(32)
+    x = torch.randn(4, 7, 32, requires_grad=True)
+    loss = m(x)
+    loss.backward()
+    ref_grad = x.grad.clone()
+    x.grad = None
+    cm = torch.compile(m, fullgraph=True)
+    closs = cm(x)
+    closs.backward()
+    torch.testing.assert_close(closs, loss)
+    torch.testing.assert_close(x.grad, ref_grad)
+
+
+def test_eager_path_skips_the_dispatcher(monkeypatch):
+    """Eager calls go to the kernel directly, not through torch.ops (custom-op dispatch costs 10-60 us)."""
+    called = []
+    op = torch.ops.fastlayers.norm_fwd
+    monkeypatch.setattr(torch.ops.fastlayers, "norm_fwd",
+                        lambda *a, **k: (called.append(1), op(*a, **k))[1], raising=False)
+    x = torch.randn(3, 8, requires_grad=True)
+    fastlayers.rms_norm(x, torch.ones(8)).sum().backward()
+    assert called == []
+
+
+@pytest.mark.parametrize("is_rms", [True, False], ids=["rms", "ln"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck(is_rms, dtype):
+    x = torch.randn(3, 5, 40, dtype=dtype, requires_grad=True)
+    r = torch.randn(3, 5, 40, dtype=dtype, requires_grad=True)
+    w = torch.randn(40, dtype=dtype, requires_grad=True)
+    b = None if is_rms else torch.randn(40, dtype=dtype, requires_grad=True)
+    for store_h in (False, True):
+        torch.library.opcheck(torch.ops.fastlayers.norm_fwd.default,
+                              (x, r, w, b, 1e-5, is_rms, store_h, False, "cpu"))
+    with torch.no_grad():
+        y, h, mean, rstd = torch.ops.fastlayers.norm_fwd(x, r, w, b, 1e-5, is_rms, True, False, "cpu")
+    dy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.fastlayers.norm_bwd.default,
+                          (dy, x.detach(), r.detach(), w.detach(), None if b is None else b.detach(), mean, rstd,
+                           torch.randn_like(h), is_rms, False, "cpu"))
+
+
+def test_extension_modules_are_torch_free():
+    """_C (and _cuda when built) link neither libtorch nor libc10, nor a shared cudart."""
+    import fastlayers._C as C
+    paths = [C.__file__]
+    try:
+        import fastlayers._cuda as cu
+        paths.append(cu.__file__)
+    except ImportError:
+        pass
+    for p in paths:
+        out = subprocess.run(["ldd", p], capture_output=True, text=True).stdout
+        for lib in ("libtorch", "libc10", "libcudart.so"):
+            assert lib not in out, f"{p} links {lib}:\n{out}"
