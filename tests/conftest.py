@@ -24,6 +24,8 @@ def _case(device, backend):
     marks = []
     if device == "cuda" and not torch.cuda.is_available():
         marks.append(pytest.mark.skip(reason=NO_GPU))
+    elif device == "cpu" and backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        marks.append(pytest.mark.skip(reason="triton on CPU tensors needs TRITON_INTERPRET=1 (off when a GPU is present)"))
     elif not _usable(backend):
         marks.append(pytest.mark.skip(reason=f"backend {backend} unavailable: "
                                              f"{fastlayers.available_backends()[backend][1]}"))

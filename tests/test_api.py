@@ -82,7 +82,7 @@ def test_triton_rejected_on_cpu_without_interpreter():
             "    except fastlayers.BackendUnavailable as e:\n"
             "        print('ERR', e)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd="/")
     assert "ERR" in out.stdout, out.stdout + out.stderr
     assert "triton" in out.stdout
 

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The project's one GPU check. On a machine with an NVIDIA GPU and torch + triton installed:
+# builds fastlayers (CPU and CUDA modules), runs every test on CUDA tensors, runs the GPU
+# benchmarks and ends with one short table (op, shape, dtype, backend, time, GB/s, % of the
+# measured device-to-device copy). Budget: under 8 minutes on one H100.
+#
+#   bash benchmarks/gpu_check.sh            # results land in $OUT (or ./gpu_check_out)
+#   GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh   # one shape per op in the table
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_check_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+status=0
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+step "device"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$OUT/device.txt"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda); assert torch.cuda.is_available(), 'no CUDA device visible to torch'" 2>&1 | tee -a "$OUT/device.txt" || exit 1
+
+step "build (CPU + CUDA modules, in place)"
+CC_ARCH=$($PY -c "import torch; p=torch.cuda.get_device_capability(); print(f'{p[0]}{p[1]}')")
+# Build only for this GPU: the 80;90 build is checked by CI's compile.
+FASTLAYERS_CUDA_ARCHS=${FASTLAYERS_CUDA_ARCHS:-$CC_ARCH} $PY setup.py -q build_ext --inplace -j 8 > "$OUT/build.log" 2>&1 \
+  || { tail -50 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
+$PY -c "import fastlayers; print(fastlayers.available_backends())"
+
+step "tests on CUDA tensors (and the CPU suite)"
+timeout 300 $PY -m pytest tests/ -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/tests.log" | tail -40
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "TESTS FAILED"; status=1; }
+
+step "benchmark table"
+timeout 240 $PY benchmarks/gpu_table.py ${GPU_CHECK_QUICK:+--quick} --md "$OUT/gpu_table.md" 2>&1 | tee "$OUT/bench.log" | tail -60
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "BENCHMARK FAILED"; status=1; }
+step "done (status $status)"
+exit $status

@@ -1,0 +1,147 @@
+"""GPU summary table for benchmarks/gpu_check.sh: op, shape, dtype, backend, time, GB/s, % of copy.
+
+Timing: triton.testing.do_bench (median), inputs rotated across enough copies that L2 cannot
+hold them. Bytes are analytic (each input read once, each output written once). The ceiling is
+a device-to-device copy measured the same way in the same run.
+
+    python benchmarks/gpu_table.py [--quick] [--md results.md]
+"""
+import argparse
+import itertools
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import fastlayers
+
+
+def bench(fn_of_set, sets):
+    """Median time (s) of fn over rotating input sets."""
+    from triton.testing import do_bench
+
+    it = itertools.cycle(sets)
+    return do_bench(lambda: fn_of_set(next(it)), warmup=25, rep=100, return_mode="median") * 1e-3
+
+
+def n_sets(nbytes_per_set, l2_bytes):
+    return max(2, min(16, int(3 * l2_bytes // max(nbytes_per_set, 1)) + 1))
+
+
+def copy_gbps(l2):
+    n = 256 << 20
+    sets = [(torch.empty(n // 4, device="cuda"), torch.empty(n // 4, device="cuda")) for _ in range(2)]
+    for a, _ in sets:
+        a.normal_()
+    t = bench(lambda s: s[1].copy_(s[0]), sets)
+    return 2 * n / t / 1e9
+
+
+def providers():
+    av = fastlayers.available_backends()
+    out = [b for b in ("cuda", "triton") if av[b][0]] + ["eager", "compile"]
+    try:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction  # noqa: F401
+        out.append("liger")
+    except ImportError:
+        pass
+    return out
+
+
+_compiled = {}
+
+
+def make_fn(provider, op, backward):
+    is_rms = op == "rms_norm"
+    if provider in ("cuda", "triton"):
+        fl = fastlayers.rms_norm if is_rms else fastlayers.layer_norm
+
+        def f(x, r, w, b):
+            with fastlayers.use_backend(provider):
+                return fl(x, w, residual=r) if is_rms else fl(x, w, b, residual=r)
+    elif provider in ("eager", "compile"):
+        def f(x, r, w, b):
+            h = x + r
+            return F.rms_norm(h, (h.shape[-1],), w, 1e-6) if is_rms else F.layer_norm(h, (h.shape[-1],), w, b, 1e-5)
+        if provider == "compile":
+            key = (op, backward)
+            if key not in _compiled:
+                _compiled[key] = torch.compile(f, dynamic=True)
+            f = _compiled[key]
+    elif provider == "liger":
+        if not is_rms:
+            return None
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+        def f(x, r, w, b):
+            return LigerRMSNormFunction.apply(x + r, w, 1e-6)
+    else:
+        raise ValueError(provider)
+    if not backward:
+        return lambda s: f(*s[:4])
+
+    def fb(s):
+        for t in s[:4]:
+            t.grad = None
+        f(*s[:4]).backward(s[4])
+    return fb
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="one shape per op")
+    p.add_argument("--md", help="also write the table as markdown to this file")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("gpu_table.py needs a CUDA GPU")
+    props = torch.cuda.get_device_properties(0)
+    l2 = getattr(props, "L2_cache_size", 50 << 20)
+    ceiling = copy_gbps(l2)
+    name = torch.cuda.get_device_name()
+    shapes = [(8192, 4096)] if a.quick else [(t, h) for t in (4096, 8192, 16384) for h in (2048, 4096, 8192)]
+    rows = []
+    for op, backward, (tok, hid), dtype in itertools.product(
+            ("rms_norm", "layer_norm"), (False, True), shapes, (torch.bfloat16, torch.float32)):
+        if dtype == torch.float32 and (tok, hid) != (8192, 4096):
+            continue
+        if backward and hid == 2048:
+            continue
+        esz = torch.tensor([], dtype=dtype).element_size()
+        per = tok * hid * esz
+        nbytes = (3 + (4 if backward else 0)) * per
+        sets = []
+        for _ in range(n_sets(nbytes, l2)):
+            x, r = (torch.randn(tok, hid, device="cuda", dtype=dtype, requires_grad=backward) for _ in range(2))
+            w, b = (torch.randn(hid, device="cuda", dtype=dtype, requires_grad=backward) for _ in range(2))
+            sets.append((x, r, w, b, torch.randn(tok, hid, device="cuda", dtype=dtype)))
+        for prov in providers():
+            fn = make_fn(prov, op, backward)
+            if fn is None:
+                continue
+            ctx = torch.enable_grad() if backward else torch.no_grad()
+            with ctx:
+                try:
+                    t = bench(fn, sets)
+                except Exception as e:  # report, don't hide
+                    rows.append((op + (" fwd+bwd" if backward else " fwd"), f"{tok}x{hid}", str(dtype)[6:], prov,
+                                 float("nan"), float("nan"), f"ERROR {type(e).__name__}: {e}"[:80]))
+                    continue
+            gbps = nbytes / t / 1e9
+            rows.append((op + (" fwd+bwd" if backward else " fwd"), f"{tok}x{hid}", str(dtype)[6:], prov, t * 1e6,
+                         gbps, f"{gbps / ceiling:.0%}"))
+        del sets
+        torch.cuda.empty_cache()
+    head = ("op", "shape", "dtype", "backend", "time_us", "GB/s", "% of copy")
+    lines = [f"device: {name}; device-to-device copy ceiling {ceiling:.0f} GB/s; torch {torch.__version__}",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([r[0], r[1], r[2], r[3], f"{r[4]:.1f}", f"{r[5]:.0f}", r[6]]) + " |")
+    text = "\n".join(lines)
+    print(text)
+    if a.md:
+        with open(a.md, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
