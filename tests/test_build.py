@@ -1,0 +1,51 @@
+"""The build: CMake builds the same modules from csrc/sources.txt; the CUDA module's presence."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
+def test_cmake_builds_the_cpu_module_from_the_shared_source_list(tmp_path):
+    """CMake reads csrc/sources.txt and builds a working _C (CUDA skipped to keep CI short)."""
+    out = tmp_path / "fastlayers"
+    out.mkdir()
+    cfg = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(tmp_path / "build"), "-DFASTLAYERS_NO_CUDA=ON",
+                          f"-DFASTLAYERS_OUTPUT_DIR={out}", f"-DPython_EXECUTABLE={sys.executable}"],
+                         capture_output=True, text=True)
+    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
+    build = subprocess.run(["cmake", "--build", str(tmp_path / "build"), "-j", "2"], capture_output=True, text=True)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    so = list(out.glob("_C*.so"))
+    assert so, list(out.iterdir())
+    assert "CUDA_BUILT = False" in (out / "_build_info.py").read_text()
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('_C', {str(so[0])!r})\n"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            "print(sorted(n for n in dir(m) if not n.startswith('_')))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "norm_fwd" in res.stdout and "norm_bwd" in res.stdout, res.stdout + res.stderr
+
+
+def _nvcc():
+    for c in (os.environ.get("NVCC"), shutil.which("nvcc"),
+              os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")):
+        if c and os.path.exists(c):
+            return c
+    return None
+
+
+def test_build_info_matches_the_machine():
+    from fastlayers import _build_info
+    if os.environ.get("FASTLAYERS_NO_CUDA", "0") not in ("", "0"):
+        assert not _build_info.CUDA_BUILT and "FASTLAYERS_NO_CUDA" in _build_info.CUDA_REASON
+    elif _nvcc() is None:
+        assert not _build_info.CUDA_BUILT and "nvcc" in _build_info.CUDA_REASON
+    else:
+        assert _build_info.CUDA_BUILT, f"nvcc is here but _cuda was not built: {_build_info.CUDA_REASON}"
