@@ -1,0 +1,66 @@
+// fastlayers._cuda: the CUDA kernels as a plain pybind11 module (no torch headers,
+// no libtorch, static cudart). Tensors arrive as raw device addresses (int), strides
+// in elements and dtype codes (fastlayers/_dtypes.py); Python allocates every buffer
+// and passes the stream (torch.cuda.current_stream().cuda_stream) and makes the
+// tensors' device current. This file is compiled by the host compiler: no CUDA
+// headers here, every CUDA call is behind csrc/cuda/norm.h.
+//
+// Errors: CUDA failures raise RuntimeError ("fastlayers._cuda: ..."), bad arguments
+// (e.g. float64, which the CUDA kernels do not support) raise ValueError.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "norm.h"
+
+namespace py = pybind11;
+using namespace fastlayers;
+
+static inline void* P(uintptr_t p) { return reinterpret_cast<void*>(p); }
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "fastlayers CUDA kernels (torch-free ABI, static cudart)";
+
+  m.def(
+      "norm_fwd",
+      [](uintptr_t x, int64_t x_stride, int x_dt, uintptr_t r, int64_t r_stride, int r_dt, uintptr_t w, int w_dt,
+         uintptr_t b, int b_dt, uintptr_t y, int64_t y_stride, int y_dt, uintptr_t h, int64_t h_stride, int h_dt,
+         uintptr_t mean, uintptr_t rstd, int64_t M, int64_t N, double eps, bool is_rms, uintptr_t stream) {
+        NormFwdArgs a{P(x), x_stride, x_dt, P(r), r_stride, r_dt, P(w), w_dt, P(b), b_dt, P(y), y_stride, y_dt,
+                      P(h),  h_stride, h_dt, P(mean), P(rstd), M,  N,  eps, is_rms};
+        py::gil_scoped_release nogil;
+        cuda::norm_fwd(a, P(stream));
+      },
+      py::arg("x"), py::arg("x_stride"), py::arg("x_dt"), py::arg("r"), py::arg("r_stride"), py::arg("r_dt"),
+      py::arg("w"), py::arg("w_dt"), py::arg("b"), py::arg("b_dt"), py::arg("y"), py::arg("y_stride"),
+      py::arg("y_dt"), py::arg("h"), py::arg("h_stride"), py::arg("h_dt"), py::arg("mean"), py::arg("rstd"),
+      py::arg("M"), py::arg("N"), py::arg("eps"), py::arg("is_rms"), py::arg("stream"),
+      "Fused residual + RMSNorm/LayerNorm forward on `stream` (see csrc/include/fastlayers/common.h).");
+
+  m.def(
+      "norm_bwd",
+      [](uintptr_t dy, int64_t dy_stride, int dy_dt, uintptr_t x, int64_t x_stride, int x_dt, uintptr_t r,
+         int64_t r_stride, int r_dt, uintptr_t w, int w_dt, uintptr_t b, int b_dt, uintptr_t mean, uintptr_t rstd,
+         uintptr_t dh, int64_t dh_stride, int dh_dt, uintptr_t dx, int64_t dx_stride, int dx_dt, uintptr_t dr,
+         int64_t dr_stride, int dr_dt, uintptr_t dw_part, uintptr_t db_part, int64_t M, int64_t N, bool is_rms,
+         int parts, uintptr_t stream) {
+        NormBwdArgs a{P(dy), dy_stride, dy_dt, P(x), x_stride, x_dt, P(r), r_stride, r_dt, P(w), w_dt, P(b), b_dt,
+                      P(mean), P(rstd), P(dh), dh_stride, dh_dt, P(dx), dx_stride, dx_dt, P(dr), dr_stride, dr_dt,
+                      P(dw_part), P(db_part), M, N, is_rms};
+        py::gil_scoped_release nogil;
+        cuda::norm_bwd(a, parts, P(stream));
+      },
+      py::arg("dy"), py::arg("dy_stride"), py::arg("dy_dt"), py::arg("x"), py::arg("x_stride"), py::arg("x_dt"),
+      py::arg("r"), py::arg("r_stride"), py::arg("r_dt"), py::arg("w"), py::arg("w_dt"), py::arg("b"),
+      py::arg("b_dt"), py::arg("mean"), py::arg("rstd"), py::arg("dh"), py::arg("dh_stride"), py::arg("dh_dt"),
+      py::arg("dx"), py::arg("dx_stride"), py::arg("dx_dt"), py::arg("dr"), py::arg("dr_stride"),
+      py::arg("dr_dt"), py::arg("dw_part"), py::arg("db_part"), py::arg("M"), py::arg("N"), py::arg("is_rms"),
+      py::arg("parts"), py::arg("stream"),
+      "Fused residual + RMSNorm/LayerNorm backward on `stream`; dw/db as (parts, N) fp32 partial sums.");
+
+  m.def("device_count", &cuda::device_count,
+        "Number of CUDA devices visible to this module; 0 without a device or a recent enough driver.");
+  m.def("sm_count", &cuda::sm_count, py::arg("device"), "Number of streaming multiprocessors of a device.");
+  m.def("norm_bwd_parts", &cuda::norm_bwd_parts, py::arg("M"), py::arg("N"), py::arg("sm_count"),
+        "Number of rows P of dw_part/db_part that norm_bwd writes for an (M, N) problem.");
+}

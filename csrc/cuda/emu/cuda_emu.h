@@ -1,0 +1,116 @@
+// A minimal CPU emulation of the CUDA execution model, enough to run the kernels of
+// norm_kernels.cuh on a machine without a GPU (tests only; never built into _cuda).
+//
+// One std::thread per CUDA thread, blocks one after another. __syncthreads is a
+// block-wide barrier; warp shuffles go through a block-wide exchange buffer, so the
+// emulation requires (and the kernels guarantee) that every thread of a block reaches
+// each shuffle. __shared__ becomes `static`: one copy, reused block after block.
+#pragma once
+#define FL_CUDA_EMU 1
+
+#include <math.h>
+
+#include <barrier>
+#include <stdexcept>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#define FL_DEV static inline
+#define FL_GLOBAL static
+#define FL_LAUNCH_BOUNDS(n, m)
+#define FL_ALIGN16 __attribute__((aligned(16)))
+#define __shared__ static
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct uint4 {
+  unsigned x, y, z, w;
+};
+static inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+
+inline thread_local dim3 threadIdx{0, 0, 0}, blockIdx{0, 0, 0};
+inline dim3 blockDim, gridDim;
+
+namespace emu {
+inline std::barrier<>* bar = nullptr;
+inline float xch[1024];
+inline int tid() { return int(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)); }
+}  // namespace emu
+
+static inline void __syncthreads() { emu::bar->arrive_and_wait(); }
+
+static inline float __shfl_xor_sync(unsigned, float v, int mask) {
+  const int t = emu::tid();
+  emu::xch[t] = v;
+  __syncthreads();
+  const float r = emu::xch[t ^ mask];
+  __syncthreads();
+  return r;
+}
+
+static inline float __shfl_down_sync(unsigned, float v, unsigned d) {
+  const int t = emu::tid();
+  emu::xch[t] = v;
+  __syncthreads();
+  const float r = (t & 31) + int(d) < 32 ? emu::xch[t + int(d)] : v;
+  __syncthreads();
+  return r;
+}
+
+static inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+static inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+static inline float emu_f16_bits_to_f32(uint32_t s) {
+  const uint16_t b = static_cast<uint16_t>(s);
+  _Float16 h;
+  std::memcpy(&h, &b, 2);
+  return float(h);
+}
+static inline uint32_t emu_f32_to_f16_bits(float f) {
+  const _Float16 h = static_cast<_Float16>(f);
+  uint16_t b;
+  std::memcpy(&b, &h, 2);
+  return b;
+}
+static inline uint32_t emu_f32_to_bf16_bits(float f) {
+  uint32_t u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return ((u >> 16) | 0x40u) & 0xffffu;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return u >> 16;
+}
+
+namespace emu {
+// Run kernel(args...) on grid x block, block after block.
+template <class K, class... Args>
+void launch(K kernel, dim3 grid, dim3 block, const Args&... args) {
+  gridDim = grid;
+  blockDim = block;
+  const unsigned nt = block.x * block.y * block.z;
+  if (nt > 1024 || nt % 32 != 0) throw std::runtime_error("emu::launch: bad block size");
+  for (unsigned b = 0; b < grid.x; ++b) {
+    std::barrier<> barrier(nt);
+    bar = &barrier;
+    std::vector<std::thread> threads;
+    threads.reserve(nt);
+    for (unsigned t = 0; t < nt; ++t)
+      threads.emplace_back([&, t] {
+        threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+        blockIdx = dim3(b, 0, 0);
+        kernel(args...);
+      });
+    for (auto& th : threads) th.join();
+  }
+}
+}  // namespace emu

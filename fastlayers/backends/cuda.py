@@ -1,0 +1,59 @@
+"""CUDA backend: C++/CUDA kernels in ``fastlayers._cuda`` (see backends/__init__.py for the contract).
+
+The module is torch-free: it takes raw device pointers, row strides, dtype codes and
+the current torch stream, and launches on the device made current here. fp32, fp16
+and bf16 only (fp64 raises ValueError).
+"""
+import torch
+
+from .._dtypes import code, ptr, stride0
+
+try:
+    from .. import _cuda
+    IMPORT_ERROR = None
+except ImportError as e:  # pragma: no cover - reported by available_backends()
+    _cuda = None
+    IMPORT_ERROR = e
+
+_SM_COUNT = {}
+
+
+def _index(device):
+    device = torch.device(device)
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _sm_count(device):
+    idx = _index(device)
+    n = _SM_COUNT.get(idx)
+    if n is None:
+        n = _SM_COUNT[idx] = _cuda.sm_count(idx)
+    return n
+
+
+def _stream(device):
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def norm_fwd(x, residual, weight, bias, y, h, mean, rstd, eps, is_rms):
+    M, N = x.shape
+    with torch.cuda.device(x.device):
+        _cuda.norm_fwd(ptr(x), stride0(x), code(x), ptr(residual), stride0(residual), code(residual),
+                       ptr(weight), code(weight), ptr(bias), code(bias), ptr(y), stride0(y), code(y),
+                       ptr(h), stride0(h), code(h), ptr(mean), ptr(rstd), M, N, float(eps), bool(is_rms),
+                       _stream(x.device))
+
+
+def norm_bwd_parts(M, N, device):
+    return _cuda.norm_bwd_parts(M, N, _sm_count(device))
+
+
+def norm_bwd(dy, x, residual, weight, bias, mean, rstd, dh, dx, dresidual, dw_part, db_part, is_rms):
+    M, N = x.shape
+    parts = dw_part.shape[0]
+    with torch.cuda.device(x.device):
+        _cuda.norm_bwd(ptr(dy), stride0(dy), code(dy), ptr(x), stride0(x), code(x),
+                       ptr(residual), stride0(residual), code(residual), ptr(weight), code(weight),
+                       ptr(bias), code(bias), ptr(mean), ptr(rstd), ptr(dh), stride0(dh), code(dh),
+                       ptr(dx), stride0(dx), code(dx), ptr(dresidual), stride0(dresidual), code(dresidual),
+                       ptr(dw_part), ptr(db_part), M, N, bool(is_rms), parts, _stream(x.device))
