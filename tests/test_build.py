@@ -49,3 +49,15 @@ def test_build_info_matches_the_machine():
         assert not _build_info.CUDA_BUILT and "nvcc" in _build_info.CUDA_REASON
     else:
         assert _build_info.CUDA_BUILT, f"nvcc is here but _cuda was not built: {_build_info.CUDA_REASON}"
+
+
+def test_cuda_module_without_a_gpu_fails_clearly():
+    from fastlayers import _build_info
+    if not _build_info.CUDA_BUILT:
+        pytest.skip(f"_cuda not built here: {_build_info.CUDA_REASON}")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the CUDA tests run instead")
+    import fastlayers._cuda as cu
+    assert cu.device_count() == 0
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        cu.sm_count(0)
