@@ -1,0 +1,543 @@
+"""Triton backend: fused residual-add + RMSNorm / LayerNorm (see backends/__init__.py for the contract).
+
+One forward and one backward kernel serve every variant; constexpr flags select
+RMS/LN, residual, bias, stored h, incoming dh and a separate dresidual.
+
+Rows are processed in 2-D tiles of BLOCK_M rows x BLOCK_N columns (BLOCK_M > 1
+only for short rows). A row of up to ``FWD_MAX_BLOCK`` (forward) or
+``BWD_MAX_BLOCK`` (backward) elements is held in one block; longer rows are
+walked in chunks of ``*_CHUNK`` elements in two passes (statistics, then
+output), with LayerNorm statistics merged chunk by chunk (Chan et al.) so that
+a large mean does not cancel the variance.
+
+Every load is upcast to fp32 at once: arithmetic is fp32 whatever the storage
+dtype (the interpreter also computes bf16 arithmetic wrongly), and outputs are
+rounded once, to nearest even (under the interpreter, whose fp32 -> bf16 cast
+truncates, by hand: ``_store_out``).
+
+The backward runs P = ``norm_bwd_parts`` programs; program p owns a contiguous
+group of rows and writes row p of dw_part / db_part (zeros for an empty group).
+
+Without a GPU: set ``TRITON_INTERPRET=1`` before triton is imported to run the
+kernels on CPU tensors, and call ``aot_compile(cc)`` to compile every kernel of
+the family for sm_<cc>.
+"""
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    IMPORT_ERROR = None
+except ImportError as e:  # pragma: no cover - reported by available_backends()
+    triton = tl = None
+    IMPORT_ERROR = e
+
+# Longest row (elements) kept in one block; longer rows are processed in chunks.
+# Module attributes, read at every call, so tests can shrink them to reach the chunked path.
+FWD_MAX_BLOCK = 16384
+FWD_CHUNK = 8192
+BWD_MAX_BLOCK = 8192
+BWD_CHUNK = 4096
+# Target elements per tile when several short rows share a program.
+FWD_TILE = 4096
+BWD_TILE = 4096
+MAX_BLOCK_M = 64
+
+_TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+def _next_pow2(n):
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def _num_warps(tile):
+    """Warps for a tile of `tile` elements: ~16-32 fp32 elements per thread, 1..16 warps."""
+    return max(1, min(16, tile // 512))
+
+
+_SM_COUNT = {}
+
+
+def _sm_count(device):
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _fwd_config(M, N, min_programs):
+    """(BLOCK_M, BLOCK_N, ONE_BLOCK, num_warps) of the forward for an (M, N) problem."""
+    if N > FWD_MAX_BLOCK:
+        block_n = _next_pow2(min(FWD_CHUNK, FWD_MAX_BLOCK))
+        return 1, block_n, False, _num_warps(block_n)
+    block_n = _next_pow2(N)
+    block_m = max(1, min(MAX_BLOCK_M, FWD_TILE // block_n, _next_pow2(M)))
+    # Keep enough programs to fill the GPU.
+    while block_m > 1 and -(-M // block_m) < min_programs:
+        block_m //= 2
+    return block_m, block_n, True, _num_warps(block_m * block_n)
+
+
+def _bwd_config(M, N, P):
+    """(BLOCK_M, BLOCK_N, ONE_BLOCK, num_warps, rows_per_program) of the backward."""
+    rows_per_prog = -(-M // P) if M > 0 else 0
+    if N > BWD_MAX_BLOCK:
+        # Up to 4 rows per tile: the dw/db partial rows are read and written once per tile and chunk.
+        chunk = _next_pow2(min(BWD_CHUNK, BWD_MAX_BLOCK))
+        block_m = max(1, min(4, chunk // 16, _next_pow2(rows_per_prog)))
+        return block_m, chunk // block_m, False, _num_warps(chunk), rows_per_prog
+    block_n = _next_pow2(N)
+    block_m = max(1, min(MAX_BLOCK_M, BWD_TILE // block_n, _next_pow2(rows_per_prog)))
+    return block_m, block_n, True, _num_warps(block_m * block_n), rows_per_prog
+
+
+if IMPORT_ERROR is None:
+
+    # Set below: True when the kernels run in the interpreter, whose fp32 -> bf16 cast truncates
+    # (round toward zero) where the GPU rounds to nearest even.
+    _INTERPRETER_BF16_FIX = tl.constexpr(False)
+
+    @triton.jit
+    def _store_out(ptrs, v, mask):
+        """Store fp32 values `v`, rounded to nearest even in the pointers' dtype."""
+        if _INTERPRETER_BF16_FIX:
+            if ptrs.dtype.element_ty == tl.bfloat16:
+                u = tl.cast(v, tl.uint32, bitcast=True)
+                u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+                v = tl.where(v == v, tl.cast(u, tl.float32, bitcast=True), v)  # NaN stays NaN
+        tl.store(ptrs, tl.cast(v, ptrs.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _norm_fwd_kernel(X, R, W, B, Y, H, MEAN, RSTD,
+                         stride_x, stride_r, stride_y, stride_h, M, N, eps,
+                         IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         STORE_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         ONE_BLOCK: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        rows64 = tl.cast(rows, tl.int64)
+        cols = tl.arange(0, BLOCK_N)
+        eps32 = tl.cast(eps, tl.float32)
+        x_rows = X + rows64[:, None] * stride_x
+        y_rows = Y + rows64[:, None] * stride_y
+        if HAS_RESIDUAL:
+            r_rows = R + rows64[:, None] * stride_r
+        if STORE_H:
+            h_rows = H + rows64[:, None] * stride_h
+        if ONE_BLOCK:
+            col_ok = cols < N
+            mask = row_ok[:, None] & col_ok[None, :]
+            h = tl.cast(tl.load(x_rows + cols[None, :], mask=mask, other=0.0), tl.float32)
+            if HAS_RESIDUAL:
+                h += tl.cast(tl.load(r_rows + cols[None, :], mask=mask, other=0.0), tl.float32)
+            if STORE_H:
+                _store_out(h_rows + cols[None, :], h, mask)
+            if IS_RMS:
+                xc = h
+            else:
+                mean = tl.sum(h, axis=1) / N
+                xc = tl.where(mask, h - mean[:, None], 0.0)
+                tl.store(MEAN + rows, mean, mask=row_ok)
+            rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / N + eps32)
+            tl.store(RSTD + rows, rstd, mask=row_ok)
+            w = tl.cast(tl.load(W + cols, mask=col_ok, other=0.0), tl.float32)
+            y = xc * rstd[:, None] * w[None, :]
+            if HAS_BIAS:
+                y += tl.cast(tl.load(B + cols, mask=col_ok, other=0.0), tl.float32)[None, :]
+            _store_out(y_rows + cols[None, :], y, mask)
+        else:
+            # Pass 1: statistics (and h), chunk by chunk.
+            mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+            m2 = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum of squares (RMS) / of squared deviations (LN)
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                mask = row_ok[:, None] & (c < N)[None, :]
+                h = tl.cast(tl.load(x_rows + c[None, :], mask=mask, other=0.0), tl.float32)
+                if HAS_RESIDUAL:
+                    h += tl.cast(tl.load(r_rows + c[None, :], mask=mask, other=0.0), tl.float32)
+                if STORE_H:
+                    _store_out(h_rows + c[None, :], h, mask)
+                if IS_RMS:
+                    m2 += tl.sum(h * h, axis=1)
+                else:
+                    n_a = tl.cast(start, tl.float32)
+                    n_c = tl.cast(tl.minimum(N - start, BLOCK_N), tl.float32)
+                    mean_c = tl.sum(h, axis=1) / n_c
+                    d = tl.where(mask, h - mean_c[:, None], 0.0)
+                    delta = mean_c - mean
+                    frac = n_c / (n_a + n_c)
+                    mean += delta * frac
+                    m2 += tl.sum(d * d, axis=1) + delta * delta * (n_a * frac)
+            rstd = tl.rsqrt(m2 / N + eps32)
+            tl.store(RSTD + rows, rstd, mask=row_ok)
+            if not IS_RMS:
+                tl.store(MEAN + rows, mean, mask=row_ok)
+            # Pass 2: recompute h (unrounded) and write y.
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                c_ok = c < N
+                mask = row_ok[:, None] & c_ok[None, :]
+                h = tl.cast(tl.load(x_rows + c[None, :], mask=mask, other=0.0), tl.float32)
+                if HAS_RESIDUAL:
+                    h += tl.cast(tl.load(r_rows + c[None, :], mask=mask, other=0.0), tl.float32)
+                w = tl.cast(tl.load(W + c, mask=c_ok, other=0.0), tl.float32)
+                if IS_RMS:
+                    y = h * rstd[:, None] * w[None, :]
+                else:
+                    y = (h - mean[:, None]) * rstd[:, None] * w[None, :]
+                if HAS_BIAS:
+                    y += tl.cast(tl.load(B + c, mask=c_ok, other=0.0), tl.float32)[None, :]
+                _store_out(y_rows + c[None, :], y, mask)
+
+    @triton.jit
+    def _norm_bwd_kernel(DY, X, R, W, MEAN, RSTD, DH, DX, DR, DW, DB,
+                         stride_dy, stride_x, stride_r, stride_dh, stride_dx, stride_dr, stride_dw,
+                         M, N, rows_per_prog,
+                         IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         HAS_DH: tl.constexpr, STORE_DR: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        row_start = pid * rows_per_prog
+        row_end = tl.minimum(row_start + rows_per_prog, M)
+        cols = tl.arange(0, BLOCK_N)
+        dw_row = DW + tl.cast(pid, tl.int64) * stride_dw
+        if HAS_BIAS:
+            db_row = DB + tl.cast(pid, tl.int64) * stride_dw
+        if ONE_BLOCK:
+            col_ok = cols < N
+            w = tl.cast(tl.load(W + cols, mask=col_ok, other=0.0), tl.float32)
+            dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for r0 in range(row_start, row_end, BLOCK_M):
+                rows = r0 + tl.arange(0, BLOCK_M)
+                row_ok = rows < row_end
+                rows64 = tl.cast(rows, tl.int64)
+                mask = row_ok[:, None] & col_ok[None, :]
+                h = tl.cast(tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0),
+                            tl.float32)
+                if HAS_RESIDUAL:
+                    h += tl.cast(tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0),
+                                 tl.float32)
+                dy = tl.cast(tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0),
+                             tl.float32)
+                rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+                if IS_RMS:
+                    xhat = h * rstd[:, None]
+                else:
+                    mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+                    xhat = (h - mean[:, None]) * rstd[:, None]
+                xhat = tl.where(mask, xhat, 0.0)
+                g = dy * w[None, :]
+                c1 = tl.sum(g * xhat, axis=1) / N
+                if IS_RMS:
+                    dh = (g - xhat * c1[:, None]) * rstd[:, None]
+                else:
+                    c2 = tl.sum(g, axis=1) / N
+                    dh = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+                if HAS_DH:
+                    dh += tl.cast(tl.load(DH + rows64[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0),
+                                  tl.float32)
+                _store_out(DX + rows64[:, None] * stride_dx + cols[None, :], dh, mask)
+                if STORE_DR:
+                    _store_out(DR + rows64[:, None] * stride_dr + cols[None, :], dh, mask)
+                dw_acc += tl.sum(dy * xhat, axis=0)
+                if HAS_BIAS:
+                    db_acc += tl.sum(dy, axis=0)
+            tl.store(dw_row + cols, dw_acc, mask=col_ok)
+            if HAS_BIAS:
+                tl.store(db_row + cols, db_acc, mask=col_ok)
+        else:
+            # Long rows: this program's dw/db partial rows accumulate in memory (read-modify-write by the
+            # program that owns them); barriers order those accesses between the threads of the program.
+            zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                tl.store(dw_row + c, zero, mask=c < N)
+                if HAS_BIAS:
+                    tl.store(db_row + c, zero, mask=c < N)
+            tl.debug_barrier()
+            for r0 in range(row_start, row_end, BLOCK_M):
+                rows = r0 + tl.arange(0, BLOCK_M)
+                row_ok = rows < row_end
+                rows64 = tl.cast(rows, tl.int64)
+                x_rows = X + rows64[:, None] * stride_x
+                dy_rows = DY + rows64[:, None] * stride_dy
+                if HAS_RESIDUAL:
+                    r_rows = R + rows64[:, None] * stride_r
+                rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+                if IS_RMS:
+                    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+                else:
+                    mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+                # Pass 1: row sums of g * xhat and g.
+                c1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+                c2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+                for start in range(0, N, BLOCK_N):
+                    c = start + cols
+                    c_ok = c < N
+                    mask = row_ok[:, None] & c_ok[None, :]
+                    h = tl.cast(tl.load(x_rows + c[None, :], mask=mask, other=0.0), tl.float32)
+                    if HAS_RESIDUAL:
+                        h += tl.cast(tl.load(r_rows + c[None, :], mask=mask, other=0.0), tl.float32)
+                    dy = tl.cast(tl.load(dy_rows + c[None, :], mask=mask, other=0.0), tl.float32)
+                    w = tl.cast(tl.load(W + c, mask=c_ok, other=0.0), tl.float32)
+                    xhat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
+                    g = dy * w[None, :]
+                    c1 += tl.sum(g * xhat, axis=1)
+                    if not IS_RMS:
+                        c2 += tl.sum(g, axis=1)
+                c1 = c1 / N
+                c2 = c2 / N
+                # Pass 2: dx (= dresidual), and the dw/db partial sums.
+                for start in range(0, N, BLOCK_N):
+                    c = start + cols
+                    c_ok = c < N
+                    mask = row_ok[:, None] & c_ok[None, :]
+                    h = tl.cast(tl.load(x_rows + c[None, :], mask=mask, other=0.0), tl.float32)
+                    if HAS_RESIDUAL:
+                        h += tl.cast(tl.load(r_rows + c[None, :], mask=mask, other=0.0), tl.float32)
+                    dy = tl.cast(tl.load(dy_rows + c[None, :], mask=mask, other=0.0), tl.float32)
+                    w = tl.cast(tl.load(W + c, mask=c_ok, other=0.0), tl.float32)
+                    xhat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
+                    g = dy * w[None, :]
+                    dh = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+                    if HAS_DH:
+                        dh += tl.cast(tl.load(DH + rows64[:, None] * stride_dh + c[None, :], mask=mask, other=0.0),
+                                      tl.float32)
+                    _store_out(DX + rows64[:, None] * stride_dx + c[None, :], dh, mask)
+                    if STORE_DR:
+                        _store_out(DR + rows64[:, None] * stride_dr + c[None, :], dh, mask)
+                    tl.store(dw_row + c, tl.load(dw_row + c, mask=c_ok, other=0.0) + tl.sum(dy * xhat, axis=0),
+                             mask=c_ok)
+                    if HAS_BIAS:
+                        tl.store(db_row + c, tl.load(db_row + c, mask=c_ok, other=0.0) + tl.sum(dy, axis=0),
+                                 mask=c_ok)
+                tl.debug_barrier()
+
+
+    from triton.runtime.jit import JITFunction as _JITFunction
+    _INTERPRETER_BF16_FIX = tl.constexpr(not isinstance(_norm_fwd_kernel, _JITFunction))
+
+
+# ----------------------------------------------------------------------------- launches
+# FMA contraction on (explicitly: triton 3.9 warns that its default will change).
+_OPTIONS = {"enable_fp_fusion": True}
+
+
+def _launch(kernel, grid, device, args, meta, num_warps):
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            kernel[grid](*args, **meta, num_warps=num_warps, **_OPTIONS)
+    else:
+        kernel[grid](*args, **meta, num_warps=num_warps, **_OPTIONS)
+
+
+def _stride(t):
+    return 0 if t is None else t.stride(0)
+
+
+def norm_fwd(x, residual, weight, bias, y, h, mean, rstd, eps, is_rms):
+    assert x.dtype != torch.float64, "the triton backend does not support float64"
+    M, N = x.shape
+    if M == 0 or N == 0:
+        return
+    min_programs = 2 * _sm_count(x.device) if x.device.type == "cuda" else 1
+    block_m, block_n, one_block, num_warps = _fwd_config(M, N, min_programs)
+    grid = (triton.cdiv(M, block_m),)
+    args = (x, residual, weight, bias, y, h, mean, rstd,
+            x.stride(0), _stride(residual), y.stride(0), _stride(h), M, N, float(eps))
+    meta = dict(IS_RMS=bool(is_rms), HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+                STORE_H=h is not None, BLOCK_M=block_m, BLOCK_N=block_n, ONE_BLOCK=one_block)
+    _launch(_norm_fwd_kernel, grid, x.device, args, meta, num_warps)
+
+
+def norm_bwd_parts(M, N, device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        per_sm = 4 if N <= 1024 else 2
+        return max(1, min(M, per_sm * _sm_count(device)))
+    return max(1, min(M, 4))
+
+
+def norm_bwd(dy, x, residual, weight, bias, mean, rstd, dh, dx, dresidual, dw_part, db_part, is_rms):
+    assert x.dtype != torch.float64, "the triton backend does not support float64"
+    M, N = x.shape
+    P = dw_part.shape[0]
+    if N == 0 or P == 0:
+        return
+    assert db_part is None or db_part.stride(0) == dw_part.stride(0)
+    block_m, block_n, one_block, num_warps, rows_per_prog = _bwd_config(M, N, P)
+    args = (dy, x, residual, weight, mean, rstd, dh, dx, dresidual, dw_part, db_part,
+            dy.stride(0), x.stride(0), _stride(residual), _stride(dh), dx.stride(0), _stride(dresidual),
+            dw_part.stride(0), M, N, rows_per_prog)
+    meta = dict(IS_RMS=bool(is_rms), HAS_RESIDUAL=residual is not None, HAS_BIAS=db_part is not None,
+                HAS_DH=dh is not None, STORE_DR=dresidual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+                ONE_BLOCK=one_block)
+    _launch(_norm_bwd_kernel, (P,), x.device, args, meta, num_warps)
+
+
+# ----------------------------------------------------------------------------- ahead-of-time compile
+_FWD_ARGS = ("X", "R", "W", "B", "Y", "H", "MEAN", "RSTD", "stride_x", "stride_r", "stride_y", "stride_h",
+             "M", "N", "eps")
+_BWD_ARGS = ("DY", "X", "R", "W", "MEAN", "RSTD", "DH", "DX", "DR", "DW", "DB", "stride_dy", "stride_x",
+             "stride_r", "stride_dh", "stride_dx", "stride_dr", "stride_dw", "M", "N", "rows_per_prog")
+_AOT_SMS = 132  # H100 SXM, for the launch configurations
+
+
+def _fwd_variant(dt, M, N, is_rms, res, bias, h):
+    f32 = torch.float32
+    bm, bn, one, nw = _fwd_config(M, N, 2 * _AOT_SMS)
+    tensors = dict(X=dt, R=res, W=dt, B=dt if bias else None, Y=dt, H=h, MEAN=None if is_rms else f32, RSTD=f32)
+    meta = dict(IS_RMS=is_rms, HAS_RESIDUAL=res is not None, HAS_BIAS=bias, STORE_H=h is not None,
+                BLOCK_M=bm, BLOCK_N=bn, ONE_BLOCK=one)
+    flags = ",".join(k for k in ("IS_RMS", "HAS_RESIDUAL", "HAS_BIAS", "STORE_H", "ONE_BLOCK") if meta[k])
+    what = (f"norm_fwd {str(dt)[6:]} M={M} N={N} res={str(res)[6:]} h={str(h)[6:]} [{flags}] "
+            f"BLOCK={bm}x{bn} warps={nw}")
+    return "fwd", _FWD_ARGS, tensors, dict(M=M, N=N), meta, nw, what
+
+
+def _bwd_variant(dt, M, N, is_rms, res, bias, dh, dr):
+    f32 = torch.float32
+    bm, bn, one, nw, rows_per_prog = _bwd_config(M, N, min(M, (4 if N <= 1024 else 2) * _AOT_SMS))
+    tensors = dict(DY=dt, X=dt, R=res, W=dt, MEAN=None if is_rms else f32, RSTD=f32, DH=dh, DX=dt, DR=dr, DW=f32,
+                   DB=f32 if bias else None)
+    meta = dict(IS_RMS=is_rms, HAS_RESIDUAL=res is not None, HAS_BIAS=bias, HAS_DH=dh is not None,
+                STORE_DR=dr is not None, BLOCK_M=bm, BLOCK_N=bn, ONE_BLOCK=one)
+    flags = ",".join(k for k in ("IS_RMS", "HAS_RESIDUAL", "HAS_BIAS", "HAS_DH", "STORE_DR", "ONE_BLOCK") if meta[k])
+    what = (f"norm_bwd {str(dt)[6:]} M={M} N={N} res={str(res)[6:]} dh={str(dh)[6:]} [{flags}] "
+            f"BLOCK={bm}x{bn} warps={nw}")
+    return "bwd", _BWD_ARGS, tensors, dict(M=M, N=N, rows_per_prog=rows_per_prog), meta, nw, what
+
+
+def _aot_variants(full=False):
+    """Representative launches: every flag on and off, every dtype, and the three tilings
+    (several short rows per program, one long row in one block, chunked rows), with the
+    block sizes and warps that norm_fwd / norm_bwd would choose on an H100.
+
+    ``full``: every flag combination x dtype x tiling (slow: ~100 kernels, minutes).
+    """
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    fwd_shapes = [(4096, 128), (4096, 4096), (64, FWD_MAX_BLOCK), (64, 4 * FWD_MAX_BLOCK)]
+    bwd_shapes = [(4096, 128), (4096, 4096), (64, BWD_MAX_BLOCK), (4096, 4 * BWD_MAX_BLOCK)]
+    if full:
+        out = []
+        for dt in (f32, f16, bf16):
+            for M, N in fwd_shapes:
+                for is_rms, res, bias, h in ((True, None, False, None), (False, dt, True, dt),
+                                             (True, f32, False, f32), (False, f32, False, dt)):
+                    out.append(_fwd_variant(dt, M, N, is_rms, res, bias, h))
+            for M, N in bwd_shapes:
+                for is_rms, res, bias, dh, dr in ((True, None, False, None, None), (False, dt, True, dt, None),
+                                                  (True, f32, False, f32, f32), (False, f32, True, None, f32)):
+                    out.append(_bwd_variant(dt, M, N, is_rms, res, bias, dh, dr))
+        return out
+    (sm_f, big_f, one_f, chunk_f), (sm_b, big_b, one_b, chunk_b) = fwd_shapes, bwd_shapes
+    return [
+        _fwd_variant(f32, *sm_f, True, None, False, None),
+        _fwd_variant(bf16, *sm_f, False, bf16, True, bf16),
+        _fwd_variant(bf16, *big_f, False, bf16, True, bf16),
+        _fwd_variant(f16, *one_f, True, f32, False, f32),
+        _fwd_variant(bf16, *chunk_f, False, f32, True, bf16),
+        _fwd_variant(f16, *chunk_f, True, f16, False, None),
+        _fwd_variant(f32, *chunk_f, False, None, False, f32),
+        _bwd_variant(f32, *sm_b, True, None, False, None, None),
+        _bwd_variant(bf16, *sm_b, False, bf16, True, bf16, None),
+        _bwd_variant(bf16, *big_b, False, bf16, True, bf16, None),
+        _bwd_variant(f16, *one_b, True, f32, False, f32, f32),
+        _bwd_variant(bf16, *chunk_b, False, f32, True, f32, f32),
+        _bwd_variant(f16, *chunk_b, True, f16, False, f16, None),
+        _bwd_variant(f32, *chunk_b, False, None, True, None, None),
+        _bwd_variant(bf16, 8, chunk_b[1], True, None, False, None, None),  # one row per tile
+    ]
+
+
+class AOTKernel:
+    """A kernel compiled in a child process: ``asm`` (dict: ttir, ttgir, llir, ptx, cubin), ``metadata`` (dict)."""
+
+    def __init__(self, description, asm, metadata):
+        self.description, self.asm, self.metadata = description, asm, metadata
+
+    def __repr__(self):
+        return f"AOTKernel({self.description})"
+
+
+def _interpreted():
+    return not isinstance(_norm_fwd_kernel, _JITFunction)
+
+
+def _aot_in_child(cc, full):
+    """Compile in a fresh interpreter without TRITON_INTERPRET: once triton is imported in interpreter
+    mode its own library functions (tl.sum, ...) are interpreted and cannot be compiled."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
+    code = ("import importlib.util, pickle, sys\n"
+            f"spec = importlib.util.spec_from_file_location('_fastlayers_triton_aot', {__file__!r})\n"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            f"ks = m.aot_compile({int(cc)}, full={bool(full)})\n"
+            "out = [(k.description, {a: v for a, v in k.asm.items() if isinstance(v, (str, bytes))},\n"
+            "        {a: v for a, v in k.metadata._asdict().items() if isinstance(v, (int, float, str, bool))})\n"
+            "       for k in ks]\n"
+            "pickle.dump(out, open(sys.argv[1], 'wb'))\n")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernels.pkl")
+        proc = subprocess.run([sys.executable, "-c", code, path], env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ahead-of-time triton compile for sm_{cc} failed:\n{proc.stderr[-6000:]}")
+        with open(path, "rb") as f:
+            return [AOTKernel(*k) for k in pickle.load(f)]
+
+
+def aot_compile(cc, full=False):
+    """Compile the kernels of the family for ``GPUTarget("cuda", cc, 32)``; needs no GPU.
+
+    Returns the compiled kernels; each has ``.asm`` (``.asm["ptx"]``: the PTX), ``.metadata`` and
+    ``.description`` (dtype, shape, flags, block and warps). If triton was imported under
+    TRITON_INTERPRET=1, the compile runs in a child process and returns ``AOTKernel`` records.
+    """
+    if IMPORT_ERROR is not None:
+        raise ImportError(f"triton is not usable: {IMPORT_ERROR}")
+    if _interpreted():
+        return _aot_in_child(cc, full)
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", int(cc), 32)
+    kernels = []
+    for kind, arg_names, tensors, ints, meta, num_warps, what in _aot_variants(full):
+        fn = _norm_fwd_kernel if kind == "fwd" else _norm_bwd_kernel
+        signature, constexprs, attrs = {}, {}, {}
+        for i, name in enumerate(arg_names):
+            if name in tensors:
+                dt = tensors[name]
+                if dt is None:  # absent tensor: launched as None, a constexpr
+                    signature[name] = "constexpr"
+                    constexprs[name] = None
+                else:
+                    signature[name] = "*" + _TL_DTYPES[dt]
+                    attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+            elif name == "eps":
+                signature[name] = "fp32"
+            elif ints.get(name) == 1:  # the JIT makes an int equal to 1 a constexpr
+                signature[name] = "constexpr"
+                constexprs[name] = 1
+            else:
+                # Like the JIT: sizes divisible by 16 and row strides (assumed divisible by 16) carry the
+                # divisibility hint that lets masked loads vectorise.
+                signature[name] = "i32"
+                if name.startswith("stride") or ints.get(name, 1) % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        for name, value in meta.items():
+            signature[name] = "constexpr"
+            constexprs[name] = value
+        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        try:
+            kernel = triton.compile(source, target=target, options={"num_warps": num_warps, **_OPTIONS})
+        except Exception as e:
+            raise RuntimeError(f"triton compile for sm_{cc} failed: {what}: {e}") from e
+        kernel.description = what
+        kernels.append(kernel)
+    return kernels
