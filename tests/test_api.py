@@ -82,6 +82,8 @@ def test_triton_rejected_on_cpu_without_interpreter():
             "    except fastlayers.BackendUnavailable as e:\n"
             "        print('ERR', e)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    pkg_parent = os.path.dirname(os.path.dirname(fastlayers.__file__))  # the fastlayers under test
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd="/")
     assert "ERR" in out.stdout, out.stdout + out.stderr
     assert "triton" in out.stdout

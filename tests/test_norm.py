@@ -271,3 +271,16 @@ def test_gradcheck_fp64(backend, is_rms, prenorm):
     inputs = (x, r, w, b)
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
     assert torch.autograd.gradgradcheck(f, inputs) if backend == "reference" else True
+
+
+@pytest.mark.parametrize("device,backend", [c for c in FAST_CASES if c.values[1] == "triton"])
+@pytest.mark.parametrize("is_rms", [True, False], ids=["rms", "ln"])
+def test_triton_chunked_path_small_limits(device, backend, is_rms, monkeypatch):
+    """Shrink the one-block limits so short rows take the two-pass chunked kernels (fwd and bwd)."""
+    from fastlayers.backends import triton as tb
+    for name, v in (("FWD_MAX_BLOCK", 64), ("FWD_CHUNK", 32), ("BWD_MAX_BLOCK", 128), ("BWD_CHUNK", 64)):
+        monkeypatch.setattr(tb, name, v)
+    _check_fwd(device, backend, is_rms, (5, 200), torch.bfloat16, prenorm=True)
+    _grad_check(device, backend, is_rms, (5, 200), torch.float32, prenorm=True)
+    _grad_check(device, backend, is_rms, (3, 201), torch.bfloat16, res_dtype=torch.float32, prenorm=True,
+                residual_in_fp32=True)
