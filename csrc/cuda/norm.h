@@ -19,8 +19,12 @@ int norm_bwd_parts(int64_t M, int64_t N, int sm_count);
 
 // Launch on `stream` on the current device (the caller makes the tensors' device
 // current). Asynchronous; launch errors are reported, kernel faults surface later.
+// Zero-element tensors may be null (torch's data_ptr() of an empty CUDA tensor is 0):
+// with M == 0 or N == 0 the forward launches nothing and needs no pointer.
 void norm_fwd(const NormFwdArgs& a, void* stream);
-// parts: the number of rows of dw_part (and db_part), any value >= 1.
+// parts: the number of rows of dw_part (and db_part), any value >= 1. With M == 0
+// (N > 0) only weight and dw_part (db_part) are needed, and every partial row is
+// written with zeros; with N == 0 nothing is launched.
 void norm_bwd(const NormBwdArgs& a, int parts, void* stream);
 
 }  // namespace cuda

@@ -24,10 +24,12 @@
 //                          contiguous range of rows, keeps dw/db column sums in registers
 //                          (weight in shared memory) and writes its row of
 //                          dw_part/db_part at the end. <= 128 registers, no spills.
-//   norm_bwd_loop          any N: per batch of <= 512 rows, pass A computes the row sums
-//                          c1 = mean(g*xhat), c2 = mean(g) into shared memory; pass B
-//                          walks column tiles, writes dx/dr and accumulates dw/db in
-//                          registers, adding them to the block's dw_part row per tile.
+//   norm_bwd_loop          any N: per batch of rows (sized at launch so that pass B's
+//                          re-read of the batch hits L2; <= 512 rows), pass A computes
+//                          the row sums c1 = mean(g*xhat), c2 = mean(g) into shared
+//                          memory; pass B walks column tiles, writes dx/dr and
+//                          accumulates dw/db in registers, adding them to the block's
+//                          dw_part row per tile.
 //
 // The thread that writes an output element has read every input element at that
 // (row, column) before, and no other thread reads them: an output may alias an input
@@ -37,6 +39,8 @@
 // runs the same kernels on CPU threads for testing on machines without a GPU.
 #pragma once
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "fastlayers/common.h"
 
@@ -225,6 +229,35 @@ FL_DEV float row_sum(float v, float* red /* __shared__ [32] */) {
   return v;
 }
 
+// Two sums at once (one pass of shuffles and one barrier pair): per component the
+// same operations in the same order as row_sum, so the same bit-identical values.
+template <int TPR>
+FL_DEV void row_sum2(float& a, float& b, float* red /* __shared__ [64] */) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    a += __shfl_xor_sync(0xffffffffu, a, o);
+    b += __shfl_xor_sync(0xffffffffu, b, o);
+  }
+  if constexpr (TPR > 32) {
+    constexpr int WPR = TPR > 32 ? TPR / 32 : 1;  // warps per row
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) {
+      red[threadIdx.y * WPR + warp] = a;
+      red[32 + threadIdx.y * WPR + warp] = b;
+    }
+    __syncthreads();
+    float ta = 0.f, tb = 0.f;
+#pragma unroll
+    for (int i = 0; i < WPR; ++i) {
+      ta += red[threadIdx.y * WPR + i];
+      tb += red[32 + threadIdx.y * WPR + i];
+    }
+    __syncthreads();  // red may be reused at once
+    a = ta;
+    b = tb;
+  }
+}
+
 // Running mean/variance of a set of values (Chan et al.'s parallel merge).
 struct Stats {
   float n, mean, m2;  // count, mean, sum of squared deviations from the mean
@@ -267,10 +300,22 @@ FL_DEV Stats row_stats(Stats s, float* red /* __shared__ [3 * 32] */) {
 
 constexpr int fwd_rows_per_block(int tpr) { return tpr >= 128 ? 1 : 128 / tpr; }
 
+// Blocks per SM asked of the compiler: 3 for the 256-thread instantiation (<= 80
+// registers, no spills), else 1 (no register cap: 106 registers, 4 blocks of 128
+// threads or 1 of 512 per SM).
+constexpr int fwd_min_blocks(int threads) { return threads == 256 ? 3 : 1; }
+// Weight and bias are loaded with the row, before the reductions, so their latency
+// overlaps that of x and r; except in the 256-thread instantiation, which would then
+// spill at 80 registers: there they are loaded after the reductions (3 blocks per SM
+// hide that latency instead).
+constexpr bool fwd_early_wb(int threads) { return fwd_min_blocks(threads) == 1; }
+
 // Row held in registers: thread tx of a row owns groups g*TPR + tx (g < G).
 template <int TPR, int G>
-FL_GLOBAL void FL_LAUNCH_BOUNDS(TPR * fwd_rows_per_block(TPR), 1) norm_fwd_reg(NormFwdArgs a) {
+FL_GLOBAL void FL_LAUNCH_BOUNDS(TPR * fwd_rows_per_block(TPR), fwd_min_blocks(TPR * fwd_rows_per_block(TPR)))
+    norm_fwd_reg(NormFwdArgs a) {
   constexpr int R = fwd_rows_per_block(TPR);
+  constexpr bool kEarlyWB = fwd_early_wb(TPR * R);
   __shared__ float red[32];
   const int tx = threadIdx.x;
   const int N = int(a.N);
@@ -282,6 +327,15 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(TPR * fwd_rows_per_block(TPR), 1) norm_fwd_reg(N
     const int64_t row = base + threadIdx.y;
     const bool valid = row < a.M;
     float h[G][kVec];
+    Raw8 rw[G], rb[G];  // weight and bias (raw bits; L1/L2 hits)
+    auto load_wb = [&] {
+#pragma unroll
+      for (int g = 0; g < G; ++g) load_raw(rw[g], a.w, a.w_dt, wv, (g * TPR + tx) * kVec, N);
+      if (a.b) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) load_raw(rb[g], a.b, a.b_dt, bv, (g * TPR + tx) * kVec, N);
+      }
+    };
     if (valid) {
       // Issue every load of the row before converting any of them.
       Raw8 rx[G], rr[G];
@@ -295,6 +349,7 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(TPR * fwd_rows_per_block(TPR), 1) norm_fwd_reg(N
 #pragma unroll
         for (int g = 0; g < G; ++g) load_raw(rr[g], rrow, a.r_dt, rv, (g * TPR + tx) * kVec, N);
       }
+      if constexpr (kEarlyWB) load_wb();
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         raw_to_f32<false>(rx[g], a.x_dt, h[g]);
@@ -343,14 +398,7 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(TPR * fwd_rows_per_block(TPR), 1) norm_fwd_reg(N
         if (!rms) static_cast<float*>(a.mean)[row] = mu;
         static_cast<float*>(a.rstd)[row] = rstd;
       }
-      // Weight and bias are loaded only now, to keep registers low (they stay in L1/L2).
-      Raw8 rw[G], rb[G];
-#pragma unroll
-      for (int g = 0; g < G; ++g) load_raw(rw[g], a.w, a.w_dt, wv, (g * TPR + tx) * kVec, N);
-      if (a.b) {
-#pragma unroll
-        for (int g = 0; g < G; ++g) load_raw(rb[g], a.b, a.b_dt, bv, (g * TPR + tx) * kVec, N);
-      }
+      if constexpr (!kEarlyWB) load_wb();
       void* yrow = row_ptr(a.y, a.y_dt, row, a.y_stride);
       const bool yv = aligned16(yrow);
 #pragma unroll
@@ -516,10 +564,12 @@ constexpr int bwd_min_blocks(int threads) { return threads >= kBwdThreadsPerSM ?
 template <int TPR, int U>
 struct RowGrad {
   float xh[U][kVec], g[U][kVec];
+  Raw8 dh[U];  // incoming dh (raw bits), when loaded
 };
 
-// Narrow: x, r and dy are 2-byte dtypes.
-template <int TPR, int U, bool AccW, bool Narrow, class WGet>
+// Narrow: x, r and dy are 2-byte dtypes. LoadDh: also load the incoming dh (if any)
+// into rg.dh, together with x, r and dy, for row_grad_store.
+template <int TPR, int U, bool AccW, bool Narrow, bool LoadDh, class WGet>
 FL_DEV void row_grad_load(const NormBwdArgs& a, int64_t row, int col0, const WGet& w, float mu,
                           float rstd, bool want_db, RowGrad<TPR, U>& rg, float (&dw)[U][kVec],
                           float (&db)[U][kVec], float& c1, float& c2) {
@@ -540,6 +590,12 @@ FL_DEV void row_grad_load(const NormBwdArgs& a, int64_t row, int col0, const WGe
   const bool dyv = aligned16(dyrow);
 #pragma unroll
   for (int u = 0; u < U; ++u) load_raw<Narrow>(rdy[u], dyrow, a.dy_dt, dyv, col0 + (u * TPR + tx) * kVec, N);
+  if (LoadDh && a.dh) {
+    const void* dhrow = row_ptr(a.dh, a.dh_dt, row, a.dh_stride);
+    const bool dhv = aligned16(dhrow);
+#pragma unroll
+    for (int u = 0; u < U; ++u) load_raw(rg.dh[u], dhrow, a.dh_dt, dhv, col0 + (u * TPR + tx) * kVec, N);
+  }
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int col = col0 + (u * TPR + tx) * kVec;
@@ -565,7 +621,8 @@ FL_DEV void row_grad_load(const NormBwdArgs& a, int64_t row, int col0, const WGe
   }
 }
 
-// dh = rstd * (g - c1*xhat - c2) (+ incoming dh, loaded here), stored to dx and dr.
+// dh = rstd * (g - c1*xhat - c2) (+ incoming dh, loaded by row_grad_load<LoadDh>),
+// stored to dx and dr.
 template <int TPR, int U>
 FL_DEV void row_grad_store(const NormBwdArgs& a, int64_t row, int col0, const RowGrad<TPR, U>& rg, float rstd,
                            float c1, float c2) {
@@ -574,13 +631,6 @@ FL_DEV void row_grad_store(const NormBwdArgs& a, int64_t row, int col0, const Ro
   void* dxrow = row_ptr(a.dx, a.dx_dt, row, a.dx_stride);
   void* drrow = a.dr ? row_ptr(a.dr, a.dr_dt, row, a.dr_stride) : nullptr;
   const bool dxv = aligned16(dxrow), drv = drrow && aligned16(drrow);
-  Raw8 rdh[U];
-  if (a.dh) {
-    const void* dhrow = row_ptr(a.dh, a.dh_dt, row, a.dh_stride);
-    const bool dhv = aligned16(dhrow);
-#pragma unroll
-    for (int u = 0; u < U; ++u) load_raw(rdh[u], dhrow, a.dh_dt, dhv, col0 + (u * TPR + tx) * kVec, N);
-  }
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int col = col0 + (u * TPR + tx) * kVec;
@@ -588,7 +638,7 @@ FL_DEV void row_grad_store(const NormBwdArgs& a, int64_t row, int col0, const Ro
     float out[kVec];
 #pragma unroll
     for (int k = 0; k < kVec; ++k) out[k] = rstd * (rg.g[u][k] - c1 * rg.xh[u][k] - c2);
-    if (a.dh) raw_to_f32<true>(rdh[u], a.dh_dt, out);
+    if (a.dh) raw_to_f32<true>(rg.dh[u], a.dh_dt, out);
     store_f32(dxrow, a.dx_dt, dxv, col, N, out);
     if (drrow) store_f32(drrow, a.dr_dt, drv, col, N, out);
   }
@@ -644,7 +694,7 @@ FL_DEV void flush_partial(float (&acc)[G][kVec], float* dst, int N, float* buf /
 template <int TPR, int G, bool DB, bool Narrow>
 FL_GLOBAL void FL_LAUNCH_BOUNDS(TPR * bwd_rows_per_block(TPR), bwd_min_blocks(TPR * bwd_rows_per_block(TPR))) norm_bwd_reg(NormBwdArgs a) {
   constexpr int R = bwd_rows_per_block(TPR);
-  __shared__ float red[32];
+  __shared__ float red[64];
   __shared__ float buf[R > 1 ? R * G * TPR * kVec : 1];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int N = int(a.N);
@@ -681,10 +731,16 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(TPR * bwd_rows_per_block(TPR), bwd_min_blocks(TP
     if (valid) {
       const float mu = rms ? 0.f : static_cast<const float*>(a.mean)[row];
       rstd = static_cast<const float*>(a.rstd)[row];
-      row_grad_load<TPR, G, true, Narrow>(a, row, 0, wget, mu, rstd, want_db, rg, dw, db, c1, c2);
+      row_grad_load<TPR, G, true, Narrow, true>(a, row, 0, wget, mu, rstd, want_db, rg, dw, db, c1, c2);
     }
-    c1 = row_sum<TPR>(c1, red) * inv_n;
-    c2 = rms ? 0.f : row_sum<TPR>(c2, red) * inv_n;
+    if (rms) {
+      c1 = row_sum<TPR>(c1, red) * inv_n;
+      c2 = 0.f;
+    } else {
+      row_sum2<TPR>(c1, c2, red);
+      c1 *= inv_n;
+      c2 *= inv_n;
+    }
     if (valid) row_grad_store<TPR, G>(a, row, 0, rg, rstd, c1, c2);
   }
 
@@ -694,12 +750,15 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(TPR * bwd_rows_per_block(TPR), bwd_min_blocks(TP
 
 constexpr int kBwdLoopTPR = 256, kBwdLoopU = 1, kBwdLoopBatch = 512;
 
-// Any N: block p walks rows split_rows(p) in batches of up to kBwdLoopBatch rows.
-FL_GLOBAL void FL_LAUNCH_BOUNDS(kBwdLoopTPR, bwd_min_blocks(kBwdLoopTPR)) norm_bwd_loop(NormBwdArgs a) {
-  constexpr int TPR = kBwdLoopTPR, U = kBwdLoopU, B = kBwdLoopBatch;
+// Any N: block p walks rows split_rows(p) in batches of `batch` rows (1 <= batch <=
+// kBwdLoopBatch, from norm_bwd_loop_batch: small enough for pass B to re-read the
+// batch from L2).
+FL_GLOBAL void FL_LAUNCH_BOUNDS(kBwdLoopTPR, bwd_min_blocks(kBwdLoopTPR)) norm_bwd_loop(NormBwdArgs a, int batch) {
+  constexpr int TPR = kBwdLoopTPR, U = kBwdLoopU;
   constexpr int T = kVec * TPR * U;
-  __shared__ float red[32];
-  __shared__ float s_c1[B], s_c2[B], s_mu[B], s_rstd[B];
+  const int B = batch < 1 ? 1 : batch > kBwdLoopBatch ? kBwdLoopBatch : batch;
+  __shared__ float red[64];
+  __shared__ float s_c1[kBwdLoopBatch], s_c2[kBwdLoopBatch], s_mu[kBwdLoopBatch], s_rstd[kBwdLoopBatch];
   const int tx = threadIdx.x;
   const int N = int(a.N);
   const float inv_n = 1.f / float(N);
@@ -736,10 +795,16 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kBwdLoopTPR, bwd_min_blocks(kBwdLoopTPR)) norm_b
         load_weight<TPR, U>(a, t0, w);
         RowGrad<TPR, U> rg;
         auto wget = [&](int u, int k) { return w[u][k]; };
-        row_grad_load<TPR, U, false, false>(a, row, t0, wget, mu, rstd, false, rg, dw, db, c1, c2);
+        row_grad_load<TPR, U, false, false, false>(a, row, t0, wget, mu, rstd, false, rg, dw, db, c1, c2);
       }
-      c1 = row_sum<TPR>(c1, red) * inv_n;
-      c2 = rms ? 0.f : row_sum<TPR>(c2, red) * inv_n;
+      if (rms) {
+        c1 = row_sum<TPR>(c1, red) * inv_n;
+        c2 = 0.f;
+      } else {
+        row_sum2<TPR>(c1, c2, red);
+        c1 *= inv_n;
+        c2 *= inv_n;
+      }
       if (tx == 0) {
         s_c1[i] = c1;
         s_c2[i] = c2;
@@ -761,7 +826,8 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kBwdLoopTPR, bwd_min_blocks(kBwdLoopTPR)) norm_b
         const int64_t row = b0 + i;
         RowGrad<TPR, U> rg;
         float c1 = 0.f, c2 = 0.f;  // recomputed partial sums, unused
-        row_grad_load<TPR, U, true, false>(a, row, t0, wget, s_mu[i], s_rstd[i], want_db, rg, dw, db, c1, c2);
+        row_grad_load<TPR, U, true, false, true>(a, row, t0, wget, s_mu[i], s_rstd[i], want_db, rg, dw, db, c1,
+                                                 c2);
         row_grad_store<TPR, U>(a, row, t0, rg, s_rstd[i], s_c1[i], s_c2[i]);
       }
 #pragma unroll
@@ -790,7 +856,7 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kBwdLoopTPR, bwd_min_blocks(kBwdLoopTPR)) norm_b
 
 // ---------------------------------------------------------------------------------
 // Launch configuration, shared by norm.cu and the CPU emulation test.
-// `launch(kernel, grid, block, args)` launches one kernel.
+// `launch(kernel, grid, block, args...)` launches one kernel.
 
 constexpr int64_t kMaxGrid = int64_t(1) << 30;
 
@@ -816,33 +882,60 @@ void launch_norm_fwd(const NormFwdArgs& a, Launch&& launch) {
   }
 }
 
-// Number P of partial rows the backward writes: the blocks that are resident at
-// once (one wave), never more than there are row slots to give them, at least 1.
-// It depends on (M, N) only; launch_norm_bwd is correct for any P >= 1.
+// Number P of partial rows the backward writes (depends on (M, N) only; the dtypes,
+// and so the kernel, are not known here; launch_norm_bwd is correct for any P >= 1).
+//
+// Every backward kernel keeps 512 threads per SM resident: the 256-thread register
+// kernels and the loop kernel 2 blocks per SM, the 512-thread register kernels
+// (norm_bwd_reg<512, ...>: the 2-byte dtypes with 512 < groups <= 1024, an fp32 row
+// input with 256 < groups <= 512) 1 block. So P is at most 2 per SM: one wave of
+// the 2-block kernels, two equal waves of the 1-block ones. Each part gets at least
+// kBwdMinRowsPerPart rows (at small M the P x N partial sums, written here and read
+// back by the caller's sum, would cost as much as the rows themselves), and P is
+// either at most one per SM or exactly two per SM, so a 1-block-per-SM kernel never
+// runs a partial second wave.
+constexpr int64_t kBwdMinRowsPerPart = 64;
+
 inline int norm_bwd_parts(int64_t M, int64_t N, int sm_count) {
-  const int64_t groups = (N + kVec - 1) / kVec;
-  int tpr;  // threads per row of the 2-byte-dtype register kernel, or of the loop kernel
-  if (groups <= 64) tpr = 32;
-  else if (groups <= 128) tpr = 64;
-  else if (groups <= 256) tpr = 128;
-  else if (groups <= 512) tpr = 256;
-  else if (groups <= 1024) tpr = 512;
-  else tpr = kBwdLoopTPR;
-  const int rows = groups <= 1024 ? bwd_rows_per_block(tpr) : 1;
-  const int64_t cap = int64_t(sm_count > 0 ? sm_count : 1) * bwd_min_blocks(tpr * rows);
-  const int64_t slots = (M + rows - 1) / rows;
-  const int64_t p = slots < cap ? slots : cap;
+  (void)N;
+  const int64_t sm = sm_count > 0 ? sm_count : 1;
+  int64_t p = M / kBwdMinRowsPerPart;
+  if (p > sm) p = 2 * sm;
   return int(p < 1 ? 1 : p);
 }
 
+// Rows per batch of norm_bwd_loop. Pass B re-reads the batch's x, r and dy that pass A
+// read; with P blocks at work that is P * batch rows, plus the P dw_part (db_part)
+// rows the blocks add to. The batch is sized so this fits in kBwdLoopL2Bytes, well
+// inside the L2 (40 MB on A100, 50 MB on H100/H200), so the second read hits L2.
+// At least 1 row (for very wide rows even 1 row per block may not fit), at most
+// kBwdLoopBatch.
+constexpr int64_t kBwdLoopL2Bytes = int64_t(24) << 20;
+
+inline int norm_bwd_loop_batch(const NormBwdArgs& a, int parts) {
+  const int64_t N = a.N > 0 ? a.N : 1;
+  const int64_t P = parts > 0 ? parts : 1;
+  auto bytes = [](int dt) -> int64_t { return dt == kF32 ? 4 : 2; };
+  const int64_t row_bytes = N * (bytes(a.x_dt) + (a.r ? bytes(a.r_dt) : 0) + bytes(a.dy_dt));
+  const int64_t part_bytes = N * 4 * (a.db_part ? 2 : 1);
+  const int64_t per_block = kBwdLoopL2Bytes / P - part_bytes;
+  const int64_t b = per_block > 0 ? per_block / row_bytes : 0;
+  return int(b < 1 ? 1 : b > kBwdLoopBatch ? kBwdLoopBatch : b);
+}
+
+// batch > 0: the loop kernel's batch (tests); otherwise norm_bwd_loop_batch.
 template <class Launch>
-void launch_norm_bwd(const NormBwdArgs& a, int parts, Launch&& launch) {
+void launch_norm_bwd(const NormBwdArgs& a, int parts, Launch&& launch, int batch = 0) {
   const int64_t groups = (a.N + kVec - 1) / kVec;
   const bool db = a.db_part != nullptr;
   const bool narrow = a.x_dt != kF32 && (!a.r || a.r_dt != kF32) && a.dy_dt != kF32;
   auto reg = [&](auto kernel, auto kernel_db, int tpr) {
     launch(db ? kernel_db : kernel, dim3(unsigned(parts)), dim3(unsigned(tpr), unsigned(bwd_rows_per_block(tpr))),
            a);
+  };
+  auto loop = [&] {
+    launch(norm_bwd_loop, dim3(unsigned(parts)), dim3(unsigned(kBwdLoopTPR)), a,
+           batch > 0 ? batch : norm_bwd_loop_batch(a, parts));
   };
 #define FL_BWD_REG(TPR, G, NARROW) reg(norm_bwd_reg<TPR, G, false, NARROW>, norm_bwd_reg<TPR, G, true, NARROW>, TPR)
   if (narrow) {  // 16 elements a thread
@@ -852,16 +945,90 @@ void launch_norm_bwd(const NormBwdArgs& a, int parts, Launch&& launch) {
     else if (groups <= 256) FL_BWD_REG(128, 2, true);
     else if (groups <= 512) FL_BWD_REG(256, 2, true);
     else if (groups <= 1024) FL_BWD_REG(512, 2, true);
-    else launch(norm_bwd_loop, dim3(unsigned(parts)), dim3(unsigned(kBwdLoopTPR)), a);
+    else loop();
   } else {  // an fp32 row input: 8 elements a thread
     if (groups <= 32) FL_BWD_REG(32, 1, false);
     else if (groups <= 64) FL_BWD_REG(64, 1, false);
     else if (groups <= 128) FL_BWD_REG(128, 1, false);
     else if (groups <= 256) FL_BWD_REG(256, 1, false);
     else if (groups <= 512) FL_BWD_REG(512, 1, false);
-    else launch(norm_bwd_loop, dim3(unsigned(parts)), dim3(unsigned(kBwdLoopTPR)), a);
+    else loop();
   }
 #undef FL_BWD_REG
+}
+
+// ---------------------------------------------------------------------------------
+// Host entry points: argument checks, then the launch (or nothing, for an empty
+// problem). Shared by norm.cu and the CPU emulation test, so the checks run there too.
+//
+// Zero-element tensors may have a null address (torch gives zero-element CUDA tensors
+// data_ptr() == 0): with M == 0 only weight and dw_part (the backward still writes
+// every dw_part/db_part row: zeros) are required, with N == 0 nothing.
+
+// fp32 / fp16 / bf16; float64 is not supported by the CUDA kernels.
+inline void check_kernel_dtype(int dt, const char* what) {
+  if (dt == kF32 || dt == kF16 || dt == kBF16) return;
+  throw std::invalid_argument(std::string("fastlayers._cuda: ") + what + " has dtype " + dtype_name(dt) + " (code " +
+                              std::to_string(dt) + "); the CUDA kernels support float32, float16 and bfloat16");
+}
+
+constexpr int64_t kMaxN = int64_t(1) << 30;  // the kernels index columns with int
+
+// Returns whether to launch (false: nothing to compute).
+inline bool check_norm_fwd(const NormFwdArgs& a) {
+  check_kernel_dtype(a.x_dt, "x");
+  check_kernel_dtype(a.w_dt, "weight");
+  check_kernel_dtype(a.y_dt, "y");
+  if (a.r) check_kernel_dtype(a.r_dt, "residual");
+  if (a.b) check_kernel_dtype(a.b_dt, "bias");
+  if (a.h) check_kernel_dtype(a.h_dt, "h");
+  if (a.M < 0 || a.N < 0 || a.N > kMaxN)
+    throw std::invalid_argument("fastlayers._cuda.norm_fwd: M must be >= 0 and N in [0, 2**30], got M=" +
+                                std::to_string(a.M) + ", N=" + std::to_string(a.N));
+  if (a.M == 0 || a.N == 0) return false;  // no element to write; zero-element tensors may be null
+  if (!a.x || !a.w || !a.y || !a.rstd || (!a.is_rms && !a.mean))
+    throw std::invalid_argument("fastlayers._cuda.norm_fwd: x, weight, y, rstd (and mean for LayerNorm) are required");
+  return true;
+}
+
+inline bool check_norm_bwd(const NormBwdArgs& a, int parts) {
+  check_kernel_dtype(a.dy_dt, "dy");
+  check_kernel_dtype(a.x_dt, "x");
+  check_kernel_dtype(a.w_dt, "weight");
+  check_kernel_dtype(a.dx_dt, "dx");
+  if (a.r) check_kernel_dtype(a.r_dt, "residual");
+  if (a.b) check_kernel_dtype(a.b_dt, "bias");
+  if (a.dh) check_kernel_dtype(a.dh_dt, "dh");
+  if (a.dr) check_kernel_dtype(a.dr_dt, "dresidual");
+  if (a.M < 0 || a.N < 0 || a.N > kMaxN)
+    throw std::invalid_argument("fastlayers._cuda.norm_bwd: M must be >= 0 and N in [0, 2**30], got M=" +
+                                std::to_string(a.M) + ", N=" + std::to_string(a.N));
+  if (parts < 1) throw std::invalid_argument("fastlayers._cuda.norm_bwd: parts must be >= 1");
+  if (a.N == 0) return false;  // every output is empty
+  if (a.M == 0) {              // only the partial rows to write (zeros); the kernels read the weight only
+    if (!a.w || !a.dw_part)
+      throw std::invalid_argument("fastlayers._cuda.norm_bwd: weight and dw_part are required");
+    return true;
+  }
+  if (!a.dy || !a.x || !a.w || !a.rstd || !a.dx || !a.dw_part || (!a.is_rms && !a.mean))
+    throw std::invalid_argument(
+        "fastlayers._cuda.norm_bwd: dy, x, weight, rstd, dx, dw_part (and mean for LayerNorm) are required");
+  return true;
+}
+
+// Check, then launch. Returns whether a kernel was launched.
+template <class Launch>
+bool run_norm_fwd(const NormFwdArgs& a, Launch&& launch) {
+  if (!check_norm_fwd(a)) return false;
+  launch_norm_fwd(a, launch);
+  return true;
+}
+
+template <class Launch>
+bool run_norm_bwd(const NormBwdArgs& a, int parts, Launch&& launch) {
+  if (!check_norm_bwd(a, parts)) return false;
+  launch_norm_bwd(a, parts, launch);
+  return true;
 }
 
 }  // namespace cuda_kernels

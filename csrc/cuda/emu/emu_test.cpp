@@ -20,6 +20,18 @@ namespace ck = fastlayers::cuda_kernels;
 static std::mt19937_64 rng(1234);
 static int failures = 0, checks = 0;
 static int force_parts = 0;  // > 0: the backward's P
+static int force_batch = 0;  // > 0: the backward loop kernel's batch (else sized at launch)
+
+// The launcher of norm.cu, with emu::launch for the <<<>>> launch.
+static const auto emu_launch = [](auto k, dim3 g, dim3 bl, const auto&... args) { emu::launch(k, g, bl, args...); };
+
+static void expect(bool ok, const char* what) {
+  ++checks;
+  if (!ok) {
+    ++failures;
+    std::printf("FAIL %s\n", what);
+  }
+}
 
 static int esize(int dt) { return dt == kF32 ? 4 : 2; }
 
@@ -140,10 +152,16 @@ static void run_case(int64_t M, int64_t N, bool nan_row) {
   fg.y = y_g.ptr(); fg.y_stride = y_g.stride;
   fg.h = hsel ? h_g.ptr() : nullptr; fg.h_stride = h_g.stride;
   fg.mean = rms ? nullptr : mean_g.ptr(); fg.rstd = rstd_g.ptr();
+  if (M == 0) {  // zero-element CUDA tensors have data_ptr() == 0
+    fg.x = fg.r = nullptr;
+    fg.y = fg.h = fg.mean = fg.rstd = nullptr;
+  }
+  // The entry point of norm.cu: argument checks, then the launch (none for M == 0).
+  const bool fwd_launched = ck::run_norm_fwd(fg, emu_launch);
+  expect(fwd_launched == (M > 0), ("forward launched iff M > 0 (" + cfg + ")").c_str());
   if (M > 0) {
     std::vector<float> ws(8 * N * 2);  // generous: the CPU kernel needs parts * 4 * N
     cpu::norm_fwd(fc, ws.data(), 2);
-    ck::launch_norm_fwd(fg, [](auto k, dim3 g, dim3 bl, const NormFwdArgs& a) { emu::launch(k, g, bl, a); });
     compare("y", cfg, y_g, y_c);
     if (hsel) compare("h", cfg, h_g, h_c);
     if (!rms) compare("mean", cfg, mean_g, mean_c);
@@ -169,9 +187,18 @@ static void run_case(int64_t M, int64_t N, bool nan_row) {
   bg.dx = dx_g.ptr(); bg.dx_stride = dx_g.stride;
   bg.dr = res ? dr_g.ptr() : nullptr; bg.dr_stride = dr_g.stride;
   bg.dw_part = dw_g.ptr(); bg.db_part = bias ? db_g.ptr() : nullptr;
+  if (M == 0) {  // only weight and the partial rows are non-empty
+    bg.dy = bg.x = bg.r = bg.mean = bg.rstd = bg.dh = nullptr;
+    bg.dx = bg.dr = nullptr;
+  }
   std::vector<float> ws(8 * N * parts_c);
   cpu::norm_bwd(bc, ws.data(), parts_c);
-  ck::launch_norm_bwd(bg, parts_g, [](auto k, dim3 g, dim3 bl, const NormBwdArgs& a) { emu::launch(k, g, bl, a); });
+  if (force_batch > 0) {  // the checks of run_norm_bwd, then a given batch size
+    expect(ck::check_norm_bwd(bg, parts_g), "check_norm_bwd");
+    ck::launch_norm_bwd(bg, parts_g, emu_launch, force_batch);
+  } else {
+    expect(ck::run_norm_bwd(bg, parts_g, emu_launch), ("backward launched (" + cfg + ")").c_str());
+  }
   if (M > 0) {
     compare("dx", cfg, dx_g, dx_c);
     if (res) compare("dr", cfg, dr_g, dr_c);
@@ -199,6 +226,113 @@ static void run_case(int64_t M, int64_t N, bool nan_row) {
   }
 }
 
+template <class F>
+static bool throws_invalid(F&& f) {
+  try {
+    f();
+  } catch (const std::invalid_argument&) {
+    return true;
+  }
+  return false;
+}
+
+// The argument checks of the entry points (run_norm_fwd / run_norm_bwd, as norm.cu).
+static void check_entry_points() {
+  float w[8] = {1, 1, 1, 1, 1, 1, 1, 1}, dwp[4 * 8], buf[64];
+  for (float& v : dwp) v = NAN;
+  auto never = [](auto, dim3, dim3, const auto&...) { throw std::logic_error("unexpected launch"); };
+  // Empty problems: nothing launched, null pointers accepted.
+  NormFwdArgs f{};
+  f.x_dt = f.r_dt = f.w_dt = f.b_dt = f.y_dt = f.h_dt = kBF16;
+  f.N = 8; f.eps = 1e-5; f.is_rms = false;
+  f.w = w; f.w_dt = kF32;
+  expect(!ck::run_norm_fwd(f, never), "fwd M=0: no launch, null x/y/mean/rstd accepted");
+  f.M = 5; f.N = 0; f.w = nullptr;
+  expect(!ck::run_norm_fwd(f, never), "fwd N=0: no launch");
+  f.N = 8;
+  expect(throws_invalid([&] { ck::run_norm_fwd(f, never); }), "fwd M>0 without pointers throws");
+  f.M = 0; f.x_dt = kF64;
+  expect(throws_invalid([&] { ck::run_norm_fwd(f, never); }), "fwd float64 x throws even for M=0");
+  f.x_dt = kBF16; f.w_dt = kF64;
+  expect(throws_invalid([&] { ck::run_norm_fwd(f, never); }), "fwd float64 weight throws");
+  f.w_dt = kF32; f.M = -1;
+  expect(throws_invalid([&] { ck::run_norm_fwd(f, never); }), "fwd M<0 throws");
+
+  NormBwdArgs b{};
+  b.dy_dt = b.x_dt = b.r_dt = b.b_dt = b.dh_dt = b.dx_dt = b.dr_dt = kBF16;
+  b.w = w; b.w_dt = kF32; b.N = 8; b.is_rms = false;
+  expect(throws_invalid([&] { ck::run_norm_bwd(b, 4, never); }), "bwd M=0 without dw_part throws");
+  b.dw_part = dwp;
+  expect(throws_invalid([&] { ck::run_norm_bwd(b, 0, never); }), "bwd parts=0 throws");
+  // M == 0: launched, every dw_part row written with zeros.
+  for (int narrow = 0; narrow < 2; ++narrow) {
+    for (int64_t n : {int64_t(8), int64_t(5000), int64_t(9000)}) {  // register kernel, loop kernel
+      std::vector<float> wv(size_t(n), 1.f), dw(size_t(4 * n), NAN), db(size_t(4 * n), NAN);
+      b.N = n; b.w = wv.data(); b.dw_part = dw.data(); b.db_part = db.data(); b.b = wv.data();
+      b.dy_dt = b.x_dt = b.dx_dt = narrow ? kBF16 : kF32;
+      const bool launched = ck::run_norm_bwd(b, 4, emu_launch);
+      bool zero = true;
+      for (size_t i = 0; i < dw.size(); ++i) zero = zero && dw[i] == 0.f && db[i] == 0.f;
+      char what[96];
+      std::snprintf(what, sizeof what, "bwd M=0 N=%lld narrow=%d: launched, dw_part/db_part all zero", (long long)n,
+                    narrow);
+      expect(launched && zero, what);
+    }
+  }
+  b.db_part = nullptr; b.b = nullptr;
+  b.N = 0; b.w = nullptr; b.dw_part = nullptr; b.M = 3;
+  expect(!ck::run_norm_bwd(b, 2, never), "bwd N=0: no launch");
+  b.N = 8; b.w = w; b.dw_part = dwp;
+  expect(throws_invalid([&] { ck::run_norm_bwd(b, 2, never); }), "bwd M>0 without dy/x/rstd/dx throws");
+  b.M = 0; b.w_dt = kF64;
+  expect(throws_invalid([&] { ck::run_norm_bwd(b, 2, never); }), "bwd float64 weight throws");
+  (void)buf;
+}
+
+// P: at least 1; at most 2 per SM; either <= 1 per SM or exactly 2 per SM (no partial
+// second wave of a 1-block-per-SM kernel); >= kBwdMinRowsPerPart rows a part below 1 per SM.
+static void check_parts() {
+  bool ok = true;
+  for (int sm : {1, 2, 108, 132}) {
+    for (int64_t M : {int64_t(0), int64_t(1), int64_t(63), int64_t(64), int64_t(1000), int64_t(64) * 132,
+                      int64_t(64) * 133, int64_t(100000), int64_t(1) << 40}) {
+      const int p = ck::norm_bwd_parts(M, 4096, sm);
+      const bool good = p >= 1 && p <= 2 * sm && (p <= sm || p == 2 * sm) &&
+                        (p == 1 || p == 2 * sm || M / p >= ck::kBwdMinRowsPerPart) &&
+                        (p != 2 * sm || M / p >= ck::kBwdMinRowsPerPart / 2);
+      if (!good) std::printf("  norm_bwd_parts(M=%lld, sm=%d) = %d\n", (long long)M, sm, p);
+      ok = ok && good;
+    }
+  }
+  expect(ok, "norm_bwd_parts bounds");
+}
+
+// The loop kernel's batch: 1..512 rows, the footprint P * (batch rows + partial rows)
+// within the L2 budget unless batch == 1, and the largest batch that fits.
+static void check_loop_batch() {
+  bool ok = true;
+  for (int xdt : {kF32, kBF16})
+    for (int res : {0, 1})
+      for (int dbp : {0, 1})
+        for (int64_t N : {int64_t(4100), int64_t(8200), int64_t(16384), int64_t(20000), int64_t(1) << 20})
+          for (int P : {1, 2, 16, 132, 264}) {
+            NormBwdArgs a{};
+            a.x_dt = a.dy_dt = xdt; a.r_dt = kF32;
+            a.r = res ? &a : nullptr;
+            a.db_part = dbp ? &a : nullptr;
+            a.N = N;
+            const int B = ck::norm_bwd_loop_batch(a, P);
+            const int64_t row = N * ((xdt == kF32 ? 4 : 2) * 2 + (res ? 4 : 0));
+            const int64_t part = N * 4 * (dbp ? 2 : 1);
+            auto fits = [&](int64_t b) { return P * (b * row + part) <= ck::kBwdLoopL2Bytes; };
+            const bool good = B >= 1 && B <= ck::kBwdLoopBatch && (B == 1 || fits(B)) &&
+                              (B == ck::kBwdLoopBatch || !fits(B + 1));
+            if (!good) std::printf("  norm_bwd_loop_batch(N=%lld, P=%d, ...) = %d\n", (long long)N, P, B);
+            ok = ok && good;
+          }
+  expect(ok, "norm_bwd_loop_batch bounds");
+}
+
 int main(int argc, char** argv) {
   const int reps = argc > 1 ? std::atoi(argv[1]) : 3;
   const int64_t Ns[] = {1, 3, 8, 17, 123, 256, 257, 512, 1000, 1024, 2048, 3000, 4096, 4100, 8192, 8200, 20000};
@@ -209,10 +343,21 @@ int main(int argc, char** argv) {
         if (N >= 8192 && M > 3 && rep > 0) continue;  // keep the emulation quick
         run_case(M, N, rep == 1);
       }
-  // Several batches of the backward loop kernel in one block.
+  // Several batches of the backward loop kernel in one block: the batch sized at
+  // launch (N = 20000 over 8 parts of 40 rows: batches of 12 to 38 rows, by dtype), and
+  // given sizes.
+  force_parts = 8;
+  for (int rep = 0; rep < 2; ++rep) run_case(320, 20000, false);
   force_parts = 1;
-  for (int rep = 0; rep < 3; ++rep) run_case(600, 8200, false);
+  for (int b : {512, 1, 7}) {
+    force_batch = b;
+    run_case(b == 512 ? 600 : 40, 8200, false);
+  }
+  force_batch = 0;
   force_parts = 0;
+  check_entry_points();
+  check_parts();
+  check_loop_batch();
   std::printf("%d checks, %d failed\n", checks, failures);
   return failures ? 1 : 0;
 }
