@@ -190,6 +190,21 @@ if IMPORT_ERROR is None:
                 _store_out(y_rows + c[None, :], y, mask)
 
     @triton.jit
+    def _bwd_tile(X, R, DY, rows64, c, mask, w, mean, rstd, stride_x, stride_r, stride_dy,
+                  IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+        """Recompute xhat of a tile from x (+ r) and load dy: returns (xhat, dy, g = dy * w)."""
+        h = tl.cast(tl.load(X + rows64[:, None] * stride_x + c[None, :], mask=mask, other=0.0), tl.float32)
+        if HAS_RESIDUAL:
+            h += tl.cast(tl.load(R + rows64[:, None] * stride_r + c[None, :], mask=mask, other=0.0), tl.float32)
+        dy = tl.cast(tl.load(DY + rows64[:, None] * stride_dy + c[None, :], mask=mask, other=0.0), tl.float32)
+        if IS_RMS:
+            xhat = h * rstd[:, None]
+        else:
+            xhat = (h - mean[:, None]) * rstd[:, None]
+        xhat = tl.where(mask, xhat, 0.0)
+        return xhat, dy, dy * w[None, :]
+
+    @triton.jit
     def _norm_bwd_kernel(DY, X, R, W, MEAN, RSTD, DH, DX, DR, DW, DB,
                          stride_dy, stride_x, stride_r, stride_dh, stride_dx, stride_dr, stride_dw,
                          M, N, rows_per_prog,
@@ -213,21 +228,13 @@ if IMPORT_ERROR is None:
                 row_ok = rows < row_end
                 rows64 = tl.cast(rows, tl.int64)
                 mask = row_ok[:, None] & col_ok[None, :]
-                h = tl.cast(tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0),
-                            tl.float32)
-                if HAS_RESIDUAL:
-                    h += tl.cast(tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0),
-                                 tl.float32)
-                dy = tl.cast(tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0),
-                             tl.float32)
                 rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
                 if IS_RMS:
-                    xhat = h * rstd[:, None]
+                    mean = rstd  # unused
                 else:
                     mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
-                    xhat = (h - mean[:, None]) * rstd[:, None]
-                xhat = tl.where(mask, xhat, 0.0)
-                g = dy * w[None, :]
+                xhat, dy, g = _bwd_tile(X, R, DY, rows64, cols, mask, w, mean, rstd, stride_x, stride_r, stride_dy,
+                                        IS_RMS, HAS_RESIDUAL)
                 c1 = tl.sum(g * xhat, axis=1) / N
                 if IS_RMS:
                     dh = (g - xhat * c1[:, None]) * rstd[:, None]
@@ -260,10 +267,6 @@ if IMPORT_ERROR is None:
                 rows = r0 + tl.arange(0, BLOCK_M)
                 row_ok = rows < row_end
                 rows64 = tl.cast(rows, tl.int64)
-                x_rows = X + rows64[:, None] * stride_x
-                dy_rows = DY + rows64[:, None] * stride_dy
-                if HAS_RESIDUAL:
-                    r_rows = R + rows64[:, None] * stride_r
                 rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
                 if IS_RMS:
                     mean = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -276,13 +279,9 @@ if IMPORT_ERROR is None:
                     c = start + cols
                     c_ok = c < N
                     mask = row_ok[:, None] & c_ok[None, :]
-                    h = tl.cast(tl.load(x_rows + c[None, :], mask=mask, other=0.0), tl.float32)
-                    if HAS_RESIDUAL:
-                        h += tl.cast(tl.load(r_rows + c[None, :], mask=mask, other=0.0), tl.float32)
-                    dy = tl.cast(tl.load(dy_rows + c[None, :], mask=mask, other=0.0), tl.float32)
                     w = tl.cast(tl.load(W + c, mask=c_ok, other=0.0), tl.float32)
-                    xhat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
-                    g = dy * w[None, :]
+                    xhat, dy, g = _bwd_tile(X, R, DY, rows64, c, mask, w, mean, rstd, stride_x, stride_r,
+                                            stride_dy, IS_RMS, HAS_RESIDUAL)
                     c1 += tl.sum(g * xhat, axis=1)
                     if not IS_RMS:
                         c2 += tl.sum(g, axis=1)
@@ -293,13 +292,9 @@ if IMPORT_ERROR is None:
                     c = start + cols
                     c_ok = c < N
                     mask = row_ok[:, None] & c_ok[None, :]
-                    h = tl.cast(tl.load(x_rows + c[None, :], mask=mask, other=0.0), tl.float32)
-                    if HAS_RESIDUAL:
-                        h += tl.cast(tl.load(r_rows + c[None, :], mask=mask, other=0.0), tl.float32)
-                    dy = tl.cast(tl.load(dy_rows + c[None, :], mask=mask, other=0.0), tl.float32)
                     w = tl.cast(tl.load(W + c, mask=c_ok, other=0.0), tl.float32)
-                    xhat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
-                    g = dy * w[None, :]
+                    xhat, dy, g = _bwd_tile(X, R, DY, rows64, c, mask, w, mean, rstd, stride_x, stride_r,
+                                            stride_dy, IS_RMS, HAS_RESIDUAL)
                     dh = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
                     if HAS_DH:
                         dh += tl.cast(tl.load(DH + rows64[:, None] * stride_dh + c[None, :], mask=mask, other=0.0),
