@@ -44,7 +44,14 @@ def _import_error(name):
         mod = load(name)
     except ImportError as e:
         return e
-    return getattr(mod, "IMPORT_ERROR", f"fastlayers.backends.{name} defines no kernels")
+    err = getattr(mod, "IMPORT_ERROR", f"fastlayers.backends.{name} defines no kernels")
+    if err is not None and name in ("cpu", "cuda"):
+        pkg = os.path.dirname(os.path.abspath(__file__))
+        if os.path.exists(os.path.join(pkg, os.pardir, "setup.py")):
+            err = (f"{err} -- this fastlayers is imported from a source tree ({pkg}) with no built "
+                   f"extensions: run from another directory to use the installed package, or build in place "
+                   f"with `python setup.py build_ext --inplace`")
+    return err
 
 
 def _module_status(name):

@@ -1,6 +1,8 @@
 """The main job for now: print the backends and a speed comparison of the fused norm.
 
-    python -m fastlayers.demo [--tokens 8192] [--hidden 4096] [--compile]
+    fastlayers-demo [--tokens 8192] [--hidden 4096] [--compile]
+
+(or ``python -m fastlayers.demo`` from outside the source tree)
 """
 import argparse
 import time
