@@ -39,9 +39,23 @@ and an arbitrary row stride ``t.stride(0)`` (e.g. a slice of a wider tensor).
 """
 import importlib
 
+import torch
+
 NAMES = ("reference", "cpu", "triton", "cuda")
 
 
 def load(name):
     """Import the kernel module of a backend (``fastlayers.backends.<name>``)."""
     return importlib.import_module(f"fastlayers.backends.{name}")
+
+
+_SM_COUNT = {}
+
+
+def sm_count(device):
+    """Multiprocessor count of a CUDA device (cached): sizes the GPU backends' grids."""
+    device = torch.device(device)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]

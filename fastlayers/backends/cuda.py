@@ -9,6 +9,7 @@ those three (fp64) are passed as fp32 copies.
 import torch
 
 from .._dtypes import code, ptr, stride0
+from . import sm_count
 
 try:
     from .. import _cuda
@@ -16,22 +17,6 @@ try:
 except ImportError as e:  # pragma: no cover - reported by available_backends()
     _cuda = None
     IMPORT_ERROR = e
-
-_SM_COUNT = {}
-
-
-def _index(device):
-    device = torch.device(device)
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
-def _sm_count(device):
-    idx = _index(device)
-    n = _SM_COUNT.get(idx)
-    if n is None:
-        n = _SM_COUNT[idx] = _cuda.sm_count(idx)
-    return n
-
 
 def _stream(device):
     return torch.cuda.current_stream(device).cuda_stream
@@ -56,7 +41,7 @@ def norm_fwd(x, residual, weight, bias, y, h, mean, rstd, eps, is_rms):
 
 
 def norm_bwd_parts(M, N, device):
-    return _cuda.norm_bwd_parts(M, N, _sm_count(device))
+    return _cuda.norm_bwd_parts(M, N, sm_count(device))
 
 
 def norm_bwd(dy, x, residual, weight, bias, mean, rstd, dh, dx, dresidual, dw_part, db_part, is_rms):

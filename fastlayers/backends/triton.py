@@ -24,6 +24,8 @@ the family for sm_<cc>.
 """
 import torch
 
+from . import sm_count
+
 try:
     import triton
     import triton.language as tl
@@ -53,16 +55,6 @@ def _next_pow2(n):
 def _num_warps(tile):
     """Warps for a tile of `tile` elements: ~16-32 fp32 elements per thread, 1..16 warps."""
     return max(1, min(16, tile // 512))
-
-
-_SM_COUNT = {}
-
-
-def _sm_count(device):
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 def _fwd_config(M, N, min_programs):
@@ -205,6 +197,16 @@ if IMPORT_ERROR is None:
         return xhat, dy, dy * w[None, :]
 
     @triton.jit
+    def _bwd_store_dh(dh, DH, DX, DR, rows64, c, mask, stride_dh, stride_dx, stride_dr,
+                      HAS_DH: tl.constexpr, STORE_DR: tl.constexpr):
+        """Add the incoming grad of h (prenorm), then write dx (and dresidual when stored separately)."""
+        if HAS_DH:
+            dh += tl.cast(tl.load(DH + rows64[:, None] * stride_dh + c[None, :], mask=mask, other=0.0), tl.float32)
+        _store_out(DX + rows64[:, None] * stride_dx + c[None, :], dh, mask)
+        if STORE_DR:
+            _store_out(DR + rows64[:, None] * stride_dr + c[None, :], dh, mask)
+
+    @triton.jit
     def _norm_bwd_kernel(DY, X, R, W, MEAN, RSTD, DH, DX, DR, DW, DB,
                          stride_dy, stride_x, stride_r, stride_dh, stride_dx, stride_dr, stride_dw,
                          M, N, rows_per_prog,
@@ -241,12 +243,7 @@ if IMPORT_ERROR is None:
                 else:
                     c2 = tl.sum(g, axis=1) / N
                     dh = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-                if HAS_DH:
-                    dh += tl.cast(tl.load(DH + rows64[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0),
-                                  tl.float32)
-                _store_out(DX + rows64[:, None] * stride_dx + cols[None, :], dh, mask)
-                if STORE_DR:
-                    _store_out(DR + rows64[:, None] * stride_dr + cols[None, :], dh, mask)
+                _bwd_store_dh(dh, DH, DX, DR, rows64, cols, mask, stride_dh, stride_dx, stride_dr, HAS_DH, STORE_DR)
                 dw_acc += tl.sum(dy * xhat, axis=0)
                 if HAS_BIAS:
                     db_acc += tl.sum(dy, axis=0)
@@ -296,12 +293,8 @@ if IMPORT_ERROR is None:
                     xhat, dy, g = _bwd_tile(X, R, DY, rows64, c, mask, w, mean, rstd, stride_x, stride_r,
                                             stride_dy, IS_RMS, HAS_RESIDUAL)
                     dh = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-                    if HAS_DH:
-                        dh += tl.cast(tl.load(DH + rows64[:, None] * stride_dh + c[None, :], mask=mask, other=0.0),
-                                      tl.float32)
-                    _store_out(DX + rows64[:, None] * stride_dx + c[None, :], dh, mask)
-                    if STORE_DR:
-                        _store_out(DR + rows64[:, None] * stride_dr + c[None, :], dh, mask)
+                    _bwd_store_dh(dh, DH, DX, DR, rows64, c, mask, stride_dh, stride_dx, stride_dr, HAS_DH,
+                                  STORE_DR)
                     tl.store(dw_row + c, tl.load(dw_row + c, mask=c_ok, other=0.0) + tl.sum(dy * xhat, axis=0),
                              mask=c_ok)
                     if HAS_BIAS:
@@ -336,7 +329,7 @@ def norm_fwd(x, residual, weight, bias, y, h, mean, rstd, eps, is_rms):
     M, N = x.shape
     if M == 0 or N == 0:
         return
-    min_programs = 2 * _sm_count(x.device) if x.device.type == "cuda" else 1
+    min_programs = 2 * sm_count(x.device) if x.device.type == "cuda" else 1
     block_m, block_n, one_block, num_warps = _fwd_config(M, N, min_programs)
     grid = (triton.cdiv(M, block_m),)
     args = (x, residual, weight, bias, y, h, mean, rstd,
@@ -350,7 +343,7 @@ def norm_bwd_parts(M, N, device):
     device = torch.device(device)
     if device.type == "cuda":
         per_sm = 4 if N <= 1024 else 2
-        return max(1, min(M, per_sm * _sm_count(device)))
+        return max(1, min(M, per_sm * sm_count(device)))
     return max(1, min(M, 4))
 
 
@@ -468,9 +461,10 @@ def _aot_in_child(cc, full):
     import subprocess
     import sys
     import tempfile
-    code = ("import importlib.util, pickle, sys\n"
-            f"spec = importlib.util.spec_from_file_location('_fastlayers_triton_aot', {__file__!r})\n"
-            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = ("import pickle, sys\n"
+            f"sys.path.insert(0, {pkg_parent!r})  # this same fastlayers, imported as a package\n"
+            "import fastlayers.backends.triton as m\n"
             f"ks = m.aot_compile({int(cc)}, full={bool(full)})\n"
             "out = [(k.description, {a: v for a, v in k.asm.items() if isinstance(v, (str, bytes))},\n"
             "        {a: v for a, v in k.metadata._asdict().items() if isinstance(v, (int, float, str, bool))})\n"
