@@ -2,10 +2,14 @@
 // no libtorch). Tensors arrive as raw addresses (int), strides in elements and
 // dtype codes (fastlayers/_dtypes.py); Python allocates every buffer.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
 #include <omp.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "hybridnorm.h"
 #include "norm.h"
 
 namespace py = pybind11;
@@ -59,6 +63,65 @@ PYBIND11_MODULE(_C, m) {
         cpu::norm_bwd(a, P(workspace), parts);
       },
       "Fused residual + RMSNorm/LayerNorm backward; dw/db as (parts, N) partial sums.");
+
+  using S3 = std::array<int64_t, 3>;  // strides of (B, T, H) in elements
+  m.def(
+      "head_norm_rope_fwd",
+      [](uintptr_t x, S3 xs, int x_dt, uintptr_t w, int w_dt, uintptr_t out, S3 os, int o_dt, uintptr_t cos,
+         uintptr_t sin, int64_t cs_stride, uintptr_t offsets, int64_t B, int64_t T, int64_t H, int64_t D,
+         double eps, uintptr_t workspace, int parts) {
+        check_dtype(x_dt, "x", true);
+        check_dtype(o_dt, "out", true);
+        if (w) check_dtype(w_dt, "weight", true);
+        if (parts < 1) throw std::invalid_argument("fastlayers: parts must be >= 1");
+        HeadNormRopeArgs a{P(x),  xs[0], xs[1], xs[2], x_dt, P(w), w_dt, P(out), os[0], os[1], os[2], o_dt,
+                           P(cos), P(sin), cs_stride, static_cast<const int64_t*>(P(offsets)), B, T, H, D, eps};
+        py::gil_scoped_release nogil;
+        cpu::head_norm_rope_fwd(a, P(workspace), parts);
+      },
+      "Per-head RMSNorm + RoPE forward over (B, T, H, D) (see HeadNormRopeArgs).");
+
+  m.def(
+      "head_norm_rope_bwd",
+      [](uintptr_t dout, S3 ds, int d_dt, uintptr_t x, S3 xs, int x_dt, uintptr_t w, int w_dt, uintptr_t cos,
+         uintptr_t sin, int64_t cs_stride, uintptr_t offsets, uintptr_t dx, S3 dxs, int dx_dt, uintptr_t dw_part,
+         int64_t B, int64_t T, int64_t H, int64_t D, double eps, uintptr_t workspace, int parts) {
+        check_dtype(d_dt, "dout", true);
+        check_dtype(x_dt, "x", true);
+        check_dtype(dx_dt, "dx", true);
+        if (w) check_dtype(w_dt, "weight", true);
+        if (parts < 1) throw std::invalid_argument("fastlayers: parts must be >= 1");
+        HeadNormRopeBwdArgs a{P(dout), ds[0], ds[1], ds[2], d_dt, P(x), xs[0], xs[1], xs[2], x_dt, P(w), w_dt,
+                              P(cos), P(sin), cs_stride, static_cast<const int64_t*>(P(offsets)),
+                              P(dx), dxs[0], dxs[1], dxs[2], dx_dt, P(dw_part), B, T, H, D, eps};
+        py::gil_scoped_release nogil;
+        cpu::head_norm_rope_bwd(a, P(workspace), parts);
+      },
+      "Per-head RMSNorm + RoPE backward; dweight as (parts, D) partial sums.");
+
+  // swiglu: forward when dout == 0 (out = silu(gate) * up), else backward (out = dgate, dup).
+  m.def(
+      "swiglu",
+      [](uintptr_t gate, int64_t gs, int g_dt, uintptr_t up, int64_t us, int u_dt, uintptr_t dout, int64_t ds,
+         int d_dt, uintptr_t out, int64_t os, int o_dt, uintptr_t dup, int64_t dus, int du_dt, int64_t M, int64_t F,
+         uintptr_t workspace, int parts) {
+        check_dtype(g_dt, "gate", true);
+        check_dtype(u_dt, "up", true);
+        check_dtype(o_dt, "out", true);
+        if (dout) {
+          check_dtype(d_dt, "dout", true);
+          check_dtype(du_dt, "dup", true);
+        }
+        if (parts < 1) throw std::invalid_argument("fastlayers: parts must be >= 1");
+        SwigluArgs a{P(gate), gs, g_dt, P(up), us, u_dt, P(dout), ds, d_dt, P(out), os, o_dt, P(dup), dus, du_dt,
+                     M, F};
+        py::gil_scoped_release nogil;
+        if (dout)
+          cpu::swiglu_bwd(a, P(workspace), parts);
+        else
+          cpu::swiglu_fwd(a, P(workspace), parts);
+      },
+      "SwiGLU forward (dout = 0) or backward over (M, F) rows.");
 
   m.def("max_threads", []() { return omp_get_max_threads(); });
 

@@ -191,5 +191,35 @@ FL_INLINE void store_out(const Acc* in, void* p, int dt, int64_t n, void* stage,
   stream_bytes(p, stage, n * dtype_size(dt));
 }
 
+
+// Rows [r0, r1) of part t when M rows are split into `parts` contiguous blocks.
+FL_INLINE void split_rows(int64_t M, int parts, int t, int64_t* r0, int64_t* r1) {
+  const int64_t base = M / parts, rem = M % parts;
+  *r0 = t * base + (t < rem ? t : rem);
+  *r1 = *r0 + base + (t < rem ? 1 : 0);
+}
+
+// exp(x) in float from arithmetic and bit operations only, so that `omp simd`
+// loops vectorise (libm's expf does not without -ffast-math): Cody-Waite range
+// reduction and Cephes' degree-6 polynomial, ~1 ulp. Inputs are clamped to
+// [-87.3, 88.3] (the result stays finite and normal); NaN stays NaN.
+FL_INLINE float exp_f32(float x) {
+  x = x > 88.3f ? 88.3f : x;
+  x = x < -87.3f ? -87.3f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t e = (static_cast<int32_t>(n == n ? n : 0.0f) + 127) << 23;
+  return y * bits_f32(static_cast<uint32_t>(e));
+}
+FL_INLINE float exp_acc(float x) { return exp_f32(x); }
+FL_INLINE double exp_acc(double x) { return std::exp(x); }
+
 }  // namespace cpu
 }  // namespace fastlayers

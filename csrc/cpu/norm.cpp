@@ -123,12 +123,6 @@ FL_CLONES void bwd_rows_f64(const NormBwdArgs& a, int64_t r0, int64_t r1, double
   norm_bwd_rows<double>(a, r0, r1, ws, ws + a.N, ws + 2 * a.N, ws + 3 * a.N, dw, db);
 }
 
-static inline void split(int64_t M, int parts, int t, int64_t* r0, int64_t* r1) {
-  const int64_t base = M / parts, rem = M % parts;
-  *r0 = t * base + (t < rem ? t : rem);
-  *r1 = *r0 + base + (t < rem ? 1 : 0);
-}
-
 // Rows are split into `parts` contiguous blocks, one per OpenMP task; the
 // workspace holds 4*N accumulators per part. A runtime that grants fewer threads
 // than asked still covers every part.
@@ -138,7 +132,7 @@ void norm_fwd(const NormFwdArgs& a, void* workspace, int parts) {
 #pragma omp parallel for num_threads(parts) schedule(static, 1)
   for (int p = 0; p < parts; ++p) {
     int64_t r0, r1;
-    split(a.M, parts, p, &r0, &r1);
+    split_rows(a.M, parts, p, &r0, &r1);
     if (r0 == r1) continue;
     if (f64)
       fwd_rows_f64(a, r0, r1, static_cast<double*>(workspace) + 4 * a.N * p);
@@ -154,7 +148,7 @@ void norm_bwd(const NormBwdArgs& a, void* workspace, int parts) {
 #pragma omp parallel for num_threads(parts) schedule(static, 1)
   for (int p = 0; p < parts; ++p) {
     int64_t r0, r1;
-    split(a.M, parts, p, &r0, &r1);
+    split_rows(a.M, parts, p, &r0, &r1);
     if (f64) {
       double* db = a.db_part ? static_cast<double*>(a.db_part) + a.N * p : nullptr;
       bwd_rows_f64(a, r0, r1, static_cast<double*>(workspace) + 4 * a.N * p,

@@ -36,6 +36,38 @@ and an arbitrary row stride ``t.stride(0)`` (e.g. a slice of a wider tensor).
     dw_part   (P, N) stat dtype output: per-part partial sums of dy * xhat (every row written)
     db_part   (P, N) stat dtype output or None: partial sums of dy
     stat dtype = float64 for float64 inputs, float32 otherwise.
+
+Contract for the HybridNorm kernels (``head_norm_rope_*``, ``swiglu_*``)
+------------------------------------------------------------------------
+``head_norm_rope_fwd(x, weight, out, cos, sin, offsets, eps)``
+    x         (B, T, H, D) input, any strides with the last dim contiguous (e.g. a
+              view into a fused QKV projection output); fp32/fp16/bf16 (fp64 on cpu)
+    weight    (D,) contiguous gain, any floating dtype, or None: no norm
+    out       (B, T, H, D) output, dtype of x, any strides with the last dim contiguous
+    cos, sin  (S, D/2) float32 (float64 for fp64 x) contiguous tables, or both None: no rotation
+    offsets   (B,) int64 contiguous: token t of sequence b sits at position offsets[b] + t
+              (the caller checks offsets[b] + T <= S); ignored without cos/sin
+    eps       python float > 0
+  In the accumulation dtype (fp32; fp64 for fp64): n = x * rsqrt(mean(x^2) + eps) * weight,
+  then out[..., i] = n_i c_i - n_{i+D/2} s_i and out[..., i+D/2] = n_{i+D/2} c_i + n_i s_i
+  for i < D/2 (c, s from row offsets[b] + t); rounded once to out's dtype.
+
+``head_norm_rope_bwd_parts(rows, D, device) -> int``   (rows = B*T*H)
+``head_norm_rope_bwd(dout, x, weight, cos, sin, offsets, eps, dx, dw_part)``
+    dout      (B, T, H, D) grad of out, any strides with the last dim contiguous
+    x, weight, cos, sin, offsets, eps: as in the forward (rstd is recomputed from x)
+    dx        (B, T, H, D) output, dtype of x, any strides with the last dim contiguous
+    dw_part   (P, D) stat dtype output: per-part partial sums of (rotated-back dout) * x * rstd,
+              every row written; None when weight is None
+
+``swiglu_fwd(gate, up, out)``
+    gate, up  (M, F), last dim contiguous, any row stride (halves of one fused (M, 2F) tensor)
+    out       (M, F) output, dtype of gate: silu(gate) * up computed in fp32, rounded once
+``swiglu_bwd(dout, gate, up, dgate, dup)``
+    dout      (M, F) grad of out; gate, up as in the forward
+    dgate     (M, F) output: dout * up * s * (1 + gate * (1 - s)), s = sigmoid(gate)
+    dup       (M, F) output: dout * silu(gate)
+              (dgate and dup may be the two halves of one fused (M, 2F) buffer)
 """
 import importlib
 

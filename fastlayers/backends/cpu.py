@@ -38,3 +38,46 @@ def norm_bwd(dy, x, residual, weight, bias, mean, rstd, dh, dx, dresidual, dw_pa
                 ptr(bias), code(bias), ptr(mean), ptr(rstd), ptr(dh), stride0(dh), code(dh),
                 ptr(dx), stride0(dx), code(dx), ptr(dresidual), stride0(dresidual), code(dresidual),
                 ptr(dw_part), ptr(db_part), M, N, bool(is_rms), ws.data_ptr(), parts)
+
+
+def _s3(t):
+    return t.stride()[:3]
+
+
+def head_norm_rope_fwd(x, weight, out, cos, sin, offsets, eps):
+    B, T, H, D = x.shape
+    parts = _parts(B * T * H)
+    ws = torch.empty(parts * 4 * D, dtype=stat_dtype(x.dtype))
+    _C.head_norm_rope_fwd(ptr(x), _s3(x), code(x), ptr(weight), code(weight), ptr(out), _s3(out), code(out),
+                          ptr(cos), ptr(sin), stride0(cos), ptr(offsets), B, T, H, D, float(eps),
+                          ws.data_ptr(), parts)
+
+
+def head_norm_rope_bwd_parts(rows, D, device):
+    return _parts(rows)
+
+
+def head_norm_rope_bwd(dout, x, weight, cos, sin, offsets, eps, dx, dw_part):
+    B, T, H, D = x.shape
+    parts = dw_part.shape[0] if dw_part is not None else _parts(B * T * H)
+    ws = torch.empty(parts * 4 * D, dtype=stat_dtype(x.dtype))
+    _C.head_norm_rope_bwd(ptr(dout), _s3(dout), code(dout), ptr(x), _s3(x), code(x), ptr(weight), code(weight),
+                          ptr(cos), ptr(sin), stride0(cos), ptr(offsets), ptr(dx), _s3(dx), code(dx), ptr(dw_part),
+                          B, T, H, D, float(eps), ws.data_ptr(), parts)
+
+
+def _swiglu(gate, up, dout, out, dup):
+    M, F = gate.shape
+    parts = _parts(M)
+    ws = torch.empty(parts * 4 * F, dtype=stat_dtype(gate.dtype))
+    _C.swiglu(ptr(gate), stride0(gate), code(gate), ptr(up), stride0(up), code(up), ptr(dout), stride0(dout),
+              code(dout), ptr(out), stride0(out), code(out), ptr(dup), stride0(dup), code(dup), M, F,
+              ws.data_ptr(), parts)
+
+
+def swiglu_fwd(gate, up, out):
+    _swiglu(gate, up, None, out, None)
+
+
+def swiglu_bwd(dout, gate, up, dgate, dup):
+    _swiglu(gate, up, dout, dgate, dup)

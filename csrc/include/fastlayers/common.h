@@ -60,4 +60,43 @@ struct NormBwdArgs {
   bool is_rms;
 };
 
+
+// Per-head RMSNorm + RoPE over (B, T, H, D) tensors with arbitrary strides on the
+// first three dims (sb, st, sh, in elements) and a contiguous last dim.
+// w == null: no norm; cos == null: no rotation. cos/sin are (S, D/2) tables in the
+// accumulation dtype with row stride cs_stride; offsets (B,) int64.
+struct HeadNormRopeArgs {
+  const void* x; int64_t x_sb, x_st, x_sh; int x_dt;
+  const void* w; int w_dt;
+  void* out; int64_t o_sb, o_st, o_sh; int o_dt;
+  const void* cos; const void* sin; int64_t cs_stride;
+  const int64_t* offsets;
+  int64_t B, T, H, D;
+  double eps;
+};
+
+// Backward: dx from dout (strided like x); dw_part (P, D) accumulation dtype, optional.
+struct HeadNormRopeBwdArgs {
+  const void* dout; int64_t d_sb, d_st, d_sh; int d_dt;
+  const void* x; int64_t x_sb, x_st, x_sh; int x_dt;
+  const void* w; int w_dt;
+  const void* cos; const void* sin; int64_t cs_stride;
+  const int64_t* offsets;
+  void* dx; int64_t dx_sb, dx_st, dx_sh; int dx_dt;
+  void* dw_part;
+  int64_t B, T, H, D;
+  double eps;
+};
+
+// SwiGLU over (M, F) rows with row strides: out = silu(gate) * up.
+// Backward (dout != null): dgate, dup.
+struct SwigluArgs {
+  const void* gate; int64_t g_stride; int g_dt;
+  const void* up; int64_t u_stride; int u_dt;
+  const void* dout; int64_t d_stride; int d_dt;   // backward only
+  void* out; int64_t o_stride; int o_dt;          // forward: out; backward: dgate
+  void* dup; int64_t du_stride; int du_dt;        // backward only
+  int64_t M, F;
+};
+
 }  // namespace fastlayers
