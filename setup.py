@@ -1,6 +1,6 @@
 """Build fastlayers' two torch-free pybind11 modules.
 
-* ``fastlayers._C``    C++ CPU kernels (-O3, OpenMP), always built.
+* ``fastlayers._C``    C++ CPU kernels (-O3 -fno-trapping-math, OpenMP), always built.
 * ``fastlayers._cuda`` CUDA kernels, built when nvcc is found. Static cudart,
   archs from ``FASTLAYERS_CUDA_ARCHS`` (default ``80;90``); ``FASTLAYERS_NO_CUDA=1``
   skips it. Without nvcc the build prints one line and goes on.
@@ -121,7 +121,7 @@ def extensions():
             "fastlayers._C",
             mods["_C"],
             include_dirs=[str(CSRC / "include")],
-            extra_compile_args=["-O3", "-std=c++17", *openmp],
+            extra_compile_args=["-O3", "-std=c++17", "-fno-trapping-math", *openmp],
             extra_link_args=openmp,
             cxx_std=17,
         ),

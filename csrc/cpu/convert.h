@@ -200,14 +200,17 @@ FL_INLINE void split_rows(int64_t M, int parts, int t, int64_t* r0, int64_t* r1)
 }
 
 // exp(x) in float from arithmetic and bit operations only, so that `omp simd`
-// loops vectorise (libm's expf does not without -ffast-math): Cody-Waite range
-// reduction and Cephes' degree-6 polynomial, ~1 ulp. Inputs are clamped to
-// [-87.3, 88.3] (the result stays finite and normal); NaN stays NaN.
+// loops vectorise (libm's expf does not without -ffast-math; the selects need
+// -fno-trapping-math, set for the whole module): Cody-Waite range reduction and
+// Cephes' degree-6 polynomial, ~1 ulp. exp overflows to inf above 88.72 and is
+// flushed to 0 below -87.3 (where it would be denormal); NaN stays NaN.
 FL_INLINE float exp_f32(float x) {
-  x = x > 88.3f ? 88.3f : x;
-  x = x < -87.3f ? -87.3f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float xc = x > 88.3f ? 88.3f : x;
+  xc = xc < -87.3f ? -87.3f : xc;
+  // round(xc / ln 2) by truncation of a positive number (xc / ln 2 + 200.5 > 0).
+  const int32_t ni = static_cast<int32_t>(xc * 1.44269504088896341f + 200.5f) - 200;
+  const float n = static_cast<float>(ni);
+  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
   float y = 1.9875691500e-4f;
   y = y * r + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
@@ -215,8 +218,10 @@ FL_INLINE float exp_f32(float x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.0f;
-  const int32_t e = (static_cast<int32_t>(n == n ? n : 0.0f) + 127) << 23;
-  return y * bits_f32(static_cast<uint32_t>(e));
+  float res = y * bits_f32(static_cast<uint32_t>((ni + 127) << 23));
+  res = x > 88.72f ? __builtin_inff() : res;
+  res = x < -87.3f ? 0.0f : res;
+  return x == x ? res : x;
 }
 FL_INLINE float exp_acc(float x) { return exp_f32(x); }
 FL_INLINE double exp_acc(double x) { return std::exp(x); }

@@ -45,7 +45,8 @@ FWD_TILE = 4096
 BWD_TILE = 4096
 MAX_BLOCK_M = 64
 
-_TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+_TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+              torch.int64: "i64"}
 
 
 def _next_pow2(n):
@@ -496,8 +497,10 @@ def aot_compile(cc, full=False):
 
     target = GPUTarget("cuda", int(cc), 32)
     kernels = []
-    for kind, arg_names, tensors, ints, meta, num_warps, what in _aot_variants(full):
-        fn = _norm_fwd_kernel if kind == "fwd" else _norm_bwd_kernel
+    from .triton_hybridnorm import AOT_KERNELS, aot_variants
+    kernel_of = {"fwd": _norm_fwd_kernel, "bwd": _norm_bwd_kernel, **AOT_KERNELS}
+    for kind, arg_names, tensors, ints, meta, num_warps, what in _aot_variants(full) + aot_variants(full):
+        fn = kernel_of[kind]
         signature, constexprs, attrs = {}, {}, {}
         for i, name in enumerate(arg_names):
             if name in tensors:
@@ -530,3 +533,9 @@ def aot_compile(cc, full=False):
         kernel.description = what
         kernels.append(kernel)
     return kernels
+
+
+# ----------------------------------------------------------------------------- HybridNorm kernels
+# Defined (without their kernels) even when triton is missing, like the functions above.
+from .triton_hybridnorm import (head_norm_rope_fwd, head_norm_rope_bwd_parts, head_norm_rope_bwd,  # noqa: E402,F401
+                                swiglu_fwd, swiglu_bwd)
