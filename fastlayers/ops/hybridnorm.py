@@ -137,6 +137,23 @@ class _QKVNormRopePacked(torch.autograd.Function):
         return dqkv, None, None, dqw, dkw, dvw, None, None, None, None, None
 
 
+def _packed_base(q, k, v):
+    """The fused projection output ``(B, T, (Hq + 2 Hkv) D)`` that q, k, v are the three head ranges of
+    (a view of their common base), or None. Lets the backward write one gradient buffer."""
+    base = q._base
+    if base is None or k._base is not base or v._base is not base or not base.is_contiguous():
+        return None
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    if base.numel() != b * t * (hq + 2 * hkv) * d:
+        return None
+    packed = base.view(b, t, (hq + 2 * hkv) * d)
+    for got, want in zip((q, k, v), _split_packed(packed, hq, hkv)):
+        if got.storage_offset() != want.storage_offset() or got.stride() != want.stride():
+            return None
+    return packed
+
+
 def _split_packed(qkv, hq, hkv):
     b, t, n = qkv.shape
     d = n // (hq + 2 * hkv)
@@ -277,7 +294,9 @@ def qkv_norm_rope(q, k, v, q_weight, k_weight, v_weight, cos, sin, eps=1e-5, off
     tensor, for decoding with a KV cache). RoPE pairs channel i with i + D/2.
 
     Returns ``(q, k, v)``, each a new contiguous ``(B, T, H, D)`` tensor in the
-    input dtype (v itself when ``v_weight`` is None). This is the layout the
+    input dtype (v itself when ``v_weight`` is None). When q, k and v are the three
+    head ranges of one fused projection output, the backward writes that tensor's
+    gradient as one buffer (as :func:`qkv_norm_rope_packed` does). This is the layout the
     attention kernels want: pass ``x.transpose(1, 2)`` to
     ``torch.nn.functional.scaled_dot_product_attention``, whose CPU and flash
     kernels work on (B, T, H, D) memory directly. Math in fp32, rounded once.
@@ -296,7 +315,11 @@ def qkv_norm_rope(q, k, v, q_weight, k_weight, v_weight, cos, sin, eps=1e-5, off
     if torch.compiler.is_compiling():
         qo, ko, vo = torch.ops.fastlayers.qkv_norm_rope_fwd(*args)
     elif _needs_grad(q, k, v, q_weight, k_weight, v_weight):
-        qo, ko, vo = _QKVNormRope.apply(*args)
+        packed = _packed_base(q, k, v) if v_weight is not None else None
+        if packed is not None:  # one gradient buffer instead of three summed by autograd
+            qo, ko, vo = _QKVNormRopePacked.apply(packed, q.shape[2], k.shape[2], *args[3:])
+        else:
+            qo, ko, vo = _QKVNormRope.apply(*args)
     else:
         qo, ko, vo = _qkv_fwd(*args)
     return qo, ko, (v if v_weight is None else vo)
