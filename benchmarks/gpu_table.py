@@ -5,6 +5,10 @@ hold them. Bytes are analytic (each input read once, each output written once). 
 a device-to-device copy measured the same way in the same run.
 
     python benchmarks/gpu_table.py [--quick] [--md results.md]
+    python benchmarks/gpu_table.py --cpu-smoke     # tiny shapes on the CPU: keeps the script from rotting
+
+The HybridNorm rows (gpu_table_hybridnorm.py) add qkv_norm_rope and swiglu GB/s, the QKV-norm
+attention against SDPA alone (target <= 1.15x) and the HybridNormBlock against the compiled reference.
 """
 import argparse
 import itertools
@@ -16,11 +20,23 @@ import torch.nn.functional as F
 import fastlayers
 
 
+DEVICE = "cuda"
+
+
 def bench(fn_of_set, sets):
-    """Median time (s) of fn over rotating input sets."""
+    """Median time (s) of fn over rotating input sets (on the CPU smoke run: best of 3 calls)."""
+    it = itertools.cycle(sets)
+    if DEVICE == "cpu":
+        import time
+        fn_of_set(next(it))
+        ts = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn_of_set(next(it))
+            ts.append(time.perf_counter() - t)
+        return min(ts)
     from triton.testing import do_bench
 
-    it = itertools.cycle(sets)
     return do_bench(lambda: fn_of_set(next(it)), warmup=25, rep=100, return_mode="median") * 1e-3
 
 
@@ -29,8 +45,8 @@ def n_sets(nbytes_per_set, l2_bytes):
 
 
 def copy_gbps(l2):
-    n = 256 << 20
-    sets = [(torch.empty(n // 4, device="cuda"), torch.empty(n // 4, device="cuda")) for _ in range(2)]
+    n = (256 << 20) if DEVICE == "cuda" else (4 << 20)
+    sets = [(torch.empty(n // 4, device=DEVICE), torch.empty(n // 4, device=DEVICE)) for _ in range(2)]
     for a, _ in sets:
         a.normal_()
     t = bench(lambda s: s[1].copy_(s[0]), sets)
@@ -39,7 +55,8 @@ def copy_gbps(l2):
 
 def providers():
     av = fastlayers.available_backends()
-    out = [b for b in ("cuda", "triton") if av[b][0]] + ["eager", "compile"]
+    fast = ("cuda", "triton") if DEVICE == "cuda" else ("cpu",)
+    out = [b for b in fast if av[b][0]] + ["eager", "compile"]
     try:
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction  # noqa: F401
         out.append("liger")
@@ -53,7 +70,7 @@ _compiled = {}
 
 def make_fn(provider, op, backward):
     is_rms = op == "rms_norm"
-    if provider in ("cuda", "triton"):
+    if provider in ("cuda", "triton", "cpu"):
         fl = fastlayers.rms_norm if is_rms else fastlayers.layer_norm
 
         def f(x, r, w, b):
@@ -91,18 +108,27 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="one shape per op")
     p.add_argument("--md", help="also write the table as markdown to this file")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (CI: the script still runs)")
     a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("gpu_table.py needs a CUDA GPU")
-    props = torch.cuda.get_device_properties(0)
-    l2 = getattr(props, "L2_cache_size", 50 << 20)
+    global DEVICE
+    if a.cpu_smoke:
+        DEVICE = "cpu"
+        l2, name = 1 << 20, "cpu (smoke run: tiny shapes, timings meaningless)"
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("gpu_table.py needs a CUDA GPU (or --cpu-smoke)")
+        props = torch.cuda.get_device_properties(0)
+        l2 = getattr(props, "L2_cache_size", 50 << 20)
+        name = torch.cuda.get_device_name()
     ceiling = copy_gbps(l2)
-    name = torch.cuda.get_device_name()
-    shapes = [(8192, 4096)] if a.quick else [(t, h) for t in (4096, 8192, 16384) for h in (2048, 4096, 8192)]
+    if a.cpu_smoke:
+        shapes = [(64, 256)]
+    else:
+        shapes = [(8192, 4096)] if a.quick else [(t, h) for t in (4096, 8192, 16384) for h in (2048, 4096, 8192)]
     rows = []
     for op, backward, (tok, hid), dtype in itertools.product(
             ("rms_norm", "layer_norm"), (False, True), shapes, (torch.bfloat16, torch.float32)):
-        if dtype == torch.float32 and (tok, hid) != (8192, 4096):
+        if dtype == torch.float32 and (tok, hid) != shapes[0]:
             continue
         if backward and hid == 2048:
             continue
@@ -111,9 +137,9 @@ def main(argv=None):
         nbytes = (3 + (4 if backward else 0)) * per
         sets = []
         for _ in range(n_sets(nbytes, l2)):
-            x, r = (torch.randn(tok, hid, device="cuda", dtype=dtype, requires_grad=backward) for _ in range(2))
-            w, b = (torch.randn(hid, device="cuda", dtype=dtype, requires_grad=backward) for _ in range(2))
-            sets.append((x, r, w, b, torch.randn(tok, hid, device="cuda", dtype=dtype)))
+            x, r = (torch.randn(tok, hid, device=DEVICE, dtype=dtype, requires_grad=backward) for _ in range(2))
+            w, b = (torch.randn(hid, device=DEVICE, dtype=dtype, requires_grad=backward) for _ in range(2))
+            sets.append((x, r, w, b, torch.randn(tok, hid, device=DEVICE, dtype=dtype)))
         for prov in providers():
             fn = make_fn(prov, op, backward)
             if fn is None:
@@ -130,12 +156,16 @@ def main(argv=None):
             rows.append((op + (" fwd+bwd" if backward else " fwd"), f"{tok}x{hid}", str(dtype)[6:], prov, t * 1e6,
                          gbps, f"{gbps / ceiling:.0%}"))
         del sets
-        torch.cuda.empty_cache()
-    head = ("op", "shape", "dtype", "backend", "time_us", "GB/s", "% of copy")
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    from gpu_table_hybridnorm import hybridnorm_rows
+    rows += hybridnorm_rows(sys.modules[__name__], ceiling, l2, quick=a.quick, smoke=a.cpu_smoke)
+    head = ("op", "shape", "dtype", "backend", "time_us", "GB/s", "% of copy / ratio")
     lines = [f"device: {name}; device-to-device copy ceiling {ceiling:.0f} GB/s; torch {torch.__version__}",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        lines.append("| " + " | ".join([r[0], r[1], r[2], r[3], f"{r[4]:.1f}", f"{r[5]:.0f}", r[6]]) + " |")
+    for r in rows:  # GB/s is NaN where it does not apply (attention, block: the last column says what counts)
+        gb = "-" if r[5] != r[5] else f"{r[5]:.0f}"
+        lines.append("| " + " | ".join([r[0], r[1], r[2], r[3], f"{r[4]:.1f}", gb, r[6]]) + " |")
     text = "\n".join(lines)
     print(text)
     if a.md:

@@ -17,8 +17,9 @@ from .backends import NAMES, load
 _override = contextvars.ContextVar("fastlayers_backend", default=None)
 
 # Per-op default on CUDA tensors, from GPU measurements (benchmarks/RESULTS.md).
-# Ops not listed default to "cuda" when built, else "triton".
-DEFAULT_CUDA = {}
+# Ops not listed default to "cuda" when built, else "triton". The HybridNorm ops have
+# no CUDA C++ kernel (one memory-bound pass each: Triton serves them).
+DEFAULT_CUDA = {"qkv_norm_rope": "triton", "swiglu": "triton"}
 
 
 class BackendUnavailable(RuntimeError):
