@@ -46,7 +46,7 @@ def run(benchmark, fn, nbytes, copy_gbps, rounds=5, **info):
         sync()
 
     call()  # warm-up (and compilation for torch.compile providers)
-    benchmark.pedantic(call, rounds=1 if SMOKE else rounds, iterations=1, warmup_rounds=0 if SMOKE else 1)
+    benchmark.pedantic(call, rounds=1 if SMOKE else rounds, iterations=1, warmup_rounds=0 if SMOKE else 3)
     info.update(bytes=nbytes, copy_gbps=round(copy_gbps, 2), device=DEVICE,
                 device_name=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
                 threads=torch.get_num_threads())
