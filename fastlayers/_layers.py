@@ -113,6 +113,7 @@ class AttentionBase(nn.Module):
         return self
 
     def reset_parameters(self, n_layers=1):
+        self._make_rope(self.rope_cos.device)  # also after meta-device construction + to_empty()
         std = math.sqrt(2 / (5 * self.dim))
         trunc_normal_(self.qkv.weight, std)
         trunc_normal_(self.o.weight, std / math.sqrt(2 * n_layers))

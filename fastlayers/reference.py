@@ -187,3 +187,139 @@ class HybridNormLM(_layers.LMBase):
             x = blk(x, None if cache is None else cache[i])
         logits = F.linear(rms_norm(x, self.norm.weight, self.eps), self.head_weight())
         return logits, (None if labels is None else self.loss(logits, labels))
+
+
+# ----------------------------------------------------------------------------- selective scans (Mamba)
+def _softplus_dt(dt, bias, softplus):
+    if bias is not None:
+        dt = dt + bias.to(dt.dtype)
+    return F.softplus(dt) if softplus else dt
+
+
+def _expand_groups(t, n_out, dim):
+    """Repeat each of G groups along ``dim`` so that it has ``n_out`` entries (G divides n_out)."""
+    g = t.shape[dim]
+    return t if g == n_out else t.repeat_interleave(n_out // g, dim=dim)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False):
+    """Mamba-1 selective scan, mamba_ssm's ``selective_scan_ref`` semantics, computed in fp32
+    (fp64 for fp64) step by step:
+
+        delta = softplus(delta + delta_bias)            (each part optional)
+        x_t = exp(delta_t A) * x_{t-1} + delta_t B_t u_t,   y_t = <x_t, C_t> + D u_t,   out = y * silu(z)
+
+    u, delta, z ``(batch, dim, L)``; A ``(dim, N)``; B, C ``(dim, N)`` (time-invariant),
+    ``(batch, N, L)`` or ``(batch, G, N, L)`` (G groups of dim / G channels); D, delta_bias ``(dim,)``.
+    Returns out ``(batch, dim, L)`` in u's dtype, and the last state ``(batch, dim, N)`` (fp32) when asked.
+    """
+    acc = stat_dtype(u.dtype)
+    b, d, L = u.shape
+    uf, dt = u.to(acc), _softplus_dt(delta.to(acc), None if delta_bias is None else delta_bias[:, None].to(acc),
+                                     delta_softplus)
+    Af = A.to(acc)
+
+    def per_step(M):  # -> (batch, dim, N, L) view or (dim, N) constant
+        M = M.to(acc)
+        if M.dim() == 2:
+            return M[None, :, :, None]
+        if M.dim() == 3:
+            return M[:, None]
+        return _expand_groups(M, d, 1)
+
+    Bt, Ct = per_step(B), per_step(C)
+    x = torch.zeros(b, d, A.shape[1], dtype=acc, device=u.device)
+    ys = []
+    for t in range(L):
+        bt = Bt[..., t] if Bt.shape[-1] == L and B.dim() > 2 else Bt[..., 0]
+        ct = Ct[..., t] if Ct.shape[-1] == L and C.dim() > 2 else Ct[..., 0]
+        x = torch.exp(dt[:, :, t, None] * Af) * x + (dt[:, :, t] * uf[:, :, t])[..., None] * bt
+        ys.append((x * ct).sum(-1))
+    y = torch.stack(ys, dim=-1) if L else uf.new_zeros(b, d, 0)
+    if D is not None:
+        y = y + uf * D.to(acc)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    out = y.to(u.dtype)
+    return (out, x) if return_last_state else out
+
+
+def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
+             dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False):
+    """Mamba-2 scan, ``mamba_chunk_scan_combined``'s semantics as the plain recurrence in fp32
+    (``chunk_size`` does not change the result, only how the fast kernels tile it):
+
+        dt = clamp(softplus(dt + dt_bias), *dt_limit)      (each part optional)
+        s_t = exp(dt_t A_h) s_{t-1} + dt_t x_t B_t^T,   y_t = s_t C_t + D x_t,   y *= silu(z)
+
+    x, z ``(b, l, h, p)``; dt ``(b, l, h)``; A ``(h,)``; B, C ``(b, l, g, n)`` (g divides h: head i
+    uses group i // (h / g)); D ``(h, p)`` or ``(h,)``; dt_bias ``(h,)``; initial/final states
+    ``(b, h, p, n)``. ``seq_idx`` ``(b, l)`` int: where it changes, the state restarts from zero
+    (packed sequences do not leak into each other; ``initial_states`` seed position 0).
+    Returns y ``(b, l, h, p)`` in x's dtype, and the final states (fp32) when asked.
+    """
+    acc = stat_dtype(x.dtype)
+    b, L, h, p = x.shape
+    n = B.shape[-1]
+    xf = x.to(acc)
+    dtf = _softplus_dt(dt.to(acc), dt_bias, dt_softplus)
+    if tuple(dt_limit) != (0.0, float("inf")):
+        dtf = dtf.clamp(min=dt_limit[0], max=dt_limit[1])
+    Bf, Cf = _expand_groups(B.to(acc), h, 2), _expand_groups(C.to(acc), h, 2)  # (b, l, h, n)
+    Af = A.to(acc)
+    s = (initial_states.to(acc).clone() if initial_states is not None
+         else torch.zeros(b, h, p, n, dtype=acc, device=x.device))
+    ys = []
+    for t in range(L):
+        if seq_idx is not None and t > 0:
+            same = (seq_idx[:, t] == seq_idx[:, t - 1]).to(acc)[:, None, None, None]
+            s = s * same
+        decay = torch.exp(dtf[:, t] * Af)[:, :, None, None]                      # (b, h, 1, 1)
+        s = decay * s + (dtf[:, t, :, None] * xf[:, t])[..., None] * Bf[:, t, :, None, :]
+        ys.append((s * Cf[:, t, :, None, :]).sum(-1))                            # (b, h, p)
+    y = torch.stack(ys, dim=1) if L else xf.new_zeros(b, 0, h, p)
+    if D is not None:
+        Df = D.to(acc)
+        y = y + xf * (Df[:, None] if Df.dim() == 1 else Df)
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    out = y.to(x.dtype)
+    return (out, s) if return_final_states else out
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                           state_batch_indices=None):
+    """One decode step of the Mamba scan, mamba_ssm's ``selective_state_update_ref`` semantics; updates
+    ``state`` in place and returns out.
+
+    Without heads: state ``(batch, dim, N)``, x, dt, z ``(batch, dim)``, A ``(dim, N)``, B, C
+    ``(batch, N)``, D, dt_bias ``(dim,)``. With heads: state ``(batch, H, dim, N)``, x, dt, z
+    ``(batch, H, dim)``, A ``(H, dim, N)``, B, C ``(batch, G, N)``, D, dt_bias ``(H, dim)``.
+    ``state_batch_indices`` ``(batch,)``: row i of the batch uses ``state[state_batch_indices[i]]``.
+    """
+    heads = state.dim() == 4
+    if not heads:
+        state_v = state[:, None]
+        x, dt, A, B, C = x[:, None], dt[:, None], A[None], B[:, None], C[:, None]
+        z = None if z is None else z[:, None]
+        D = None if D is None else D[None]
+        dt_bias = None if dt_bias is None else dt_bias[None]
+    else:
+        state_v = state
+    acc = torch.float64 if state.dtype == torch.float64 else torch.float32
+    idx = state_batch_indices if state_batch_indices is not None else torch.arange(x.shape[0],
+                                                                                  device=x.device)
+    s = state_v[idx].to(acc)                                                     # (batch, H, dim, N)
+    h = x.shape[1]
+    dtf = _softplus_dt(dt.to(acc), dt_bias, dt_softplus)                         # (batch, H, dim)
+    Bf, Cf = _expand_groups(B.to(acc), h, 1), _expand_groups(C.to(acc), h, 1)  # (batch, H, N)
+    s = torch.exp(dtf[..., None] * A.to(acc)) * s + (dtf * x.to(acc))[..., None] * Bf[:, :, None, :]
+    out = (s * Cf[:, :, None, :]).sum(-1)
+    if D is not None:
+        out = out + x.to(acc) * D.to(acc)
+    if z is not None:
+        out = out * F.silu(z.to(acc))
+    state_v[idx] = s.to(state.dtype)
+    out = out.to(x.dtype)
+    return out if heads else out[:, 0]

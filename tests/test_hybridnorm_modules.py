@@ -185,6 +185,18 @@ def test_rope_tables_stay_fp32():
     torch.testing.assert_close(m.rope_cos, cos, rtol=0, atol=0)
 
 
+def test_meta_device_construction():
+    """HybridNormLM(device="meta") -> to_empty -> reset_parameters gives real RoPE tables and weights."""
+    m = fastlayers.HybridNormLM(30, 32, 2, 4, max_seq_len=16, device="meta")
+    m = m.to_empty(device="cpu")
+    m.reset_parameters()
+    cos, sin = reference.rope_tables(8, 16, 500000.0)
+    for blk in m.blocks:
+        torch.testing.assert_close(blk.attn.rope_cos, cos, rtol=0, atol=0)
+        torch.testing.assert_close(blk.attn.rope_sin, sin, rtol=0, atol=0)
+    assert torch.isfinite(m(torch.randint(0, 30, (1, 5)))[0]).all()
+
+
 def test_initialisation():
     """Truncated normal (±3σ), σ = sqrt(2 / (5 dim)); W_o and W_down scaled by 1/sqrt(2 n_layers); gains 1."""
     dim, n_layers = 256, 8

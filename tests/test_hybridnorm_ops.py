@@ -155,10 +155,10 @@ def test_qkv_norm_rope_packed_grad(device, backend, which):
         with fastlayers.use_backend(backend):
             if packed:
                 outs = fastlayers.qkv_norm_rope_packed(x, hq, hkv, *wl, cos, sin, 1e-5, 2)
-            else:
+            else:  # three separate tensors: the per-tensor path, whose gradients autograd sums into x
                 xv = x.view(b, t, hq + 2 * hkv, d)
-                outs = fastlayers.qkv_norm_rope(xv[:, :, :hq], xv[:, :, hq:hq + hkv], xv[:, :, hq + hkv:], *wl,
-                                                cos, sin, 1e-5, 2)
+                outs = fastlayers.qkv_norm_rope(xv[:, :, :hq].clone(), xv[:, :, hq:hq + hkv].clone(),
+                                                xv[:, :, hq + hkv:].clone(), *wl, cos, sin, 1e-5, 2)
         sum((o * dd).sum() for o, dd in zip(outs, douts)).backward()
         return [o.detach() for o in outs], [x.grad] + [None if w is None else w.grad for w in wl]
 
@@ -170,6 +170,76 @@ def test_qkv_norm_rope_packed_grad(device, backend, which):
             assert a is None
         else:
             assert_rel_err(a, b_, 1e-6, "packed grad")
+
+
+@pytest.mark.parametrize("device,backend", FAST_CASES)
+def test_qkv_norm_rope_view_leaves_and_no_grad_views(device, backend):
+    """Views are routed to the one-buffer gradient only when autograd tracks them to a base that needs it:
+    views made leaves (requires_grad_) get their own gradients; views taken under no_grad send none back."""
+    b, t, hq, hkv, d = 1, 3, 2, 1, 8
+    g = _gen("leaves")
+    ws = [w.requires_grad_() for w in _weights(d, torch.float32, device, g)]
+    cos, sin = reference.rope_tables(d, 8, 100.0, device)
+    qkv, q, k, v = _packed(b, t, hq, hkv, d, torch.float32, device, g)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    with fastlayers.use_backend(backend):
+        outs = fastlayers.qkv_norm_rope(q, k, v, *ws, cos, sin)
+    sum(o.sum() for o in outs).backward()
+    refs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    sum(o.sum() for o in reference.qkv_norm_rope(*refs, *[w.detach() for w in ws], cos, sin)).backward()
+    for a, r in zip((q, k, v), refs):
+        assert a.grad is not None
+        assert_rel_err(a.grad, r.grad, 1e-5, "leaf view grad")
+
+    base = torch.randn(b, t, (hq + 2 * hkv) * d, generator=g).to(device).requires_grad_()
+    with torch.no_grad():
+        x = base.view(b, t, hq + 2 * hkv, d)
+        q, k, v = x[:, :, :hq], x[:, :, hq:hq + hkv], x[:, :, hq + hkv:]
+    with fastlayers.use_backend(backend):
+        outs = fastlayers.qkv_norm_rope(q, k, v, *ws, cos, sin)
+    sum(o.sum() for o in outs).backward()
+    assert base.grad is None, "views taken under no_grad must not send a gradient to their base"
+
+
+@pytest.mark.parametrize("device,backend", FAST_CASES)
+def test_qkv_norm_rope_strided_weights_and_odd_head_dim(device, backend):
+    b, t, hq, hkv = 2, 3, 2, 1
+    g = _gen("odd")
+    _, q, k, v = _packed(b, t, hq, hkv, 8, torch.float32, device, g)
+    ws = [torch.randn(16, generator=g).to(device)[::2] for _ in range(3)]  # non-contiguous gains
+    cos, sin = reference.rope_tables(8, 8, 100.0, device)
+    with fastlayers.use_backend(backend):
+        out = fastlayers.qkv_norm_rope(q, k, v, *ws, cos, sin)
+    hi, lo = _qkv_refs(q, k, v, ws, cos, sin, 1e-5, 0)
+    for name, o, h, l_ in zip("qkv", out, hi, lo):
+        assert_close_to_ref(o, h, l_, name)
+    _, q, k, v = _packed(b, t, hq, hkv, 7, torch.float32, device, g)
+    ws = _weights(7, torch.float32, device, g)
+    with fastlayers.use_backend(backend):
+        if backend == "triton":
+            with pytest.raises(ValueError, match="even head_dim"):
+                fastlayers.qkv_norm_rope(q, k, v, *ws, None, None)
+            return
+        out = fastlayers.qkv_norm_rope(q, k, v, *ws, None, None)  # norm only: any head_dim
+    hi, lo = _qkv_refs(q, k, v, ws, None, None, 1e-5, 0)
+    for name, o, h, l_ in zip("qkv", out, hi, lo):
+        assert_close_to_ref(o, h, l_, name)
+
+
+def test_qkv_norm_rope_compiled_offset_out_of_range():
+    """Under torch.compile the wrapper cannot read tensor offsets: the custom op checks them."""
+    g = _gen("compile-offset")
+    _, q, k, v = _packed(2, 4, 2, 1, 8, torch.float32, "cpu", g)
+    ws = _weights(8, torch.float32, "cpu", g)
+    cos, sin = reference.rope_tables(8, 16, 100.0)
+
+    def f(offset):
+        return fastlayers.qkv_norm_rope(q, k, v, *ws, cos, sin, 1e-5, offset)[0]
+
+    fc = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fc(torch.tensor([1, 12])), f(torch.tensor([1, 12])))
+    with pytest.raises(Exception, match="positions offset"):
+        fc(torch.tensor([1, 13]))
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

@@ -5,17 +5,29 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <tuple>
 #include <omp.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include "hybridnorm.h"
 #include "norm.h"
+#include "scan.h"
 
 namespace py = pybind11;
 using namespace fastlayers;
 
 static inline void* P(uintptr_t p) { return reinterpret_cast<void*>(p); }
+
+// A strided tensor view from Python: (address, dtype code, 4 strides in elements); address 0 = absent.
+using PyView = std::tuple<uintptr_t, int, std::array<int64_t, 4>>;
+static View4 view4(const PyView& v, const char* what, bool required) {
+  View4 r{P(std::get<0>(v)), std::get<1>(v), {0, 0, 0, 0}};
+  if (r.p || required) check_dtype(r.dt, what, true);
+  if (required && !r.p) throw std::invalid_argument(std::string("fastlayers: missing ") + what);
+  for (int i = 0; i < 4; ++i) r.s[i] = std::get<2>(v)[i];
+  return r;
+}
 
 static void check_norm_dtypes(int x_dt, int r_dt, int w_dt, int b_dt, int y_dt, int h_dt, bool has_r, bool has_b,
                               bool has_h) {
@@ -122,6 +134,22 @@ PYBIND11_MODULE(_C, m) {
           cpu::swiglu_fwd(a, P(workspace), parts);
       },
       "SwiGLU forward (dout = 0) or backward over (M, F) rows.");
+
+  m.def(
+      "selective_state_update",
+      [](const PyView& state, const PyView& x, const PyView& dt, const PyView& A, const PyView& B, const PyView& C,
+         const PyView& D, const PyView& z, const PyView& dt_bias, const PyView& out, uintptr_t idx, int64_t batch,
+         int64_t H, int64_t Pdim, int64_t N, int64_t G, bool softplus, uintptr_t workspace, int parts) {
+        if (parts < 1) throw std::invalid_argument("fastlayers: parts must be >= 1");
+        if (G < 1 || H % G) throw std::invalid_argument("fastlayers: the number of groups must divide the heads");
+        StateUpdateArgs a{view4(state, "state", true), view4(x, "x", true), view4(dt, "dt", true),
+                          view4(A, "A", true), view4(B, "B", true), view4(C, "C", true), view4(D, "D", false),
+                          view4(z, "z", false), view4(dt_bias, "dt_bias", false), view4(out, "out", true),
+                          static_cast<const int64_t*>(P(idx)), batch, H, Pdim, N, G, softplus};
+        py::gil_scoped_release nogil;
+        cpu::selective_state_update(a, P(workspace), parts);
+      },
+      "One decode step of the Mamba scan, state updated in place (see StateUpdateArgs).");
 
   m.def("max_threads", []() { return omp_get_max_threads(); });
 

@@ -202,8 +202,8 @@ FL_INLINE void split_rows(int64_t M, int parts, int t, int64_t* r0, int64_t* r1)
 // exp(x) in float from arithmetic and bit operations only, so that `omp simd`
 // loops vectorise (libm's expf does not without -ffast-math; the selects need
 // -fno-trapping-math, set for the whole module): Cody-Waite range reduction and
-// Cephes' degree-6 polynomial, ~1 ulp. exp overflows to inf above 88.72 and is
-// flushed to 0 below -87.3 (where it would be denormal); NaN stays NaN.
+// Cephes' degree-6 polynomial, ~1 ulp. Returns inf above 88.72 and exp(88.3) on
+// (88.3, 88.72]; flushed to 0 below -87.3 (where it would be denormal); NaN stays NaN.
 FL_INLINE float exp_f32(float x) {
   float xc = x > 88.3f ? 88.3f : x;
   xc = xc < -87.3f ? -87.3f : xc;

@@ -68,6 +68,22 @@ Contract for the HybridNorm kernels (``head_norm_rope_*``, ``swiglu_*``)
     dgate     (M, F) output: dout * up * s * (1 + gate * (1 - s)), s = sigmoid(gate)
     dup       (M, F) output: dout * silu(gate)
               (dgate and dup may be the two halves of one fused (M, 2F) buffer)
+
+Contract for the Mamba decode step (``selective_state_update``)
+----------------------------------------------------------------
+``selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, out, state_batch_indices, dt_softplus)``
+    Head form only (the op adds a head dim of 1 for mamba-1 shapes); every tensor may have any
+    strides, including 0 (mamba-2 passes A, dt, D, dt_bias expanded over head_dim).
+    state     (S, H, P, N) updated in place; fp32/fp16/bf16 (fp64 on cpu); its dtype sets the
+              accumulation (fp64 for fp64, else fp32)
+    x, dt, z  (batch, H, P); z may be None
+    A         (H, P, N)
+    B, C      (batch, G, N); head h uses group h // (H / G)
+    D, dt_bias (H, P) or None
+    out       (batch, H, P) output, dtype of x
+    state_batch_indices (batch,) int64 contiguous or None: row i updates state[indices[i]]
+  dt' = softplus(dt + dt_bias) (softplus only with dt_softplus); s = exp(dt' A) s + dt' x B;
+  out = sum_n s C + D x; out *= silu(z).
 """
 import importlib
 

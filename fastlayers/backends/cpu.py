@@ -81,3 +81,21 @@ def swiglu_fwd(gate, up, out):
 
 def swiglu_bwd(dout, gate, up, dgate, dup):
     _swiglu(gate, up, dout, dgate, dup)
+
+
+def _view4(t):
+    """(address, dtype code, 4 strides) of a tensor of up to 4 dims; (0, -1, zeros) for None."""
+    if t is None:
+        return (0, -1, (0, 0, 0, 0))
+    st = tuple(t.stride()) + (0,) * (4 - t.dim())
+    return (t.data_ptr(), code(t), st)
+
+
+def selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, out, state_batch_indices, dt_softplus):
+    batch, H, P = x.shape
+    N, G = state.shape[-1], B.shape[1]
+    parts = _parts(batch * H * P)
+    ws = torch.empty(parts * 4 * N, dtype=stat_dtype(state.dtype))
+    _C.selective_state_update(_view4(state), _view4(x), _view4(dt), _view4(A), _view4(B), _view4(C), _view4(D),
+                              _view4(z), _view4(dt_bias), _view4(out), ptr(state_batch_indices), batch, H, P, N, G,
+                              bool(dt_softplus), ws.data_ptr(), parts)

@@ -497,9 +497,14 @@ def aot_compile(cc, full=False):
 
     target = GPUTarget("cuda", int(cc), 32)
     kernels = []
-    from .triton_hybridnorm import AOT_KERNELS, aot_variants
-    kernel_of = {"fwd": _norm_fwd_kernel, "bwd": _norm_bwd_kernel, **AOT_KERNELS}
-    for kind, arg_names, tensors, ints, meta, num_warps, what in _aot_variants(full) + aot_variants(full):
+    from . import triton_hybridnorm, triton_scan
+    families = (triton_hybridnorm, triton_scan)
+    kernel_of = {"fwd": _norm_fwd_kernel, "bwd": _norm_bwd_kernel}
+    variants = _aot_variants(full)
+    for fam in families:
+        kernel_of.update(fam.AOT_KERNELS)
+        variants += fam.aot_variants(full)
+    for kind, arg_names, tensors, ints, meta, num_warps, what in variants:
         fn = kernel_of[kind]
         signature, constexprs, attrs = {}, {}, {}
         for i, name in enumerate(arg_names):
@@ -539,3 +544,4 @@ def aot_compile(cc, full=False):
 # Defined (without their kernels) even when triton is missing, like the functions above.
 from .triton_hybridnorm import (head_norm_rope_fwd, head_norm_rope_bwd_parts, head_norm_rope_bwd,  # noqa: E402,F401
                                 swiglu_fwd, swiglu_bwd)
+from .triton_scan import selective_state_update  # noqa: E402,F401

@@ -143,6 +143,10 @@ def _packed_base(q, k, v):
     base = q._base
     if base is None or k._base is not base or v._base is not base or not base.is_contiguous():
         return None
+    # Only views that autograd tracks back to a base that needs the gradient (not views taken under
+    # no_grad, nor views turned into leaves with requires_grad_()).
+    if not base.requires_grad or any(t.grad_fn is None for t in (q, k, v)):
+        return None
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     if base.numel() != b * t * (hq + 2 * hkv) * d:
@@ -162,11 +166,23 @@ def _split_packed(qkv, hq, hkv):
 
 
 # ----------------------------------------------------------------------------- custom ops (torch.compile)
+def _check_offsets_op(q, cos, offsets):
+    """Inside the custom ops (real tensors; the traced wrapper cannot look at tensor values):
+    the kernels index cos/sin at offsets[b] + t without bounds checks."""
+    if cos is None or q.shape[0] == 0 or q.shape[1] == 0:
+        return
+    lo, hi = int(offsets.min()), int(offsets.max())
+    if lo < 0 or hi + q.shape[1] > cos.shape[0]:
+        raise ValueError(f"fastlayers.qkv_norm_rope: positions offset + t reach {hi + q.shape[1] - 1} (offsets "
+                         f"{lo}..{hi}) but cos/sin hold {cos.shape[0]} positions")
+
+
 @torch.library.custom_op("fastlayers::qkv_norm_rope_fwd", mutates_args=())
 def _qkv_fwd_op(q: Tensor, k: Tensor, v: Tensor, qw: Optional[Tensor], kw: Optional[Tensor], vw: Optional[Tensor],
                 cos: Optional[Tensor], sin: Optional[Tensor], offsets: Optional[Tensor], eps: float,
                 backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """(q_out, k_out, v_out); v_out is empty when vw is None (v passes through untouched)."""
+    _check_offsets_op(q, cos, offsets)
     qo, ko, vo = _qkv_fwd(q, k, v, qw, kw, vw, cos, sin, offsets, eps, backend)
     return qo, ko, (v.new_empty(0) if vo is None else vo)
 
@@ -182,6 +198,7 @@ def _qkv_bwd_op(dqo: Tensor, dko: Tensor, dvo: Optional[Tensor], q: Tensor, k: T
                 sin: Optional[Tensor], offsets: Optional[Tensor], eps: float,
                 backend: str) -> List[Tensor]:
     """[dq, dk, dv, dqw, dkw, dvw]; entries for absent inputs are empty."""
+    _check_offsets_op(q, cos, offsets)
     res = _qkv_bwd(dqo, dko, dvo, q, k, v, qw, kw, vw, cos, sin, offsets, eps, backend)
     return [q.new_empty(0) if g is None else g for g in res]
 
@@ -310,7 +327,11 @@ def qkv_norm_rope(q, k, v, q_weight, k_weight, v_weight, cos, sin, eps=1e-5, off
     d = q.shape[-1]
     cos_t, sin_t = _tables(cos, sin, d, stat_dtype(q.dtype))
     offs = _offsets(offset, q.shape[0], q.device) if cos is not None else None
+    if backend == "triton" and d % 2:
+        raise ValueError(f"fastlayers.{op}: the triton kernels need an even head_dim; got {d} "
+                         f"(the cpu and reference backends take any head_dim without RoPE)")
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
+    q_weight, k_weight, v_weight = (None if w is None else w.contiguous() for w in (q_weight, k_weight, v_weight))
     args = (q, k, v, q_weight, k_weight, v_weight, cos_t, sin_t, offs, float(eps), backend)
     if torch.compiler.is_compiling():
         qo, ko, vo = torch.ops.fastlayers.qkv_norm_rope_fwd(*args)
@@ -336,9 +357,7 @@ def qkv_norm_rope_packed(qkv, n_heads, n_kv_heads, q_weight, k_weight, v_weight,
     if qkv.dim() != 3 or n_heads <= 0 or n_kv_heads <= 0 or qkv.shape[-1] % per:
         raise ValueError(f"fastlayers.{op}: qkv must be (batch, seqlen, (n_heads + 2 n_kv_heads) * head_dim) with "
                          f"n_heads={n_heads}, n_kv_heads={n_kv_heads}; got shape {tuple(qkv.shape)}")
-    qkv = _last_contig(qkv)
-    if qkv.shape[0] > 1 and qkv.stride(0) != qkv.shape[1] * qkv.stride(1) or qkv.stride(1) < qkv.shape[2]:
-        qkv = qkv.contiguous()
+    qkv = _last_contig(qkv)  # any batch/time strides: the kernels take them as they are
     q, k, v = _split_packed(qkv, n_heads, n_kv_heads)
     backend = resolve(op, qkv.device)
     if (backend == "reference" or torch.compiler.is_compiling()
@@ -347,6 +366,9 @@ def qkv_norm_rope_packed(qkv, n_heads, n_kv_heads, q_weight, k_weight, v_weight,
         return qo, ko, (vo.contiguous() if v_weight is None else vo)
     _check_qkv(op, q, k, v, q_weight, k_weight, v_weight, cos, sin, eps, offset)
     _check_backend_dtype(op, backend, qkv.dtype)
+    if backend == "triton" and q.shape[-1] % 2:
+        raise ValueError(f"fastlayers.{op}: the triton kernels need an even head_dim; got {q.shape[-1]}")
+    q_weight, k_weight, v_weight = (None if w is None else w.contiguous() for w in (q_weight, k_weight, v_weight))
     cos_t, sin_t = _tables(cos, sin, q.shape[-1], stat_dtype(qkv.dtype))
     offs = _offsets(offset, q.shape[0], q.device) if cos is not None else None
     return _QKVNormRopePacked.apply(qkv, n_heads, n_kv_heads, q_weight, k_weight, v_weight, cos_t, sin_t, offs,
@@ -466,7 +488,7 @@ def swiglu(gate, up=None):
             raise TypeError(f"fastlayers.{op}: gate and up must share one dtype; got {gate.dtype} and {up.dtype}")
         check_same_device(op, gate, up=up)
     backend = resolve(op, gate.device)
-    if backend == "reference":
+    if backend == "reference" or gate.numel() == 0:
         return reference.swiglu(gate, up)
     _check_backend_dtype(op, backend, gate.dtype)
     if fused:

@@ -99,4 +99,20 @@ struct SwigluArgs {
   int64_t M, F;
 };
 
+// A strided view of up to 4 dims (strides in elements; a stride may be 0 for a broadcast).
+struct View4 {
+  void* p; int dt; int64_t s[4];
+};
+
+// One decode step of the Mamba scan over (batch, H, P) rows of N states:
+//   s = exp(dt A) s + dt x B;  out = <s, C> + D x;  out *= silu(z)
+// state (S, H, P, N) updated in place at row idx[i] (idx null: i); x, dt, z, out (batch, H, P);
+// A (H, P, N); B, C (batch, G, N) with head h using group h / (H / G); D, dt_bias (H, P).
+struct StateUpdateArgs {
+  View4 state, x, dt, A, B, C, D, z, dt_bias, out;  // D, z, dt_bias: p == null when absent
+  const int64_t* idx;
+  int64_t batch, H, P, N, G;
+  bool softplus;
+};
+
 }  // namespace fastlayers
