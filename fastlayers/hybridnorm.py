@@ -44,6 +44,11 @@ def causal_attention(q, k, v):
     else:
         i = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
         mask, causal = torch.arange(tk, device=q.device)[None, :] <= i, False
+    if gqa and q.is_cuda and (mask is not None or q.dtype not in (torch.float16, torch.bfloat16)):
+        # On CUDA only the flash backend takes enable_gqa (fp16/bf16, no mask); elsewhere it would drop to
+        # the math backend, so repeat the k/v heads and let the efficient/cuDNN kernels run.
+        rep = q.shape[2] // k.shape[2]
+        k, v, gqa = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2), False
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                        is_causal=causal, enable_gqa=gqa)
     return o.transpose(1, 2)
