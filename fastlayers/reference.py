@@ -323,3 +323,36 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     state_v[idx] = s.to(state.dtype)
     out = out.to(x.dtype)
     return out if heads else out[:, 0]
+
+
+# ----------------------------------------------------------------------------- MLA decoding
+def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale=None, causal=False):
+    """Attention of new queries over a paged latent cache (FlashMLA's ``flash_mla_with_kvcache`` layout):
+    gather each sequence's pages, scores in fp32, softmax, values = the first ``head_dim_v`` channels.
+
+    q ``(B, s_q, H, D)``; kv_cache ``(num_blocks, page_size, 1, D)``; block_table ``(B, max_blocks)``
+    int32; cache_seqlens ``(B,)`` int32 (the cache already holds the new tokens). With ``causal`` the
+    s_q queries are the last s_q positions and query i sees keys ``<= L - s_q + i``. Returns
+    ``out`` ``(B, s_q, H, head_dim_v)`` in q's dtype and ``lse`` ``(B, H, s_q)`` fp32; a sequence of
+    length 0 (or a causal query that sees no key) gives out 0 and lse -inf."""
+    acc = stat_dtype(q.dtype)
+    b, sq, h, d = q.shape
+    page = kv_cache.shape[1]
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    out = torch.zeros(b, sq, h, head_dim_v, dtype=acc, device=q.device)
+    lse = torch.full((b, h, sq), float("-inf"), dtype=acc, device=q.device)
+    for i in range(b):
+        n = int(cache_seqlens[i])
+        if n == 0:
+            continue
+        pages = block_table[i, : (n + page - 1) // page].long()
+        kv = kv_cache[pages, :, 0].reshape(-1, d)[:n].to(acc)                  # (n, D)
+        s = torch.einsum("qhd,nd->hqn", q[i].to(acc), kv) * scale                # (H, s_q, n)
+        if causal and sq > 1:
+            pos = torch.arange(sq, device=q.device)[:, None] + (n - sq)
+            s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > pos, float("-inf"))
+        lse[i] = torch.logsumexp(s, dim=-1)
+        # A query that sees no key (causal, fewer cached tokens than queries) gets out 0, lse -inf.
+        p = torch.where(lse[i, :, :, None] == float("-inf"), 0.0, torch.softmax(s, dim=-1))
+        out[i] = torch.einsum("hqn,nv->qhv", p, kv[:, :head_dim_v])
+    return out.to(q.dtype), lse.float() if acc != torch.float64 else lse

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "hybridnorm.h"
+#include "mla.h"
 #include "norm.h"
 #include "scan.h"
 
@@ -150,6 +151,29 @@ PYBIND11_MODULE(_C, m) {
         cpu::selective_state_update(a, P(workspace), parts);
       },
       "One decode step of the Mamba scan, state updated in place (see StateUpdateArgs).");
+
+  m.def("mla_decode_workspace", &cpu::mla_decode_workspace,
+        "Accumulators per thread of mla_decode for (rows = s_q * H, D, dv).");
+  m.def(
+      "mla_decode",
+      [](uintptr_t q, S3 qs, int q_dt, uintptr_t kv, int64_t kv_sblock, int64_t kv_srow, int kv_dt,
+         uintptr_t block_table, int64_t bt_stride, uintptr_t seqlens, uintptr_t o_part, uintptr_t lse_part,
+         uintptr_t out, int out_dt, uintptr_t lse, int64_t B, int64_t s_q, int64_t H, int64_t D, int64_t dv,
+         int64_t page, int64_t n_splits, int64_t split_tokens, double scale, bool causal, uintptr_t workspace,
+         int parts) {
+        check_dtype(q_dt, "q", true);
+        check_dtype(kv_dt, "kv_cache", true);
+        check_dtype(out_dt, "out", true);
+        if (parts < 1 || n_splits < 1 || split_tokens < 1 || page < 1)
+          throw std::invalid_argument("fastlayers: mla_decode needs parts, n_splits, split_tokens, page >= 1");
+        MlaDecodeArgs a{P(q), qs[0], qs[1], qs[2], q_dt, P(kv), kv_sblock, kv_srow, kv_dt,
+                        static_cast<const int32_t*>(P(block_table)), bt_stride,
+                        static_cast<const int32_t*>(P(seqlens)), P(o_part), P(lse_part), P(out), out_dt, P(lse),
+                        B, s_q, H, D, dv, page, n_splits, split_tokens, scale, causal};
+        py::gil_scoped_release nogil;
+        cpu::mla_decode(a, P(workspace), parts);
+      },
+      "MLA decoding over a paged latent cache, split-KV (see MlaDecodeArgs).");
 
   m.def("max_threads", []() { return omp_get_max_threads(); });
 

@@ -84,6 +84,23 @@ Contract for the Mamba decode step (``selective_state_update``)
     state_batch_indices (batch,) int64 contiguous or None: row i updates state[indices[i]]
   dt' = softplus(dt + dt_bias) (softplus only with dt_softplus); s = exp(dt' A) s + dt' x B;
   out = sum_n s C + D x; out *= silu(z).
+
+Contract for MLA decoding (``mla_decode*``)
+--------------------------------------------
+``mla_decode_splits(batch, max_len, device) -> (n_splits, split_tokens)``: the KV split the backend wants.
+``mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causal, split_tokens, out, lse,
+             o_part, lse_part)``
+    q          (B, s_q, H, D), any strides with the last dim contiguous; fp32/fp16/bf16 (fp64 on cpu)
+    kv_cache   (num_blocks, page_size, 1, D), last dim contiguous, dtype of q; the first head_dim_v
+               channels of a row are also its value
+    block_table (B, max_blocks) int32, last dim contiguous; cache_seqlens (B,) int32 contiguous
+               (the caller checked that every sequence fits its blocks)
+    out        (B, s_q, H, head_dim_v) contiguous output, dtype of q
+    lse        (B, H, s_q) contiguous output, stat dtype (fp32; fp64 for fp64)
+    o_part, lse_part (B, n_splits, s_q, H, head_dim_v) and (B, n_splits, s_q, H) stat-dtype workspaces:
+               split s covers tokens [s * split_tokens, (s + 1) * split_tokens)
+  Scores (q . k) * scale in fp32; with ``causal`` query i sees keys <= seqlen - s_q + i. A query that
+  sees no key: out 0, lse -inf.
 """
 import importlib
 

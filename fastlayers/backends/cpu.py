@@ -99,3 +99,24 @@ def selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, out, state_batc
     _C.selective_state_update(_view4(state), _view4(x), _view4(dt), _view4(A), _view4(B), _view4(C), _view4(D),
                               _view4(z), _view4(dt_bias), _view4(out), ptr(state_batch_indices), batch, H, P, N, G,
                               bool(dt_softplus), ws.data_ptr(), parts)
+
+
+def mla_decode_splits(batch, max_len, device):
+    """(n_splits, split_tokens): enough (sequence, split) tasks to keep every thread busy, >= 256 tokens each."""
+    want = 4 * torch.get_num_threads()
+    n_splits = max(1, min(-(-want // max(batch, 1)), -(-max_len // 256)))
+    split = max(1, -(-max_len // n_splits))
+    return n_splits, -(-split // 32) * 32
+
+
+def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causal, split_tokens, out, lse, o_part,
+               lse_part):
+    B, s_q, H, D = q.shape
+    n_splits = o_part.shape[1]
+    parts = max(1, min(torch.get_num_threads(), B * n_splits))
+    per = _C.mla_decode_workspace(s_q * H, D, head_dim_v)
+    ws = torch.empty(parts * per, dtype=stat_dtype(q.dtype))
+    _C.mla_decode(ptr(q), _s3(q), code(q), ptr(kv_cache), kv_cache.stride(0), kv_cache.stride(1), code(kv_cache),
+                  ptr(block_table), block_table.stride(0), ptr(cache_seqlens), ptr(o_part), ptr(lse_part), ptr(out),
+                  code(out), ptr(lse), B, s_q, H, D, head_dim_v, kv_cache.shape[1], n_splits, split_tokens,
+                  float(scale), bool(causal), ws.data_ptr(), parts)

@@ -545,3 +545,4 @@ def aot_compile(cc, full=False):
 from .triton_hybridnorm import (head_norm_rope_fwd, head_norm_rope_bwd_parts, head_norm_rope_bwd,  # noqa: E402,F401
                                 swiglu_fwd, swiglu_bwd)
 from .triton_scan import selective_state_update  # noqa: E402,F401
+from .triton_mla import mla_decode, mla_decode_splits  # noqa: E402,F401

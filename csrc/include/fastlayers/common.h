@@ -115,4 +115,23 @@ struct StateUpdateArgs {
   bool softplus;
 };
 
+// MLA decoding over a paged latent cache (FlashMLA layout), split-KV.
+// q (B, s_q, H, D) strided (last dim contiguous); kv rows (num_blocks, page, 1, D): row r of block
+// blk at kv + blk * kv_sblock + r * kv_srow; block_table (B, *) int32 with row stride bt_stride;
+// seqlens (B,) int32. Phase 1 writes per-split partials o_part (B, S, s_q, H, dv) (normalised)
+// and lse_part (B, S, s_q, H) (accumulation dtype); phase 2 merges them into out (B, s_q, H, dv)
+// contiguous in out_dt and lse (B, H, s_q) in the accumulation dtype.
+struct MlaDecodeArgs {
+  const void* q; int64_t q_sb, q_ss, q_sh; int q_dt;
+  const void* kv; int64_t kv_sblock, kv_srow; int kv_dt;
+  const int32_t* block_table; int64_t bt_stride;
+  const int32_t* seqlens;
+  void* o_part; void* lse_part;
+  void* out; int out_dt;
+  void* lse;
+  int64_t B, s_q, H, D, dv, page, n_splits, split_tokens;
+  double scale;
+  bool causal;
+};
+
 }  // namespace fastlayers

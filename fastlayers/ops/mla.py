@@ -1,0 +1,134 @@
+"""MLA decoding: attention of new queries over a paged latent KV cache (absorbed weights).
+
+``mla_decode`` takes FlashMLA's arguments and layouts, for any latent size: q
+``(B, s_q, H, kv_lora_rank + rope_dim)``, the cache ``(num_blocks, page_size, 1, D)``
+holding ``[c_kv ; k_pe]`` rows, a block table and the cached lengths. Split-KV
+(flash-decoding): long sequences are cut into splits processed in parallel and
+merged by their log-sum-exp; the split workspace is allocated here.
+"""
+import math
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._dtypes import stat_dtype
+from ..backend import resolve
+from ..backends import load
+from ._common import check_same_device, check_tensor
+
+_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check(op, q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale):
+    check_tensor(op, "q", q)
+    check_tensor(op, "kv_cache", kv_cache)
+    if q.dim() != 4:
+        raise ValueError(f"fastlayers.{op}: q must be (batch, s_q, n_heads, D); got shape {tuple(q.shape)}")
+    b, sq, h, d = q.shape
+    if kv_cache.dim() != 4 or kv_cache.shape[2] != 1:
+        raise ValueError(f"fastlayers.{op}: kv_cache must be (num_blocks, page_size, 1, D); got "
+                         f"{tuple(kv_cache.shape)}")
+    if kv_cache.shape[3] != d:
+        raise ValueError(f"fastlayers.{op}: q's last dim D = {d} must equal the cache's row size "
+                         f"{kv_cache.shape[3]} (kv_lora_rank + rope_dim)")
+    page = kv_cache.shape[1]
+    if page < 1 or page & (page - 1):
+        raise ValueError(f"fastlayers.{op}: page_size must be a power of two; got {page}")
+    if kv_cache.dtype != q.dtype:
+        raise TypeError(f"fastlayers.{op}: q is {q.dtype} but kv_cache is {kv_cache.dtype}; they must match")
+    if isinstance(head_dim_v, bool) or not isinstance(head_dim_v, int) or not 0 < head_dim_v <= d:
+        raise ValueError(f"fastlayers.{op}: head_dim_v must be an int in 1..D={d}; got {head_dim_v!r}")
+    for name, t, shape in (("block_table", block_table, None), ("cache_seqlens", cache_seqlens, (b,))):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32:
+            raise TypeError(f"fastlayers.{op}: {name} must be an int32 tensor; got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
+        if shape is not None and tuple(t.shape) != shape:
+            raise ValueError(f"fastlayers.{op}: {name} must have shape {shape}; got {tuple(t.shape)}")
+    if block_table.dim() != 2 or block_table.shape[0] != b:
+        raise ValueError(f"fastlayers.{op}: block_table must be (batch={b}, max_blocks); got "
+                         f"{tuple(block_table.shape)}")
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
+                                      or not math.isfinite(softmax_scale) or softmax_scale <= 0):
+        raise ValueError(f"fastlayers.{op}: softmax_scale must be a finite number > 0; got {softmax_scale!r}")
+    check_same_device(op, q, kv_cache=kv_cache, block_table=block_table, cache_seqlens=cache_seqlens)
+    if torch.compiler.is_compiling() or b == 0:
+        return 0
+    lens = cache_seqlens.cpu()
+    cap = block_table.shape[1] * page
+    lo, hi = int(lens.min()), int(lens.max())
+    if lo < 0:
+        raise ValueError(f"fastlayers.{op}: cache_seqlens must be >= 0; got {lo}")
+    if hi > cap:
+        i = int(lens.argmax())
+        raise ValueError(f"fastlayers.{op}: sequence {i} has {hi} cached tokens but block_table holds "
+                         f"{block_table.shape[1]} blocks x {page} = {cap} tokens")
+    if block_table.device.type == "cpu":  # on a GPU this would cost a copy per call; the cache checks it
+        for i in range(b):
+            used = block_table[i, : (int(lens[i]) + page - 1) // page]
+            if used.numel() and (int(used.min()) < 0 or int(used.max()) >= kv_cache.shape[0]):
+                raise ValueError(f"fastlayers.{op}: block_table row {i} points outside the cache's "
+                                 f"{kv_cache.shape[0]} blocks")
+    return hi
+
+
+def _run(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causal, max_len, backend):
+    be = load(backend)
+    b, sq, h, d = q.shape
+    stat = stat_dtype(q.dtype)
+    n_splits, split_tokens = be.mla_decode_splits(b, max_len, q.device)
+    out = torch.empty(b, sq, h, head_dim_v, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, sq, dtype=stat, device=q.device)
+    o_part = torch.empty(b, n_splits, sq, h, head_dim_v, dtype=stat, device=q.device)
+    lse_part = torch.empty(b, n_splits, sq, h, dtype=stat, device=q.device)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    kv = kv_cache if kv_cache.stride(-1) == 1 else kv_cache.contiguous()
+    be.mla_decode(q, kv, block_table.contiguous(), cache_seqlens.contiguous(), head_dim_v, scale, causal,
+                  split_tokens, out, lse, o_part, lse_part)
+    return out, lse
+
+
+@torch.library.custom_op("fastlayers::mla_decode", mutates_args=())
+def _mla_decode_op(q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor, head_dim_v: int,
+                   scale: float, causal: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    max_len = block_table.shape[1] * kv_cache.shape[1]
+    return _run(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causal, max_len, backend)
+
+
+@_mla_decode_op.register_fake
+def _(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causal, backend):
+    b, sq, h, _ = q.shape
+    return q.new_empty(b, sq, h, head_dim_v), q.new_empty(b, h, sq, dtype=stat_dtype(q.dtype))
+
+
+def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale=None, causal=False):
+    """MLA decoding over a paged latent cache; returns ``(out, lse)`` (FlashMLA's argument order).
+
+    q ``(batch, s_q, n_heads, D)`` with ``D = kv_lora_rank + rope_dim`` (the absorbed nope part
+    first, the rope part last); kv_cache ``(num_blocks, page_size, 1, D)``, whose first
+    ``head_dim_v`` (= kv_lora_rank) channels are also the values; block_table ``(batch, max_blocks)``
+    int32; cache_seqlens ``(batch,)`` int32 (tokens already in the cache, the new ones included).
+    out ``(batch, s_q, n_heads, head_dim_v)`` in q's dtype, lse ``(batch, n_heads, s_q)`` fp32;
+    softmax_scale defaults to ``D ** -0.5``. With ``causal`` the s_q new tokens attend causally
+    among themselves (speculative decoding). A sequence of length 0 gives out 0 and lse -inf.
+    Any kv_lora_rank and rope_dim, any power-of-two page size, fp32/fp16/bf16. Forward only.
+    """
+    op = "mla_decode"
+    max_len = _check(op, q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale)
+    scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
+    backend = resolve(op, q.device)
+    if torch.is_grad_enabled() and q.requires_grad:
+        raise RuntimeError(f"fastlayers.{op} is forward only (decoding); call it under torch.no_grad()")
+    if backend == "reference":
+        return reference.mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causal)
+    if backend in ("triton", "cuda") and q.dtype not in _GPU_DTYPES:
+        raise TypeError(f"fastlayers.{op}: backend {backend!r} supports float32, float16 and bfloat16; got {q.dtype}")
+    if backend == "cuda":
+        from ..backend import BackendUnavailable
+        raise BackendUnavailable(f"fastlayers.{op}: the CUDA C++ kernel is not written yet; use the 'triton' "
+                                 f"backend (the default for CUDA tensors)")
+    if torch.compiler.is_compiling():
+        return torch.ops.fastlayers.mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale,
+                                               bool(causal), backend)
+    return _run(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, bool(causal), max_len, backend)
