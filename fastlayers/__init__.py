@@ -11,11 +11,12 @@ from .backend import BackendUnavailable, available_backends, use_backend  # noqa
 from .modules import LayerNorm, RMSNorm  # noqa: F401
 from .ops import (layer_norm, mla_decode, qkv_norm_rope, qkv_norm_rope_packed, rms_norm,  # noqa: F401
                   selective_state_update, swiglu)
+from .mla import MLA, PagedLatentCache  # noqa: F401
 from .hybridnorm import (FeedForward, HybridNormBlock, HybridNormLM, KVCache, PostNormFFN,  # noqa: F401
                          QKVNormAttention)
 from . import reference  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = ["rms_norm", "layer_norm", "RMSNorm", "LayerNorm", "qkv_norm_rope", "qkv_norm_rope_packed", "swiglu",
-           "selective_state_update", "mla_decode", "QKVNormAttention", "FeedForward", "PostNormFFN", "HybridNormBlock", "HybridNormLM", "KVCache",
+           "selective_state_update", "mla_decode", "MLA", "PagedLatentCache", "QKVNormAttention", "FeedForward", "PostNormFFN", "HybridNormBlock", "HybridNormLM", "KVCache",
            "available_backends", "use_backend", "BackendUnavailable", "reference"]

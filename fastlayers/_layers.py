@@ -313,3 +313,188 @@ def sample(logits, temperature=1.0, top_k=None, generator=None):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+
+
+# ----------------------------------------------------------------------------- MLA
+class PagedLatentCache:
+    """A paged cache of MLA latents: ``kv`` ``(num_blocks, page_size, 1, latent_dim + rope_dim)``, each row
+    ``[c_kv ; k_pe]`` of one token (one layer). Sequences are allocated and freed by id; blocks come from
+    a free list, so a sequence's pages need not be contiguous.
+
+    ``allocate()`` -> id; ``free(id)``; ``append(ids, latent, rope)`` writes the rows of T new tokens of
+    each sequence with one indexed copy; ``block_table(ids)`` ``(len(ids), max_blocks)`` int32 and
+    ``cache_seqlens(ids)`` ``(len(ids),)`` int32 are the arguments of :func:`fastlayers.mla_decode`.
+    """
+
+    def __init__(self, num_blocks, page_size, latent_dim, rope_dim, dtype=torch.bfloat16, device=None):
+        if num_blocks <= 0 or page_size <= 0 or page_size & (page_size - 1):
+            raise ValueError(f"PagedLatentCache: num_blocks must be > 0 and page_size a power of two; got "
+                             f"{num_blocks}, {page_size}")
+        if latent_dim <= 0 or rope_dim < 0:
+            raise ValueError(f"PagedLatentCache: latent_dim must be > 0 and rope_dim >= 0; got {latent_dim}, {rope_dim}")
+        self.page_size, self.latent_dim, self.rope_dim = page_size, latent_dim, rope_dim
+        self.kv = torch.zeros(num_blocks, page_size, 1, latent_dim + rope_dim, dtype=dtype, device=device)
+        self._free = list(range(num_blocks - 1, -1, -1))
+        self._blocks, self._len, self._next_id = {}, {}, 0
+
+    @property
+    def num_free_blocks(self):
+        return len(self._free)
+
+    def allocate(self):
+        sid = self._next_id
+        self._next_id += 1
+        self._blocks[sid], self._len[sid] = [], 0
+        return sid
+
+    def free(self, sid):
+        self._check_ids([sid])
+        self._free.extend(reversed(self._blocks.pop(sid)))
+        del self._len[sid]
+
+    def length(self, sid):
+        self._check_ids([sid])
+        return self._len[sid]
+
+    def _check_ids(self, ids):
+        for s in ids:
+            if s not in self._blocks:
+                raise KeyError(f"PagedLatentCache: no sequence {s!r} (allocate() it first; freed ids are gone)")
+
+    def append(self, ids, latent, rope=None):
+        """Append ``latent`` ``(len(ids), T, latent_dim)`` and ``rope`` ``(len(ids), T, rope_dim)`` to the
+        sequences ``ids``. Raises (writing nothing) when the free blocks do not suffice."""
+        ids = list(ids)
+        self._check_ids(ids)
+        if latent.dim() != 3 or latent.shape[0] != len(ids) or latent.shape[2] != self.latent_dim:
+            raise ValueError(f"PagedLatentCache.append: latent must be ({len(ids)}, T, {self.latent_dim}); "
+                             f"got {tuple(latent.shape)}")
+        b, t = latent.shape[0], latent.shape[1]
+        if self.rope_dim and (rope is None or tuple(rope.shape) != (b, t, self.rope_dim)):
+            raise ValueError(f"PagedLatentCache.append: rope must be ({b}, {t}, {self.rope_dim}); got "
+                             f"{None if rope is None else tuple(rope.shape)}")
+        if len(set(ids)) != len(ids):
+            raise ValueError("PagedLatentCache.append: a sequence id appears twice")
+        p = self.page_size
+        need = sum(-(-(self._len[s] + t) // p) - len(self._blocks[s]) for s in ids)
+        if need > len(self._free):
+            raise RuntimeError(f"PagedLatentCache is full: appending {t} tokens to {b} sequences needs {need} more "
+                               f"blocks of {p} tokens, {len(self._free)} are free")
+        slots = []
+        for s in ids:
+            blocks = self._blocks[s]
+            while len(blocks) * p < self._len[s] + t:
+                blocks.append(self._free.pop())
+            pos = torch.arange(self._len[s], self._len[s] + t)
+            table = torch.tensor(blocks, dtype=torch.int64)
+            slots.append(table[pos // p] * p + pos % p)
+            self._len[s] += t
+        rows = latent if not self.rope_dim else torch.cat([latent, rope.to(latent.dtype)], dim=-1)
+        idx = torch.cat(slots).to(self.kv.device)
+        self.kv.view(-1, self.kv.shape[-1]).index_copy_(0, idx, rows.reshape(-1, rows.shape[-1]).to(self.kv.dtype))
+
+    def block_table(self, ids):
+        ids = list(ids)
+        self._check_ids(ids)
+        width = max([len(self._blocks[s]) for s in ids] + [1])
+        table = torch.zeros(len(ids), width, dtype=torch.int32)
+        for i, s in enumerate(ids):
+            table[i, :len(self._blocks[s])] = torch.tensor(self._blocks[s], dtype=torch.int32)
+        return table.to(self.kv.device)
+
+    def gather(self, sid):
+        """The cached rows of one sequence, ``(length, latent_dim + rope_dim)`` (a copy)."""
+        self._check_ids([sid])
+        n, p = self._len[sid], self.page_size
+        blocks = torch.tensor(self._blocks[sid], dtype=torch.int64, device=self.kv.device)
+        return self.kv[blocks, :, 0].reshape(-1, self.kv.shape[-1])[:n]
+
+    def cache_seqlens(self, ids):
+        ids = list(ids)
+        self._check_ids(ids)
+        return torch.tensor([self._len[s] for s in ids], dtype=torch.int32, device=self.kv.device)
+
+
+class MLABase(nn.Module):
+    """Multi-head Latent Attention parameters (DeepSeek-V2/V3; Zebra-Llama's grouped variant).
+
+    ``wq`` (or ``wq_a``, ``q_norm``, ``wq_b`` with ``q_lora_rank``), ``wkv_a`` (dim -> kv_lora_rank +
+    rope), ``kv_norm``, ``wkv_b`` (kv_lora_rank -> n_kv_groups * (nope + v)), ``wo``. The rope key is one
+    head shared by all; group g of ``wkv_b`` serves heads ``g * H/G .. (g+1) * H/G - 1``."""
+
+    def __init__(self, dim, n_heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim,
+                 n_kv_groups=None, rope_theta=10000.0, max_seq_len=4096, eps=1e-6, device=None, dtype=None):
+        super().__init__()
+        cls = type(self).__name__
+        for name, v in (("dim", dim), ("n_heads", n_heads), ("kv_lora_rank", kv_lora_rank),
+                        ("qk_nope_head_dim", qk_nope_head_dim), ("v_head_dim", v_head_dim),
+                        ("max_seq_len", max_seq_len)):
+            _positive_int(cls, name, v)
+        if q_lora_rank is not None:
+            _positive_int(cls, "q_lora_rank", q_lora_rank)
+        if isinstance(qk_rope_head_dim, bool) or not isinstance(qk_rope_head_dim, int) or qk_rope_head_dim < 0 \
+                or qk_rope_head_dim % 2:
+            raise ValueError(f"{cls}: qk_rope_head_dim must be an even int >= 0; got {qk_rope_head_dim!r}")
+        g = n_heads if n_kv_groups is None else _positive_int(cls, "n_kv_groups", n_kv_groups)
+        if n_heads % g:
+            raise ValueError(f"{cls}: n_heads ({n_heads}) must be divisible by n_kv_groups ({g})")
+        self.dim, self.n_heads, self.n_kv_groups = dim, n_heads, g
+        self.q_lora_rank, self.kv_lora_rank = q_lora_rank, kv_lora_rank
+        self.nope, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+        self.rope_theta, self.max_seq_len, self.eps = float(rope_theta), max_seq_len, eps
+        self.softmax_scale = (qk_nope_head_dim + qk_rope_head_dim) ** -0.5
+        kw = dict(device=device, dtype=dtype)
+        qk = qk_nope_head_dim + qk_rope_head_dim
+        if q_lora_rank is None:
+            self.wq = nn.Linear(dim, n_heads * qk, bias=False, **kw)
+        else:
+            self.wq_a = nn.Linear(dim, q_lora_rank, bias=False, **kw)
+            self.q_norm = Gain(q_lora_rank, **kw)
+            self.wq_b = nn.Linear(q_lora_rank, n_heads * qk, bias=False, **kw)
+        self.wkv_a = nn.Linear(dim, kv_lora_rank + qk_rope_head_dim, bias=False, **kw)
+        self.kv_norm = Gain(kv_lora_rank, **kw)
+        self.wkv_b = nn.Linear(kv_lora_rank, g * (qk_nope_head_dim + v_head_dim), bias=False, **kw)
+        self.wo = nn.Linear(n_heads * v_head_dim, dim, bias=False, **kw)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.reset_parameters()
+
+    def _make_rope(self, device):
+        from .reference import rope_tables
+        d = max(self.rope_dim, 2)
+        self.rope_cos, self.rope_sin = rope_tables(d, self.max_seq_len, self.rope_theta, device)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype != torch.float32:
+            self._make_rope(self.rope_cos.device)
+        return self
+
+    def reset_parameters(self):
+        self._make_rope(self.rope_cos.device)
+        for mod in self.modules():
+            if isinstance(mod, nn.Linear):
+                trunc_normal_(mod.weight, mod.in_features ** -0.5)
+            elif isinstance(mod, Gain):
+                nn.init.ones_(mod.weight)
+
+    def kv_cache_bytes_per_token(self, dtype=None):
+        """Bytes one token costs in this layer's cache: ``(kv_lora_rank + rope_dim) * itemsize``."""
+        dtype = dtype or self.wkv_a.weight.dtype
+        return (self.kv_lora_rank + self.rope_dim) * torch.tensor([], dtype=dtype).element_size()
+
+    def new_cache(self, num_blocks, page_size=64, dtype=None, device=None):
+        w = self.wkv_a.weight
+        return PagedLatentCache(num_blocks, page_size, self.kv_lora_rank, self.rope_dim, dtype or w.dtype,
+                                device or w.device)
+
+    def absorbed_weights(self):
+        """(W_UK ``(H, nope, kv_lora)``, W_UV ``(H, v, kv_lora)``): wkv_b's groups repeated over their heads."""
+        w = self.wkv_b.weight.view(self.n_kv_groups, self.nope + self.v_dim, self.kv_lora_rank)
+        rep = self.n_heads // self.n_kv_groups
+        w = w.repeat_interleave(rep, dim=0) if rep > 1 else w
+        return w[:, : self.nope], w[:, self.nope:]
+
+    def extra_repr(self):
+        return (f"n_heads={self.n_heads}, n_kv_groups={self.n_kv_groups}, kv_lora_rank={self.kv_lora_rank}, "
+                f"rope={self.rope_dim}, nope={self.nope}, v={self.v_dim}, q_lora_rank={self.q_lora_rank}")

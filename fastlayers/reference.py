@@ -356,3 +356,52 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scal
         p = torch.where(lse[i, :, :, None] == float("-inf"), 0.0, torch.softmax(s, dim=-1))
         out[i] = torch.einsum("hqn,nv->qhv", p, kv[:, :head_dim_v])
     return out.to(q.dtype), lse.float() if acc != torch.float64 else lse
+
+
+class MLA(_layers.MLABase):
+    """Reference of :class:`fastlayers.MLA`: the non-absorbed computation (decompress K and V from the
+    latents, then causal attention), with or without a :class:`PagedLatentCache`."""
+
+    def project(self, x, offsets):
+        """(q ``(B, T, H, nope + rope)`` with RoPE applied, c_kv ``(B, T, kv_lora)``, k_pe ``(B, T, rope)``)."""
+        b, t, _ = x.shape
+        if self.q_lora_rank is None:
+            q = F.linear(x, self.wq.weight)
+        else:
+            q = F.linear(rms_norm(F.linear(x, self.wq_a.weight), self.q_norm.weight, self.eps), self.wq_b.weight)
+        q = q.view(b, t, self.n_heads, self.nope + self.rope_dim)
+        c_kv, k_pe = F.linear(x, self.wkv_a.weight).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = rms_norm(c_kv, self.kv_norm.weight, self.eps)
+        if self.rope_dim:
+            q_pe, k_pe, _ = qkv_norm_rope(q[..., self.nope:], k_pe[:, :, None], k_pe[:, :, None], None, None, None,
+                                          self.rope_cos, self.rope_sin, self.eps, offsets)
+            q = torch.cat([q[..., : self.nope], q_pe], dim=-1)
+            k_pe = k_pe[:, :, 0]
+        return q, c_kv, k_pe
+
+    def attend(self, q, c_kv, k_pe):
+        """Decompressed causal attention of q ``(T, H, qk)`` over latents ``(L, kv_lora)``, ``(L, rope)``."""
+        L = c_kv.shape[0]
+        kv = F.linear(c_kv, self.wkv_b.weight).view(L, self.n_kv_groups, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None, :].expand(L, self.n_kv_groups, self.rope_dim)], dim=-1)
+        return attention(q[None], k[None], v[None], causal=True, scale=self.softmax_scale)[0]
+
+    def forward(self, x, cache=None, ids=None):
+        """``x`` ``(B, T, dim)``; with ``cache`` the T new tokens of sequences ``ids`` are appended first."""
+        b, t, _ = x.shape
+        offsets = (torch.tensor([cache.length(s) for s in ids], device=x.device) if cache is not None
+                   else torch.zeros(b, dtype=torch.int64, device=x.device))
+        q, c_kv, k_pe = self.project(x, offsets)
+        outs = []
+        if cache is not None:
+            cache.append(ids, c_kv, k_pe if self.rope_dim else None)
+        for i in range(b):
+            if cache is not None:
+                rows = cache.gather(ids[i]).to(x.dtype)
+                ci, ki = rows[:, : self.kv_lora_rank], rows[:, self.kv_lora_rank:]
+            else:
+                ci, ki = c_kv[i], k_pe[i]
+            outs.append(self.attend(q[i], ci, ki))
+        o = torch.stack(outs).reshape(b, t, self.n_heads * self.v_dim)
+        return F.linear(o, self.wo.weight)
