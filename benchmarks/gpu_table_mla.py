@@ -1,0 +1,87 @@
+"""MLA-decoding and Mamba-decode rows of the GPU table (benchmarks/gpu_table.py).
+
+mla_decode, bf16 cache, 4096 cached tokens: 512+64 at batch 64 and 128 with 16 and 128 heads, and
+Zebra-Llama's latent sizes 128+32, 128+64, 160+64, where no peer kernel runs. Bytes = cache rows read
++ q + out; the target is >= 80% of the device-to-device copy in the memory-bound cases.
+selective_state_update at batch 16 (Mamba-2 2.7B-like and Zebra-like shapes), state read and written.
+"""
+import torch
+
+import fastlayers
+
+PAGE = 64
+
+
+def _mla_case(gt, b, n, h, lat, rope, dtype):
+    dev = gt.DEVICE
+    d = lat + rope
+    blocks = -(-n // PAGE)
+    kv = torch.randn(b * blocks, PAGE, 1, d, device=dev).to(dtype)
+    table = torch.randperm(b * blocks, device=dev).view(b, blocks).to(torch.int32)
+    lens = torch.full((b,), n, dtype=torch.int32, device=dev)
+    q = torch.randn(b, 1, h, d, device=dev).to(dtype)
+    return q, kv, table, lens
+
+
+def mla_rows(gt, ceiling, l2, quick=False, smoke=False):
+    dev = gt.DEVICE
+    fast = "triton" if dev == "cuda" else "cpu"
+    dtype = torch.float32 if smoke else torch.bfloat16
+    if smoke:
+        cases = [(2, 64, 4, 64, 32)]
+    elif quick:
+        cases = [(64, 4096, 16, 512, 64), (64, 4096, 16, 128, 64)]
+    else:
+        cases = [(b, 4096, h, 512, 64) for b in (64, 128) for h in (16, 128)] + \
+                [(64, 4096, 16, lat, rope) for lat, rope in ((128, 32), (128, 64), (160, 64))]
+    rows = []
+    for b, n, h, lat, rope in cases:
+        q, kv, table, lens = _mla_case(gt, b, n, h, lat, rope, dtype)
+        nbytes = (kv[: b * (-(-n // PAGE))].numel() * kv.element_size() + q.numel() * q.element_size()
+                  + b * h * lat * q.element_size())
+
+        def call(_s, q=q, kv=kv, table=table, lens=lens, lat=lat):
+            with fastlayers.use_backend(fast):
+                fastlayers.mla_decode(q, kv, table, lens, lat)
+
+        label = ("mla_decode", f"b{b} n{n} h{h} {lat}+{rope}", str(dtype)[6:], fast)
+        with torch.no_grad():
+            try:
+                t = gt.bench(call, [None])
+            except Exception as e:  # report, don't hide
+                rows.append((*label, float("nan"), float("nan"), f"ERROR {type(e).__name__}: {e}"[:80]))
+                continue
+        gbps = nbytes / t / 1e9
+        rows.append((*label, t * 1e6, gbps, f"{gbps / ceiling:.0%}"))
+        del q, kv
+    return rows
+
+
+def state_update_rows(gt, ceiling, l2, quick=False, smoke=False):
+    dev = gt.DEVICE
+    fast = "triton" if dev == "cuda" else "cpu"
+    shapes = [(2, 2, 4, 8, 1)] if smoke else [(16, 80, 64, 128, 1), (16, 32, 64, 64, 32)]
+    rows = []
+    for batch, h, p, n, g in shapes:
+        state = torch.randn(batch, h, p, n, device=dev)
+        x, z = torch.randn(batch, h, p, device=dev), torch.randn(batch, h, p, device=dev)
+        dt = torch.randn(batch, h, device=dev)[:, :, None].expand(batch, h, p)
+        A = -torch.rand(h, device=dev)[:, None, None].expand(h, p, n)
+        B, C = torch.randn(batch, g, n, device=dev), torch.randn(batch, g, n, device=dev)
+        D = torch.randn(h, device=dev)[:, None].expand(h, p)
+        nbytes = 4 * (2 * state.numel() + 4 * x.numel() + 2 * B.numel())
+
+        def call(_s, state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z):
+            with fastlayers.use_backend(fast):
+                fastlayers.selective_state_update(state, x, dt, A, B, C, D, z, None, True)
+
+        label = ("selective_state_update", f"b{batch} h{h} p{p} n{n} g{g}", "float32", fast)
+        with torch.no_grad():
+            try:
+                t = gt.bench(call, [None])
+            except Exception as e:
+                rows.append((*label, float("nan"), float("nan"), f"ERROR {type(e).__name__}: {e}"[:80]))
+                continue
+        gbps = nbytes / t / 1e9
+        rows.append((*label, t * 1e6, gbps, f"{gbps / ceiling:.0%}"))
+    return rows
