@@ -18,8 +18,9 @@ _override = contextvars.ContextVar("fastlayers_backend", default=None)
 
 # Per-op default on CUDA tensors, from GPU measurements (benchmarks/RESULTS.md).
 # Ops not listed default to "cuda" when built, else "triton". The HybridNorm ops have
-# no CUDA C++ kernel (one memory-bound pass each: Triton serves them).
-DEFAULT_CUDA = {"qkv_norm_rope": "triton", "swiglu": "triton"}
+# no CUDA C++ kernel (one memory-bound pass each: Triton serves them); nor has the causal conv1d.
+DEFAULT_CUDA = {"qkv_norm_rope": "triton", "swiglu": "triton", "causal_conv1d": "triton",
+                "causal_conv1d_update": "triton"}
 
 
 class BackendUnavailable(RuntimeError):

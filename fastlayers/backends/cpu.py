@@ -81,3 +81,55 @@ def swiglu_fwd(gate, up, out):
 
 def swiglu_bwd(dout, gate, up, dgate, dup):
     _swiglu(gate, up, dout, dgate, dup)
+
+
+# ----------------------------------------------------------------------------- causal conv1d
+def _s(t):
+    return (0, 0, 0) if t is None else tuple(t.stride())
+
+
+def _conv_channel_last(x):
+    """The channel-last path walks rows of channels; the default walks rows of time steps."""
+    return not (x.shape[2] <= 1 or x.stride(2) == 1)
+
+
+def _conv_workspace(x, W, items):
+    parts = _parts(items)  # the kernel runs min(parts, its work items) parts
+    ws = torch.empty(parts * _C.conv1d_workspace_per_part(W), dtype=stat_dtype(x.dtype))
+    return ws, parts
+
+
+def causal_conv1d_fwd(x, weight, bias, initial_states, out, final_states, silu):
+    B, C, L = x.shape
+    W = weight.shape[1]
+    cl = _conv_channel_last(x)
+    ws, parts = _conv_workspace(x, W, B * C * L)
+    _C.causal_conv1d(ptr(x), _s(x), code(x), ptr(weight), code(weight), ptr(bias), code(bias),
+                     ptr(initial_states), _s(initial_states), code(initial_states), ptr(out), _s(out), code(out),
+                     ptr(final_states), _s(final_states), code(final_states), 0, (0, 0, 0), -1, 0, (0, 0, 0), -1,
+                     0, (0, 0, 0), -1, 0, (0, 0, 0), -1, 0, 0, B, C, L, W, bool(silu), cl, ws.data_ptr(), parts)
+
+
+def causal_conv1d_bwd_parts(B, C, L, device):
+    return 1  # each thread owns whole channels: dweight/dbias are written complete
+
+
+def causal_conv1d_bwd(dout, dfinal_states, x, weight, bias, initial_states, silu, dx, dinitial_states,
+                      dw_part, db_part):
+    B, C, L = x.shape
+    W = weight.shape[1]
+    cl = _conv_channel_last(x)
+    ws, parts = _conv_workspace(x, W, C)
+    _C.causal_conv1d(ptr(x), _s(x), code(x), ptr(weight), code(weight), ptr(bias), code(bias),
+                     ptr(initial_states), _s(initial_states), code(initial_states), 0, (0, 0, 0), -1, 0, (0, 0, 0),
+                     -1, ptr(dout), _s(dout), code(dout), ptr(dfinal_states), _s(dfinal_states),
+                     code(dfinal_states), ptr(dx), _s(dx), code(dx), ptr(dinitial_states), _s(dinitial_states),
+                     code(dinitial_states), ptr(dw_part), ptr(db_part), B, C, L, W, bool(silu), cl, ws.data_ptr(),
+                     parts)
+
+
+def causal_conv1d_update(x, conv_state, weight, bias, out, silu):
+    B, C, L = x.shape
+    _C.causal_conv1d_update(ptr(x), _s(x), code(x), ptr(conv_state), _s(conv_state), code(conv_state),
+                            ptr(weight), code(weight), ptr(bias), code(bias), ptr(out), _s(out), code(out),
+                            B, C, L, conv_state.shape[2], weight.shape[1], bool(silu), _parts(B * C))
