@@ -93,8 +93,16 @@ def _conv_channel_last(x):
     return not (x.shape[2] <= 1 or x.stride(2) == 1)
 
 
+# Elements per thread below which the conv kernels do not fork: a fork/join costs more than the work.
+CONV_MIN_PER_THREAD = 1 << 15
+
+
+def _conv_parts(elems, items):
+    return max(1, min(_parts(items), elems // CONV_MIN_PER_THREAD))
+
+
 def _conv_workspace(x, W, items):
-    parts = _parts(items)  # the kernel runs min(parts, its work items) parts
+    parts = _conv_parts(x.numel(), items)  # the kernel runs min(parts, its work items) parts
     ws = torch.empty(parts * _C.conv1d_workspace_per_part(W), dtype=stat_dtype(x.dtype))
     return ws, parts
 
@@ -132,4 +140,5 @@ def causal_conv1d_update(x, conv_state, weight, bias, out, silu):
     B, C, L = x.shape
     _C.causal_conv1d_update(ptr(x), _s(x), code(x), ptr(conv_state), _s(conv_state), code(conv_state),
                             ptr(weight), code(weight), ptr(bias), code(bias), ptr(out), _s(out), code(out),
-                            B, C, L, conv_state.shape[2], weight.shape[1], bool(silu), _parts(B * C))
+                            B, C, L, conv_state.shape[2], weight.shape[1], bool(silu),
+                            _conv_parts(B * C * (conv_state.shape[2] + L), B * C))

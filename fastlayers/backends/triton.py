@@ -497,9 +497,11 @@ def aot_compile(cc, full=False):
 
     target = GPUTarget("cuda", int(cc), 32)
     kernels = []
-    from .triton_hybridnorm import AOT_KERNELS, aot_variants
-    kernel_of = {"fwd": _norm_fwd_kernel, "bwd": _norm_bwd_kernel, **AOT_KERNELS}
-    for kind, arg_names, tensors, ints, meta, num_warps, what in _aot_variants(full) + aot_variants(full):
+    from . import triton_conv1d, triton_hybridnorm
+    kernel_of = {"fwd": _norm_fwd_kernel, "bwd": _norm_bwd_kernel, **triton_hybridnorm.AOT_KERNELS,
+                 **triton_conv1d.AOT_KERNELS}
+    variants = _aot_variants(full) + triton_hybridnorm.aot_variants(full) + triton_conv1d.aot_variants(full)
+    for kind, arg_names, tensors, ints, meta, num_warps, what in variants:
         fn = kernel_of[kind]
         signature, constexprs, attrs = {}, {}, {}
         for i, name in enumerate(arg_names):
@@ -539,3 +541,7 @@ def aot_compile(cc, full=False):
 # Defined (without their kernels) even when triton is missing, like the functions above.
 from .triton_hybridnorm import (head_norm_rope_fwd, head_norm_rope_bwd_parts, head_norm_rope_bwd,  # noqa: E402,F401
                                 swiglu_fwd, swiglu_bwd)
+
+# ----------------------------------------------------------------------------- causal conv1d kernels
+from .triton_conv1d import (causal_conv1d_fwd, causal_conv1d_bwd_parts, causal_conv1d_bwd,  # noqa: E402,F401
+                            causal_conv1d_update)

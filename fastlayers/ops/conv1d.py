@@ -55,8 +55,9 @@ def _to_layout(t, channel_last):
     return t.contiguous()
 
 
-def _new(x, channel_last, alloc=empty):
+def _new(x, channel_last, alloc=None):
     """A new (B, C, L) tensor in x's dtype and layout (channel-last: (B, L, C) memory, transposed)."""
+    alloc = alloc or empty
     b, c, t = x.shape
     if channel_last:
         return alloc((b, t, c), x.dtype, x.device).transpose(1, 2)
@@ -89,8 +90,8 @@ def _bwd(dout, dfinal, x, weight, bias, init, silu, backend, want_dinit=True):
     dinit = empty(init.shape, init.dtype, init.device) if (init is not None and want_dinit) else None
     acc = stat_dtype(x.dtype)
     parts = be.causal_conv1d_bwd_parts(b, c, t, x.device)
-    dw_part = torch.empty(parts, c, weight.shape[1], dtype=acc, device=x.device)
-    db_part = torch.empty(parts, c, dtype=acc, device=x.device) if bias is not None else None
+    dw_part = empty((parts, c, weight.shape[1]), acc, x.device)
+    db_part = empty((parts, c), acc, x.device) if bias is not None else None
     be.causal_conv1d_bwd(dout, dfinal, x, weight, bias, init, silu, dx, dinit, dw_part, db_part)
     dw = dw_part.sum(0).to(weight.dtype)
     db = db_part.sum(0).to(bias.dtype) if bias is not None else None
@@ -171,7 +172,7 @@ torch.library.register_autograd("fastlayers::causal_conv1d_fwd", _conv_op_backwa
 
 
 def _update(x, conv_state, weight, bias, silu, backend):
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = empty(x.shape, x.dtype, x.device)
     load(backend).causal_conv1d_update(x, conv_state, weight, bias, out, silu)
     return out
 
