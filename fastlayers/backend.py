@@ -18,9 +18,10 @@ _override = contextvars.ContextVar("fastlayers_backend", default=None)
 
 # Per-op default on CUDA tensors, from GPU measurements (benchmarks/RESULTS.md).
 # Ops not listed default to "cuda" when built, else "triton". The HybridNorm ops have
-# no CUDA C++ kernel (one memory-bound pass each: Triton serves them); nor has the Mamba decode step.
+# no CUDA C++ kernel (one memory-bound pass each: Triton serves them); nor have the Mamba decode
+# step, the causal conv1d and MLA decoding yet.
 DEFAULT_CUDA = {"qkv_norm_rope": "triton", "swiglu": "triton", "selective_state_update": "triton",
-                "mla_decode": "triton"}
+                "mla_decode": "triton", "causal_conv1d": "triton", "causal_conv1d_update": "triton"}
 
 
 class BackendUnavailable(RuntimeError):

@@ -405,3 +405,58 @@ class MLA(_layers.MLABase):
             outs.append(self.attend(q[i], ci, ki))
         o = torch.stack(outs).reshape(b, t, self.n_heads * self.v_dim)
         return F.linear(o, self.wo.weight)
+# ----------------------------------------------------------------------------- causal conv1d (Mamba)
+def _conv_silu(activation):
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None, 'silu' or 'swish'; got {activation!r}")
+    return activation is not None
+
+
+def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, return_final_states=False):
+    """Reference of ``fastlayers.causal_conv1d`` (Tri Dao's ``causal_conv1d_fn``): depthwise causal conv.
+
+    ``out[b, c, t] = act(bias[c] + sum_k weight[c, k] * x[b, c, t - (width - 1) + k])`` with x at negative
+    times taken from ``initial_states`` ``(batch, dim, width - 1)`` (zeros when None); computed in fp32
+    (fp64 for fp64 x), rounded once to x's dtype. ``final_states``: the last ``width - 1`` inputs of the
+    sequence prefixed by the initial states, ``(batch, dim, width - 1)`` in x's dtype."""
+    silu = _conv_silu(activation)
+    acc = stat_dtype(x.dtype)
+    b, d, t = x.shape
+    width = weight.shape[1]
+    if initial_states is None:
+        xx = F.pad(x.to(acc), (width - 1, 0))
+    else:
+        xx = torch.cat([initial_states.to(acc), x.to(acc)], dim=-1)
+    w = weight.to(acc)
+    out = sum(w[:, k, None] * xx[..., k:k + t] for k in range(width))
+    if bias is not None:
+        out = out + bias.to(acc)[:, None]
+    if silu:
+        out = F.silu(out)
+    out = out.to(x.dtype)
+    if not return_final_states:
+        return out
+    return out, xx[..., t:].to(x.dtype)
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+    """Reference of ``fastlayers.causal_conv1d_update`` (decode): ``conv_state`` ``(batch, dim, state_len)``,
+    ``state_len >= width - 1``, holds the latest inputs; x ``(batch, dim)`` or ``(batch, dim, seqlen)``.
+    Returns the conv outputs of the new steps (like x) and shifts x into ``conv_state`` in place."""
+    silu = _conv_silu(activation)
+    acc = stat_dtype(x.dtype)
+    squeeze = x.dim() == 2
+    xs = x[..., None] if squeeze else x
+    t = xs.shape[-1]
+    width, state_len = weight.shape[1], conv_state.shape[-1]
+    xx = torch.cat([conv_state.to(acc), xs.to(acc)], dim=-1)
+    w = weight.to(acc)
+    base = state_len - (width - 1)
+    out = sum(w[:, k, None] * xx[..., base + k:base + k + t] for k in range(width))
+    if bias is not None:
+        out = out + bias.to(acc)[:, None]
+    if silu:
+        out = F.silu(out)
+    conv_state.copy_(xx[..., t:])
+    out = out.to(x.dtype)
+    return out[..., 0] if squeeze else out

@@ -1,4 +1,5 @@
-"""Ahead-of-time compile of the Triton kernels (norms, head norm + RoPE, SwiGLU) for sm_80 and sm_90 (DESIGN.md §1, §4).
+"""Ahead-of-time compile of the Triton kernels (norms, head norm + RoPE, SwiGLU, causal conv1d) for sm_80 and
+sm_90 (DESIGN.md §1, §4).
 
 Catches GPU compile errors on a machine without a GPU: every kernel of the family
 (forward and backward; RMS/LN, residual, bias, h, dh, dresidual; fp32/fp16/bf16;
@@ -26,16 +27,16 @@ def test_aot_compile(cc):
     assert len(kernels) >= 10, f"expected the whole kernel family, got {len(kernels)} kernels"
     kinds = {k.description.split()[0] for k in kernels}
     assert kinds == {"norm_fwd", "norm_bwd", "head_norm_rope_fwd", "head_norm_rope_bwd", "swiglu_fwd",
-                     "swiglu_bwd", "selective_state_update"}, kinds
+                     "swiglu_bwd", "selective_state_update", "conv1d_fwd", "conv1d_bwd", "conv1d_update"}, kinds
     for k in kernels:
         ptx = k.asm["ptx"]
         assert ptx.strip(), f"{k.description}: empty PTX"
         targets = re.findall(r"^\.target\s+(\S+)", ptx, re.MULTILINE)
         assert targets and targets[0].startswith(f"sm_{cc}"), f"{k.description}: PTX targets {targets}, " \
                                                               f"expected sm_{cc}"
-        entry = r"^\.visible \.entry _(norm|head_norm_rope|swiglu)_(fwd|bwd)_kernel|^\.visible \.entry _state_update_kernel"
-        assert re.search(entry, ptx, re.MULTILINE), \
-            f"{k.description}: no kernel entry in the PTX"
+        entry = (r"^\.visible \.entry _(norm|head_norm_rope|swiglu|conv)_(fwd|bwd|update)_kernel"
+                 r"|^\.visible \.entry _state_update_kernel")
+        assert re.search(entry, ptx, re.MULTILINE), f"{k.description}: no kernel entry in the PTX"
         assert k.asm.get("cubin"), f"{k.description}: ptxas produced no cubin"
         # The divisibility hints must let row loads vectorise (128-bit accesses), except where a tile
         # gives each thread under 16 bytes (decode shapes, tiny head_dim), marked "novec".

@@ -10,6 +10,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "conv1d.h"
 #include "hybridnorm.h"
 #include "mla.h"
 #include "norm.h"
@@ -174,6 +175,71 @@ PYBIND11_MODULE(_C, m) {
         cpu::mla_decode(a, P(workspace), parts);
       },
       "MLA decoding over a paged latent cache, split-KV (see MlaDecodeArgs).");
+  // causal_conv1d: forward when dout == 0 (out, final), else backward (dx, dinit, dw, db).
+  m.def(
+      "causal_conv1d",
+      [](uintptr_t x, S3 xs, int x_dt, uintptr_t w, int w_dt, uintptr_t bias, int b_dt, uintptr_t init, S3 is,
+         int i_dt, uintptr_t out, S3 os, int o_dt, uintptr_t fin, S3 fs, int f_dt, uintptr_t dout, S3 ds, int d_dt,
+         uintptr_t dfin, S3 dfs, int df_dt, uintptr_t dx, S3 dxs, int dx_dt, uintptr_t dinit, S3 dis, int di_dt,
+         uintptr_t dw, uintptr_t db, int64_t B, int64_t C, int64_t L, int64_t W, bool silu, bool channel_last,
+         uintptr_t workspace, int parts) {
+        check_dtype(x_dt, "x", true);
+        check_dtype(w_dt, "weight", true);
+        if (bias) check_dtype(b_dt, "bias", true);
+        if (init) check_dtype(i_dt, "initial_states", true);
+        if (W < 2 || W > 4) throw std::invalid_argument("fastlayers: causal_conv1d width must be 2, 3 or 4");
+        if (parts < 1) throw std::invalid_argument("fastlayers: parts must be >= 1");
+        Conv1dArgs a{};
+        a.x = P(x), a.x_sb = xs[0], a.x_sc = xs[1], a.x_st = xs[2], a.x_dt = x_dt;
+        a.w = P(w), a.w_dt = w_dt, a.bias = P(bias), a.b_dt = b_dt;
+        a.init = P(init), a.i_sb = is[0], a.i_sc = is[1], a.i_st = is[2], a.i_dt = i_dt;
+        a.out = P(out), a.o_sb = os[0], a.o_sc = os[1], a.o_st = os[2], a.o_dt = o_dt;
+        a.final = P(fin), a.f_sb = fs[0], a.f_sc = fs[1], a.f_st = fs[2], a.f_dt = f_dt;
+        a.dout = P(dout), a.d_sb = ds[0], a.d_sc = ds[1], a.d_st = ds[2], a.d_dt = d_dt;
+        a.dfinal = P(dfin), a.df_sb = dfs[0], a.df_sc = dfs[1], a.df_st = dfs[2], a.df_dt = df_dt;
+        a.dx = P(dx), a.dx_sb = dxs[0], a.dx_sc = dxs[1], a.dx_st = dxs[2], a.dx_dt = dx_dt;
+        a.dinit = P(dinit), a.di_sb = dis[0], a.di_sc = dis[1], a.di_st = dis[2], a.di_dt = di_dt;
+        a.dw = P(dw), a.db = P(db), a.B = B, a.C = C, a.L = L, a.W = W, a.silu = silu;
+        a.channel_last = channel_last;
+        if (dout) {
+          check_dtype(d_dt, "dout", true);
+          check_dtype(dx_dt, "dx", true);
+          if (dfin) check_dtype(df_dt, "dfinal_states", true);
+          if (dinit) check_dtype(di_dt, "dinitial_states", true);
+          if (!dw) throw std::invalid_argument("fastlayers: causal_conv1d backward needs dweight");
+          py::gil_scoped_release nogil;
+          cpu::causal_conv1d_bwd(a, P(workspace), parts);
+        } else {
+          check_dtype(o_dt, "out", true);
+          if (fin) check_dtype(f_dt, "final_states", true);
+          py::gil_scoped_release nogil;
+          cpu::causal_conv1d_fwd(a, P(workspace), parts);
+        }
+      },
+      "Depthwise causal conv1d forward (dout = 0) or backward over (B, C, L) (see csrc/cpu/conv1d.h).");
+
+  m.def("conv1d_workspace_per_part", &cpu::conv1d_workspace_per_part,
+        "Accumulators of workspace each part of causal_conv1d needs, for a width W.");
+
+  m.def(
+      "causal_conv1d_update",
+      [](uintptr_t x, S3 xs, int x_dt, uintptr_t state, S3 ss, int s_dt, uintptr_t w, int w_dt, uintptr_t bias,
+         int b_dt, uintptr_t out, S3 os, int o_dt, int64_t B, int64_t C, int64_t L, int64_t S, int64_t W, bool silu,
+         int parts) {
+        check_dtype(x_dt, "x", true);
+        check_dtype(w_dt, "weight", true);
+        check_dtype(o_dt, "out", true);
+        if (bias) check_dtype(b_dt, "bias", true);
+        if (s_dt != x_dt) throw std::invalid_argument("fastlayers: conv_state must have the dtype of x");
+        if (W < 2 || W > 4 || S < W - 1)
+          throw std::invalid_argument("fastlayers: causal_conv1d_update needs width 2..4 and state_len >= width - 1");
+        if (parts < 1) throw std::invalid_argument("fastlayers: parts must be >= 1");
+        Conv1dUpdateArgs a{P(x), xs[0], xs[1], xs[2], x_dt, P(state), ss[0], ss[1], ss[2], s_dt, P(w), w_dt,
+                           P(bias), b_dt, P(out), os[0], os[1], os[2], o_dt, B, C, L, S, W, silu};
+        py::gil_scoped_release nogil;
+        cpu::causal_conv1d_update(a, parts);
+      },
+      "Causal conv1d decode step: out from [conv_state, x], conv_state shifted in place.");
 
   m.def("max_threads", []() { return omp_get_max_threads(); });
 

@@ -101,6 +101,45 @@ Contract for MLA decoding (``mla_decode*``)
                split s covers tokens [s * split_tokens, (s + 1) * split_tokens)
   Scores (q . k) * scale in fp32; with ``causal`` query i sees keys <= seqlen - s_q + i. A query that
   sees no key: out 0, lse -inf.
+Contract for the causal depthwise conv1d (``causal_conv1d_*``)
+--------------------------------------------------------------
+x, out, dout and dx are ``(B, C, L)`` in one of two layouts, chosen by x: time-contiguous
+(``x.stride(2) == 1`` or L == 1) or else channel-last (``x.stride(1) == 1`` or C == 1: a
+``(B, L, C)`` tensor transposed); any batch stride. The op copies x once when it is in neither
+layout and gives out/dout/dx the layout of x. W (width) is 2, 3 or 4; H = W - 1.
+
+``causal_conv1d_fwd(x, weight, bias, initial_states, out, final_states, silu)``
+    x               (B, C, L) input, L >= 1; fp32/fp16/bf16 (fp64 on cpu only)
+    weight          (C, W) contiguous, any floating dtype
+    bias            (C,) contiguous or None
+    initial_states  (B, C, H), dtype of x, any strides, or None (zeros): x at times -H .. -1
+    out             (B, C, L) output, dtype and layout of x:
+                    out[b, c, t] = act(bias[c] + sum_k weight[c, k] x[b, c, t - H + k]), act = silu or identity
+    final_states    (B, C, H) output (any strides) or None: x at times L - H .. L - 1 (from
+                    initial_states, or zero, where negative)
+    silu            bool
+  Accumulated in fp32 (fp64 for fp64 x), rounded once.
+
+``causal_conv1d_bwd_parts(B, C, L, device) -> int``
+    number P of partial rows the backward writes into dw_part/db_part.
+
+``causal_conv1d_bwd(dout, dfinal_states, x, weight, bias, initial_states, silu, dx, dinitial_states, dw_part, db_part)``
+    dout            (B, C, L) grad of out, layout of x
+    dfinal_states   (B, C, H) grad of final_states (any strides) or None
+    x, weight, bias, initial_states, silu: as in the forward (the pre-activation is recomputed)
+    dx              (B, C, L) output, dtype and layout of x
+    dinitial_states (B, C, H) output (any strides) or None
+    dw_part         (P, C, W) stat dtype output: partial sums of g * x(shifted) (every row written)
+    db_part         (P, C) stat dtype output or None: partial sums of g
+  with g = dout * act'(pre); dx and dinitial_states are sum_k weight[c, k] g[t + H - k] plus
+  dfinal_states at the positions final_states copied.
+
+``causal_conv1d_update(x, conv_state, weight, bias, out, silu)``
+    x           (B, C, T) new inputs, any strides; T >= 0
+    conv_state  (B, C, S), S >= H, dtype of x, any strides; updated in place to the last S
+                elements of [conv_state, x] along time (read before written)
+    weight, bias: as in the forward
+    out         (B, C, T) output, contiguous: the conv over [conv_state[..., S - H:], x]
 """
 import importlib
 

@@ -120,3 +120,62 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causa
                   ptr(block_table), block_table.stride(0), ptr(cache_seqlens), ptr(o_part), ptr(lse_part), ptr(out),
                   code(out), ptr(lse), B, s_q, H, D, head_dim_v, kv_cache.shape[1], n_splits, split_tokens,
                   float(scale), bool(causal), ws.data_ptr(), parts)
+# ----------------------------------------------------------------------------- causal conv1d
+def _s(t):
+    return (0, 0, 0) if t is None else tuple(t.stride())
+
+
+def _conv_channel_last(x):
+    """The channel-last path walks rows of channels; the default walks rows of time steps."""
+    return not (x.shape[2] <= 1 or x.stride(2) == 1)
+
+
+# Elements per thread below which the conv kernels do not fork: a fork/join costs more than the work.
+CONV_MIN_PER_THREAD = 1 << 15
+
+
+def _conv_parts(elems, items):
+    return max(1, min(_parts(items), elems // CONV_MIN_PER_THREAD))
+
+
+def _conv_workspace(x, W, items):
+    parts = _conv_parts(x.numel(), items)  # the kernel runs min(parts, its work items) parts
+    ws = torch.empty(parts * _C.conv1d_workspace_per_part(W), dtype=stat_dtype(x.dtype))
+    return ws, parts
+
+
+def causal_conv1d_fwd(x, weight, bias, initial_states, out, final_states, silu):
+    B, C, L = x.shape
+    W = weight.shape[1]
+    cl = _conv_channel_last(x)
+    ws, parts = _conv_workspace(x, W, B * C * L)
+    _C.causal_conv1d(ptr(x), _s(x), code(x), ptr(weight), code(weight), ptr(bias), code(bias),
+                     ptr(initial_states), _s(initial_states), code(initial_states), ptr(out), _s(out), code(out),
+                     ptr(final_states), _s(final_states), code(final_states), 0, (0, 0, 0), -1, 0, (0, 0, 0), -1,
+                     0, (0, 0, 0), -1, 0, (0, 0, 0), -1, 0, 0, B, C, L, W, bool(silu), cl, ws.data_ptr(), parts)
+
+
+def causal_conv1d_bwd_parts(B, C, L, device):
+    return 1  # each thread owns whole channels: dweight/dbias are written complete
+
+
+def causal_conv1d_bwd(dout, dfinal_states, x, weight, bias, initial_states, silu, dx, dinitial_states,
+                      dw_part, db_part):
+    B, C, L = x.shape
+    W = weight.shape[1]
+    cl = _conv_channel_last(x)
+    ws, parts = _conv_workspace(x, W, C)
+    _C.causal_conv1d(ptr(x), _s(x), code(x), ptr(weight), code(weight), ptr(bias), code(bias),
+                     ptr(initial_states), _s(initial_states), code(initial_states), 0, (0, 0, 0), -1, 0, (0, 0, 0),
+                     -1, ptr(dout), _s(dout), code(dout), ptr(dfinal_states), _s(dfinal_states),
+                     code(dfinal_states), ptr(dx), _s(dx), code(dx), ptr(dinitial_states), _s(dinitial_states),
+                     code(dinitial_states), ptr(dw_part), ptr(db_part), B, C, L, W, bool(silu), cl, ws.data_ptr(),
+                     parts)
+
+
+def causal_conv1d_update(x, conv_state, weight, bias, out, silu):
+    B, C, L = x.shape
+    _C.causal_conv1d_update(ptr(x), _s(x), code(x), ptr(conv_state), _s(conv_state), code(conv_state),
+                            ptr(weight), code(weight), ptr(bias), code(bias), ptr(out), _s(out), code(out),
+                            B, C, L, conv_state.shape[2], weight.shape[1], bool(silu),
+                            _conv_parts(B * C * (conv_state.shape[2] + L), B * C))

@@ -497,8 +497,8 @@ def aot_compile(cc, full=False):
 
     target = GPUTarget("cuda", int(cc), 32)
     kernels = []
-    from . import triton_hybridnorm, triton_scan
-    families = (triton_hybridnorm, triton_scan)
+    from . import triton_conv1d, triton_hybridnorm, triton_scan
+    families = (triton_hybridnorm, triton_scan, triton_conv1d)
     kernel_of = {"fwd": _norm_fwd_kernel, "bwd": _norm_bwd_kernel}
     variants = _aot_variants(full)
     for fam in families:
@@ -546,3 +546,7 @@ from .triton_hybridnorm import (head_norm_rope_fwd, head_norm_rope_bwd_parts, he
                                 swiglu_fwd, swiglu_bwd)
 from .triton_scan import selective_state_update  # noqa: E402,F401
 from .triton_mla import mla_decode, mla_decode_splits  # noqa: E402,F401
+
+# ----------------------------------------------------------------------------- causal conv1d kernels
+from .triton_conv1d import (causal_conv1d_fwd, causal_conv1d_bwd_parts, causal_conv1d_bwd,  # noqa: E402,F401
+                            causal_conv1d_update)

@@ -1,0 +1,449 @@
+// Depthwise causal conv1d on the CPU (Mamba's short convolution, widths 2..4):
+// forward, backward and the in-place decode update.
+//
+// Two layouts of x (and of out, dout, dx), both without a copy:
+// * time-contiguous (B, C, L): one (b, c) row is walked in chunks of kRowChunk
+//   steps, staged with its W - 1 steps of history in an accumulator buffer, and
+//   the taps are vectorised over time;
+// * channel-last (a (B, L, C) tensor viewed as (B, C, L), as Mamba-2 does): a
+//   block of kClBlock channels is walked one time step (one contiguous row of
+//   channels) at a time and the taps are vectorised over channels.
+// Every input is read once and every output written once. The backward
+// recomputes the pre-activation (silu) from x, and each part owns whole
+// channels, so the weight and bias gradients need no cross-thread reduction.
+#include "conv1d.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <omp.h>
+
+#include "convert.h"
+
+namespace fastlayers {
+namespace cpu {
+
+constexpr int64_t kRowChunk = 1024;  // time steps per chunk (time-contiguous layout)
+constexpr int64_t kClBlock = 64;     // channels per block (channel-last layout)
+constexpr int64_t kClChunk = 64;     // time steps per chunk (channel-last layout)
+
+int64_t conv1d_workspace_per_part(int64_t W) {
+  const int64_t h = W - 1;
+  // x with history and lookahead, g (= d pre-activation) with lookahead, out/dx row, store stage
+  const int64_t row = (kRowChunk + 2 * h) + (kRowChunk + h) + 2 * kRowChunk;
+  // the same in rows of kClBlock channels, plus the staged weights/bias and their gradients
+  const int64_t cl = ((kClChunk + 2 * h) + (kClChunk + h) + 2 + 2 * (W + 1)) * kClBlock;
+  return std::max(row, cl);
+}
+
+template <typename Acc>
+FL_INLINE Acc load1(const void* p, int dt, int64_t off) {
+  switch (dt) {
+    case kF32: return Acc(static_cast<const float*>(p)[off]);
+    case kF64: return Acc(static_cast<const double*>(p)[off]);
+    case kF16: return Acc(f16_to_f32(static_cast<const uint16_t*>(p)[off]));
+    default: return Acc(bf16_to_f32(static_cast<const uint16_t*>(p)[off]));
+  }
+}
+
+template <typename Acc>
+FL_INLINE void store1(Acc v, void* p, int dt, int64_t off) {
+  switch (dt) {
+    case kF32: static_cast<float*>(p)[off] = float(v); break;
+    case kF64: static_cast<double*>(p)[off] = double(v); break;
+    case kF16: static_cast<uint16_t*>(p)[off] = f32_to_f16(float(v)); break;
+    default: static_cast<uint16_t*>(p)[off] = f32_to_bf16(float(v)); break;
+  }
+}
+
+// x[b, c, t] for t in [-(W-1), L): initial state (or zero) at negative times.
+template <typename Acc>
+FL_INLINE Acc x_at(const Conv1dArgs& a, int64_t b, int64_t c, int64_t t) {
+  if (t >= 0) return load1<Acc>(a.x, a.x_dt, b * a.x_sb + c * a.x_sc + t * a.x_st);
+  if (!a.init) return Acc(0);
+  return load1<Acc>(a.init, a.i_dt, b * a.i_sb + c * a.i_sc + (t + a.W - 1) * a.i_st);
+}
+
+// Channels [c0, c0 + nc) of x at time t (a contiguous row in the channel-last layout).
+template <typename Acc>
+FL_INLINE void load_time_row(const Conv1dArgs& a, int64_t b, int64_t c0, int64_t nc, int64_t t, Acc* dst) {
+  if (t >= 0) return load_row(elem_ptr(a.x, a.x_dt, b * a.x_sb + c0 * a.x_sc + t * a.x_st), a.x_dt, dst, nc);
+  for (int64_t j = 0; j < nc; ++j) dst[j] = x_at<Acc>(a, b, c0 + j, t);
+}
+
+template <typename Acc>
+FL_INLINE Acc silu_acc(Acc v) { return v / (Acc(1) + exp_acc(-v)); }
+
+// d silu(v) / dv
+template <typename Acc>
+FL_INLINE Acc dsilu_acc(Acc v) {
+  const Acc s = Acc(1) / (Acc(1) + exp_acc(-v));
+  return s * (Acc(1) + v * (Acc(1) - s));
+}
+
+// ----------------------------------------------------------------------------- forward
+template <typename Acc, int W>
+FL_INLINE void fwd_rows(const Conv1dArgs& a, int64_t i0, int64_t i1, Acc* ws, bool stream) {
+  constexpr int H = W - 1;
+  const int64_t nch = (a.L + kRowChunk - 1) / kRowChunk;
+  Acc* xb = ws;                       // x at t0 - H .. t0 + n - 1
+  Acc* ob = xb + kRowChunk + 2 * H;   // out
+  Acc* stage = ob + kRowChunk;
+  Acc w[W] = {}, bias = 0;
+  int64_t cur = -1;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t ch = i % nch, bc = i / nch, c = bc % a.C, b = bc / a.C;
+    if (c != cur) {
+      for (int k = 0; k < W; ++k) w[k] = load1<Acc>(a.w, a.w_dt, c * W + k);
+      bias = a.bias ? load1<Acc>(a.bias, a.b_dt, c) : Acc(0);
+      cur = c;
+    }
+    const int64_t t0 = ch * kRowChunk, n = std::min(kRowChunk, a.L - t0);
+    for (int j = 0; j < H; ++j) xb[j] = x_at<Acc>(a, b, c, t0 - H + j);
+    load_row(elem_ptr(a.x, a.x_dt, b * a.x_sb + c * a.x_sc + t0 * a.x_st), a.x_dt, xb + H, n);
+#pragma omp simd
+    for (int64_t t = 0; t < n; ++t) {
+      Acc o = bias;
+      for (int k = 0; k < W; ++k) o += w[k] * xb[t + k];
+      ob[t] = o;
+    }
+    if (a.silu) {
+#pragma omp simd
+      for (int64_t t = 0; t < n; ++t) ob[t] = silu_acc(ob[t]);
+    }
+    store_out(ob, elem_ptr(a.out, a.o_dt, b * a.o_sb + c * a.o_sc + t0 * a.o_st), a.o_dt, n, stage, stream);
+  }
+}
+
+template <typename Acc, int W>
+FL_INLINE void stage_weights(const Conv1dArgs& a, int64_t c0, int64_t nc, Acc* wt, Acc* bias) {
+  for (int k = 0; k < W; ++k)
+    for (int64_t j = 0; j < nc; ++j) wt[k * kClBlock + j] = load1<Acc>(a.w, a.w_dt, (c0 + j) * W + k);
+  for (int64_t j = 0; j < nc; ++j) bias[j] = a.bias ? load1<Acc>(a.bias, a.b_dt, c0 + j) : Acc(0);
+}
+
+template <typename Acc, int W>
+FL_INLINE void fwd_cl(const Conv1dArgs& a, int64_t i0, int64_t i1, Acc* ws, bool stream) {
+  constexpr int H = W - 1;
+  constexpr int64_t CB = kClBlock;
+  const int64_t nch = (a.L + kClChunk - 1) / kClChunk, ncb = (a.C + CB - 1) / CB;
+  Acc* xb = ws;                          // rows of CB channels: x at t0 - H .. t0 + n - 1
+  Acc* ob = xb + (kClChunk + 2 * H) * CB;
+  Acc* stage = ob + CB;
+  Acc* wt = stage + CB;                  // wt[k * CB + j] = w[c0 + j, k]
+  Acc* bias = wt + W * CB;
+  int64_t cur = -1;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t ch = i % nch, bcb = i / nch, cb = bcb % ncb, b = bcb / ncb;
+    const int64_t c0 = cb * CB, nc = std::min(CB, a.C - c0);
+    if (cb != cur) {
+      stage_weights<Acc, W>(a, c0, nc, wt, bias);
+      cur = cb;
+    }
+    const int64_t t0 = ch * kClChunk, n = std::min(kClChunk, a.L - t0);
+    for (int j = 0; j < H; ++j) load_time_row(a, b, c0, nc, t0 - H + j, xb + j * CB);
+    for (int64_t r = 0; r < n; ++r)
+      load_row(elem_ptr(a.x, a.x_dt, b * a.x_sb + c0 * a.x_sc + (t0 + r) * a.x_st), a.x_dt, xb + (H + r) * CB, nc);
+    for (int64_t r = 0; r < n; ++r) {
+      const Acc* xr = xb + r * CB;
+#pragma omp simd
+      for (int64_t j = 0; j < nc; ++j) {
+        Acc o = bias[j];
+        for (int k = 0; k < W; ++k) o += wt[k * CB + j] * xr[k * CB + j];
+        ob[j] = a.silu ? silu_acc(o) : o;
+      }
+      store_out(ob, elem_ptr(a.out, a.o_dt, b * a.o_sb + c0 * a.o_sc + (t0 + r) * a.o_st), a.o_dt, nc, stage,
+                stream);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- backward
+// g = dout * act'(pre) over [t0, t0 + n + H) (zero past L); dx = sum_k w[k] g(t + H - k);
+// dw[k] += sum_t g(t) x(t - H + k); db += sum_t g(t); dinit like dx at negative times;
+// dfinal adds to the positions the final states were copied from.
+template <typename Acc, int W>
+FL_INLINE void bwd_rows(const Conv1dArgs& a, int64_t c_lo, int64_t c_hi, Acc* ws, bool stream) {
+  constexpr int H = W - 1;
+  Acc* xb = ws;                      // x at t0 - H .. t0 + ng - 1
+  Acc* gb = xb + kRowChunk + 2 * H;  // g at t0 .. t0 + n + H - 1
+  Acc* dxb = gb + kRowChunk + H;
+  Acc* stage = dxb + kRowChunk;
+  const int64_t L = a.L;
+  for (int64_t c = c_lo; c < c_hi; ++c) {
+    Acc w[W], dw[W], db = 0;
+    for (int k = 0; k < W; ++k) w[k] = load1<Acc>(a.w, a.w_dt, c * W + k), dw[k] = 0;
+    const Acc bias = a.bias ? load1<Acc>(a.bias, a.b_dt, c) : Acc(0);
+    for (int64_t b = 0; b < a.B; ++b) {
+      for (int64_t t0 = 0; t0 < L; t0 += kRowChunk) {
+        const int64_t n = std::min(kRowChunk, L - t0), ng = std::min(n + H, L - t0);
+        for (int j = 0; j < H; ++j) xb[j] = x_at<Acc>(a, b, c, t0 - H + j);
+        load_row(elem_ptr(a.x, a.x_dt, b * a.x_sb + c * a.x_sc + t0 * a.x_st), a.x_dt, xb + H, ng);
+        load_row(elem_ptr(a.dout, a.d_dt, b * a.d_sb + c * a.d_sc + t0 * a.d_st), a.d_dt, gb, ng);
+        for (int64_t t = ng; t < n + H; ++t) gb[t] = 0;
+        if (a.silu) {
+#pragma omp simd
+          for (int64_t t = 0; t < ng; ++t) {
+            Acc pre = bias;
+            for (int k = 0; k < W; ++k) pre += w[k] * xb[t + k];
+            gb[t] *= dsilu_acc(pre);
+          }
+        }
+#pragma omp simd reduction(+ : db)
+        for (int64_t t = 0; t < n; ++t) db += gb[t];
+        for (int k = 0; k < W; ++k) {
+          Acc s = 0;
+#pragma omp simd reduction(+ : s)
+          for (int64_t t = 0; t < n; ++t) s += gb[t] * xb[t + k];
+          dw[k] += s;
+        }
+#pragma omp simd
+        for (int64_t t = 0; t < n; ++t) {
+          Acc d = 0;
+          for (int k = 0; k < W; ++k) d += w[k] * gb[t + H - k];
+          dxb[t] = d;
+        }
+        if (a.dfinal)
+          for (int64_t t = std::max(t0, L - H); t < t0 + n; ++t)
+            dxb[t - t0] += load1<Acc>(a.dfinal, a.df_dt, b * a.df_sb + c * a.df_sc + (t - (L - H)) * a.df_st);
+        store_out(dxb, elem_ptr(a.dx, a.dx_dt, b * a.dx_sb + c * a.dx_sc + t0 * a.dx_st), a.dx_dt, n, stage,
+                  stream);
+        if (t0 == 0 && a.dinit) {
+          for (int j = 0; j < H; ++j) {  // time j - H
+            Acc d = 0;
+            for (int k = 0; k <= j; ++k) d += w[k] * gb[j - k];
+            if (a.dfinal && j >= L)
+              d += load1<Acc>(a.dfinal, a.df_dt, b * a.df_sb + c * a.df_sc + (j - L) * a.df_st);
+            store1(d, a.dinit, a.di_dt, b * a.di_sb + c * a.di_sc + j * a.di_st);
+          }
+        }
+      }
+    }
+    for (int k = 0; k < W; ++k) static_cast<Acc*>(a.dw)[c * W + k] = dw[k];
+    if (a.db) static_cast<Acc*>(a.db)[c] = db;
+  }
+}
+
+template <typename Acc, int W>
+FL_INLINE void bwd_cl(const Conv1dArgs& a, int64_t cb_lo, int64_t cb_hi, Acc* ws, bool stream) {
+  constexpr int H = W - 1;
+  constexpr int64_t CB = kClBlock;
+  Acc* xb = ws;                            // rows: x at t0 - H .. t0 + ng - 1
+  Acc* gb = xb + (kClChunk + 2 * H) * CB;  // rows: g at t0 .. t0 + n + H - 1
+  Acc* ob = gb + (kClChunk + H) * CB;
+  Acc* stage = ob + CB;
+  Acc* wt = stage + CB;
+  Acc* bias = wt + W * CB;
+  Acc* dw = bias + CB;  // dw[k * CB + j]
+  Acc* db = dw + W * CB;
+  const int64_t L = a.L;
+  for (int64_t cb = cb_lo; cb < cb_hi; ++cb) {
+    const int64_t c0 = cb * CB, nc = std::min(CB, a.C - c0);
+    stage_weights<Acc, W>(a, c0, nc, wt, bias);
+    for (int64_t j = 0; j < (W + 1) * CB; ++j) dw[j] = 0;  // dw and db
+    for (int64_t b = 0; b < a.B; ++b) {
+      for (int64_t t0 = 0; t0 < L; t0 += kClChunk) {
+        const int64_t n = std::min(kClChunk, L - t0), ng = std::min(n + H, L - t0);
+        for (int j = 0; j < H; ++j) load_time_row(a, b, c0, nc, t0 - H + j, xb + j * CB);
+        for (int64_t r = 0; r < ng; ++r) {
+          const int64_t t = t0 + r;
+          load_row(elem_ptr(a.x, a.x_dt, b * a.x_sb + c0 * a.x_sc + t * a.x_st), a.x_dt, xb + (H + r) * CB, nc);
+          load_row(elem_ptr(a.dout, a.d_dt, b * a.d_sb + c0 * a.d_sc + t * a.d_st), a.d_dt, gb + r * CB, nc);
+        }
+        for (int64_t r = ng; r < n + H; ++r)
+          for (int64_t j = 0; j < nc; ++j) gb[r * CB + j] = 0;
+        if (a.silu) {
+          for (int64_t r = 0; r < ng; ++r) {
+            const Acc* xr = xb + r * CB;
+#pragma omp simd
+            for (int64_t j = 0; j < nc; ++j) {
+              Acc pre = bias[j];
+              for (int k = 0; k < W; ++k) pre += wt[k * CB + j] * xr[k * CB + j];
+              gb[r * CB + j] *= dsilu_acc(pre);
+            }
+          }
+        }
+        for (int64_t r = 0; r < n; ++r) {
+          const Acc* gr = gb + r * CB;
+          const Acc* xr = xb + r * CB;
+#pragma omp simd
+          for (int64_t j = 0; j < nc; ++j) {
+            db[j] += gr[j];
+            for (int k = 0; k < W; ++k) dw[k * CB + j] += gr[j] * xr[k * CB + j];
+          }
+          const Acc* gh = gb + (r + H) * CB;  // g at t + H - k is gh[-k * CB]
+#pragma omp simd
+          for (int64_t j = 0; j < nc; ++j) {
+            Acc d = 0;
+            for (int k = 0; k < W; ++k) d += wt[k * CB + j] * gh[j - k * CB];
+            ob[j] = d;
+          }
+          const int64_t t = t0 + r;
+          if (a.dfinal && t >= L - H)
+            for (int64_t j = 0; j < nc; ++j)
+              ob[j] += load1<Acc>(a.dfinal, a.df_dt, b * a.df_sb + (c0 + j) * a.df_sc + (t - (L - H)) * a.df_st);
+          store_out(ob, elem_ptr(a.dx, a.dx_dt, b * a.dx_sb + c0 * a.dx_sc + t * a.dx_st), a.dx_dt, nc, stage,
+                    stream);
+        }
+        if (t0 == 0 && a.dinit) {
+          for (int i = 0; i < H; ++i) {  // time i - H
+            for (int64_t j = 0; j < nc; ++j) {
+              Acc d = 0;
+              for (int k = 0; k <= i; ++k) d += wt[k * CB + j] * gb[(i - k) * CB + j];
+              if (a.dfinal && i >= L)
+                d += load1<Acc>(a.dfinal, a.df_dt, b * a.df_sb + (c0 + j) * a.df_sc + (i - L) * a.df_st);
+              store1(d, a.dinit, a.di_dt, b * a.di_sb + (c0 + j) * a.di_sc + i * a.di_st);
+            }
+          }
+        }
+      }
+    }
+    for (int64_t j = 0; j < nc; ++j) {
+      for (int k = 0; k < W; ++k) static_cast<Acc*>(a.dw)[(c0 + j) * W + k] = dw[k * CB + j];
+      if (a.db) static_cast<Acc*>(a.db)[c0 + j] = db[j];
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- entry points
+template <typename Acc, int W>
+FL_INLINE void fwd_part(const Conv1dArgs& a, int64_t i0, int64_t i1, Acc* ws) {
+  const bool stream = a.B * a.C * a.L * dtype_size(a.o_dt) >= kStreamMinBytes;
+  if (a.channel_last)
+    fwd_cl<Acc, W>(a, i0, i1, ws, stream);
+  else
+    fwd_rows<Acc, W>(a, i0, i1, ws, stream);
+  if (stream) stream_fence();
+}
+
+template <typename Acc, int W>
+FL_INLINE void bwd_part(const Conv1dArgs& a, int64_t i0, int64_t i1, Acc* ws) {
+  const bool stream = a.B * a.C * a.L * dtype_size(a.dx_dt) >= kStreamMinBytes;
+  if (a.channel_last)
+    bwd_cl<Acc, W>(a, i0, i1, ws, stream);
+  else
+    bwd_rows<Acc, W>(a, i0, i1, ws, stream);
+  if (stream) stream_fence();
+}
+
+// One AVX2/FMA/F16C clone and one baseline of each (on x86-64), the width unrolled.
+#define FL_CONV_ENTRY(name, part, Acc)                                             \
+  FL_CLONES void name(const Conv1dArgs& a, int64_t i0, int64_t i1, Acc* ws) {       \
+    switch (a.W) {                                                                  \
+      case 2: part<Acc, 2>(a, i0, i1, ws); break;                                   \
+      case 3: part<Acc, 3>(a, i0, i1, ws); break;                                   \
+      default: part<Acc, 4>(a, i0, i1, ws); break;                                  \
+    }                                                                               \
+  }
+FL_CONV_ENTRY(conv_fwd_f32, fwd_part, float)
+FL_CONV_ENTRY(conv_fwd_f64, fwd_part, double)
+FL_CONV_ENTRY(conv_bwd_f32, bwd_part, float)
+FL_CONV_ENTRY(conv_bwd_f64, bwd_part, double)
+
+template <typename F32, typename F64>
+static void run_items(const Conv1dArgs& a, int64_t items, void* workspace, int parts, F32 f32, F64 f64) {
+  const int64_t per = conv1d_workspace_per_part(a.W);
+  const bool d = a.x_dt == kF64;
+  parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(parts, items)));
+#pragma omp parallel for num_threads(parts) schedule(static, 1)
+  for (int p = 0; p < parts; ++p) {
+    int64_t i0, i1;
+    split_rows(items, parts, p, &i0, &i1);
+    if (d)
+      f64(a, i0, i1, static_cast<double*>(workspace) + per * p);
+    else
+      f32(a, i0, i1, static_cast<float*>(workspace) + per * p);
+  }
+}
+
+template <typename Acc>
+static void write_final(const Conv1dArgs& a, int parts) {
+  const int64_t H = a.W - 1, rows = a.B * a.C;
+#pragma omp parallel for num_threads(parts) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t b = r / a.C, c = r % a.C;
+    for (int64_t j = 0; j < H; ++j)
+      store1(x_at<Acc>(a, b, c, a.L - H + j), a.final, a.f_dt, b * a.f_sb + c * a.f_sc + j * a.f_st);
+  }
+}
+
+void causal_conv1d_fwd(const Conv1dArgs& a, void* workspace, int parts) {
+  if (a.B == 0 || a.C == 0) return;
+  if (a.L > 0) {
+    const int64_t items = a.channel_last
+                              ? a.B * ((a.C + kClBlock - 1) / kClBlock) * ((a.L + kClChunk - 1) / kClChunk)
+                              : a.B * a.C * ((a.L + kRowChunk - 1) / kRowChunk);
+    run_items(a, items, workspace, parts, conv_fwd_f32, conv_fwd_f64);
+  }
+  if (a.final) {
+    if (a.x_dt == kF64)
+      write_final<double>(a, parts);
+    else
+      write_final<float>(a, parts);
+  }
+}
+
+void causal_conv1d_bwd(const Conv1dArgs& a, void* workspace, int parts) {
+  if (a.C == 0) return;
+  const int64_t items = a.channel_last ? (a.C + kClBlock - 1) / kClBlock : a.C;
+  run_items(a, items, workspace, parts, conv_bwd_f32, conv_bwd_f64);
+}
+
+// ----------------------------------------------------------------------------- decode update
+template <typename Acc>
+static void update_rows(const Conv1dUpdateArgs& a, int64_t r0, int64_t r1) {
+  const int64_t H = a.W - 1, S = a.S, L = a.L, esz = dtype_size(a.s_dt);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / a.C, c = r % a.C;
+    const int64_t so = b * a.s_sb + c * a.s_sc, xo = b * a.x_sb + c * a.x_sc;
+    // element i of [state, x]
+    auto cat_off = [&](int64_t i, const void** base, int* dt) {
+      if (i < S) {
+        *base = a.state, *dt = a.s_dt;
+        return so + i * a.s_st;
+      }
+      *base = a.x, *dt = a.x_dt;
+      return xo + (i - S) * a.x_st;
+    };
+    Acc w[4];
+    for (int64_t k = 0; k < a.W; ++k) w[k] = load1<Acc>(a.w, a.w_dt, c * a.W + k);
+    const Acc bias = a.bias ? load1<Acc>(a.bias, a.b_dt, c) : Acc(0);
+    for (int64_t t = 0; t < L; ++t) {
+      Acc o = bias;
+      for (int64_t k = 0; k < a.W; ++k) {
+        const void* base;
+        int dt;
+        const int64_t off = cat_off(S - H + t + k, &base, &dt);
+        o += w[k] * load1<Acc>(base, dt, off);
+      }
+      store1(a.silu ? silu_acc(o) : o, a.out, a.o_dt, b * a.o_sb + c * a.o_sc + t * a.o_st);
+    }
+    // Shift left by L: element j takes element j + L of [state, x]. Reads run ahead of writes,
+    // so the forward order never reads an overwritten element. Same dtype: copied bit for bit.
+    for (int64_t j = 0; j < S; ++j) {
+      const void* base;
+      int dt;
+      const int64_t off = cat_off(j + L, &base, &dt);
+      std::memcpy(static_cast<char*>(a.state) + (so + j * a.s_st) * esz,
+                  static_cast<const char*>(base) + off * esz, esz);
+    }
+  }
+}
+
+void causal_conv1d_update(const Conv1dUpdateArgs& a, int parts) {
+  const int64_t rows = a.B * a.C;
+  if (rows == 0) return;
+  parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(parts, rows)));
+#pragma omp parallel for num_threads(parts) schedule(static, 1)
+  for (int p = 0; p < parts; ++p) {
+    int64_t r0, r1;
+    split_rows(rows, parts, p, &r0, &r1);
+    if (a.x_dt == kF64)
+      update_rows<double>(a, r0, r1);
+    else
+      update_rows<float>(a, r0, r1);
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastlayers

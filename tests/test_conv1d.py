@@ -1,0 +1,362 @@
+"""causal_conv1d and causal_conv1d_update: every backend against the reference (DESIGN.md §4)."""
+import pytest
+import torch
+
+import fastlayers
+from fastlayers import reference
+from fastlayers.ops import conv1d as conv1d_op
+
+from conftest import FAST_CASES, assert_close_to_ref, assert_rel_err, is_interpreted
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-10}
+LAYOUTS = ("time", "channel_last")
+
+
+def _gen(*key):
+    return torch.Generator().manual_seed(hash(key) % (2 ** 31))
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every buffer the op allocates starts as NaN: an element a kernel does not write shows up."""
+    def nan_empty(shape, dtype, device):
+        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(conv1d_op, "empty", nan_empty)
+
+
+def _x(b, d, t, dtype, device, g, layout, scale=1.0):
+    """(batch, dim, seqlen) x; channel_last: a (batch, seqlen, dim) tensor transposed (no copy)."""
+    if layout == "channel_last":
+        x = (scale * torch.randn(b, t, d, generator=g)).to(dtype).to(device).transpose(1, 2)
+        assert x.stride(1) == 1
+        return x
+    return (scale * torch.randn(b, d, t, generator=g)).to(dtype).to(device)
+
+
+def _params(b, d, w, dtype, device, g, bias=True, init=True):
+    weight = (torch.randn(d, w, generator=g) / w ** 0.5).to(dtype).to(device)
+    bias_t = torch.randn(d, generator=g).to(dtype).to(device) if bias else None
+    init_t = torch.randn(b, d, w - 1, generator=g).to(dtype).to(device) if init else None
+    return weight, bias_t, init_t
+
+
+def _up(t):
+    return None if t is None else t.double()
+
+
+def _interpreter_case(dtype, seqlen, width, backward=False):
+    """The cases the (slow) Triton interpreter runs: bf16 at every length with widths 2 and 4 (the longest with
+    width 4 only in the backward), width 3 at short lengths, fp32 and fp16 at one or two shapes; the compiled
+    backends run them all."""
+    if dtype == torch.bfloat16:
+        if width == 3:
+            return seqlen in ((123,) if backward else (3, 123))
+        return seqlen != 2049 or width == 4 or not backward
+    if dtype == torch.float32:
+        return width == 4 and (seqlen == 123 or (seqlen == 1 and not backward))
+    return width == 4 and seqlen == 123 and not backward
+
+
+def _check_out(res, x, weight, bias, act, init, final):
+    hi = reference.causal_conv1d(_up(x), _up(weight), _up(bias), act, _up(init), final)
+    lo = reference.causal_conv1d(x, weight, bias, act, init, final)
+    if final:
+        (out, fin), (hi, hi_fin), (lo, _) = res, hi, lo
+        assert fin.dtype == x.dtype and fin.shape == (x.shape[0], x.shape[1], weight.shape[1] - 1)
+        assert torch.equal(fin.double().cpu(), hi_fin.cpu()), "final_states must be exact copies of the inputs"
+    else:
+        out = res
+    assert out.dtype == x.dtype and out.shape == x.shape
+    if x.shape[2] > 1:  # the output keeps x's layout
+        assert (out.stride(1) == 1) == (x.stride(1) == 1 and x.stride(2) != 1), (out.stride(), x.stride())
+    assert_close_to_ref(out, hi, lo, "out")
+
+
+# ----------------------------------------------------------------------------- forward
+@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("seqlen", [1, 3, 123, 2049])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_causal_conv1d_forward(device, backend, dtype, seqlen, width, layout):
+    """bias + silu + initial states + final states (the Mamba-2 prefill)."""
+    if is_interpreted(device, backend) and not _interpreter_case(dtype, seqlen, width):
+        pytest.skip("interpreter: bf16 everywhere, fp32 and fp16 at a few shapes")
+    b, d = 2, 5 if is_interpreted(device, backend) else 16
+    g = _gen("fwd", dtype, seqlen, width, layout)
+    x = _x(b, d, seqlen, dtype, device, g, layout, scale=2.0)
+    weight, bias, init = _params(b, d, width, dtype, device, g)
+    with fastlayers.use_backend(backend):
+        res = fastlayers.causal_conv1d(x, weight, bias, "silu", init, True)
+    _check_out(res, x, weight, bias, "silu", init, True)
+
+
+VARIANTS = {  # name: (bias, activation, initial_states, return_final_states)
+    "plain": (False, None, False, False),
+    "bias": (True, None, False, False),
+    "silu": (False, "silu", False, False),
+    "swish_init": (True, "swish", True, False),
+    "final_no_init": (False, None, False, True),
+}
+
+
+@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("seqlen", [2, 50])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_causal_conv1d_variants(device, backend, variant, seqlen, layout):
+    """Each option off and on alone; seqlen 2 < width - 1 pads final states with zeros without initial states."""
+    has_bias, act, has_init, final = VARIANTS[variant]
+    dtype = torch.float32 if seqlen == 2 else torch.bfloat16
+    g = _gen("var", variant, seqlen, layout)
+    x = _x(2, 6, seqlen, dtype, device, g, layout)
+    weight, bias, init = _params(2, 6, 4, dtype, device, g, has_bias, has_init)
+    with fastlayers.use_backend(backend):
+        res = fastlayers.causal_conv1d(x, weight, bias, act, init, final)
+    _check_out(res, x, weight, bias, act, init, final)
+
+
+@pytest.mark.parametrize("device,backend", FAST_CASES)
+def test_causal_conv1d_other_strides(device, backend):
+    """x in neither layout (every other time step) is copied once and gives the right answer; mixed dtypes of
+    weight/bias (fp32 weights, bf16 x) and a non-contiguous weight view are accepted."""
+    g = _gen("strides")
+    base = torch.randn(2, 7, 40, generator=g).to(torch.bfloat16).to(device)
+    x = base[:, :, ::2]
+    weight = torch.randn(4, 7, generator=g).to(device).t()  # (7, 4), not contiguous
+    bias = torch.randn(7, generator=g).to(device)
+    with fastlayers.use_backend(backend):
+        res = fastlayers.causal_conv1d(x, weight, bias, "silu", None, True)
+    _check_out(res, x, weight, bias, "silu", None, True)
+
+
+# ----------------------------------------------------------------------------- backward
+def _conv_grads(fn, x, weight, bias, init, dout, dfinal, act):
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, weight, bias, init)]
+    out, fin = fn(*leaves, act)
+    ((out.double() * dout.double()).sum() + (fin.double() * dfinal.double()).sum()).backward()
+    return [None if t is None else t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("seqlen", [1, 3, 123, 2049])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_causal_conv1d_backward(device, backend, dtype, seqlen, width, layout):
+    """Gradients of x, weight, bias and initial_states (through out and final_states) against the reference's.
+    The output gradient is time-contiguous whatever x's layout (a channel-last x gets it copied once)."""
+    interp = is_interpreted(device, backend)
+    if interp and not _interpreter_case(dtype, seqlen, width, backward=True):
+        pytest.skip("interpreter: bf16 at widths 2 and 4 (3 at one length), fp32 and fp16 at one shape")
+    b, d = 2, 4 if interp else 9
+    g = _gen("bwd", dtype, seqlen, width, layout)
+    x = _x(b, d, seqlen, dtype, device, g, layout)
+    weight, bias, init = _params(b, d, width, dtype, device, g)
+    dout = torch.randn(b, d, seqlen, generator=g).to(dtype).to(device)
+    dfinal = torch.randn(b, d, width - 1, generator=g).to(dtype).to(device)
+
+    def fast(*a):
+        with fastlayers.use_backend(backend):
+            return fastlayers.causal_conv1d(*a[:3], a[4], a[3], True)
+
+    got = _conv_grads(fast, x, weight, bias, init, dout, dfinal, "silu")
+    want = _conv_grads(lambda *a: reference.causal_conv1d(*a[:3], a[4], a[3], True),
+                       *(_up(t) for t in (x, weight, bias, init)), dout, dfinal, "silu")
+    for name, a, w, t in zip(("dx", "dweight", "dbias", "dinitial_states"), got, want, (x, weight, bias, init)):
+        assert a.dtype == t.dtype and a.shape == t.shape, name
+        assert_rel_err(a, w, REL_TOL[dtype], name)
+
+
+@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("variant", ["no_bias_no_act", "init_not_returned", "final_only_used"])
+def test_causal_conv1d_backward_variants(device, backend, variant):
+    """No bias and no activation; initial states without final states; a loss on final_states alone."""
+    g = _gen("bwdvar", variant)
+    x = _x(2, 5, 9, torch.float32, device, g, "channel_last")
+    weight, bias, init = _params(2, 5, 3, torch.float32, device, g, variant != "no_bias_no_act",
+                                 variant != "no_bias_no_act")
+    act = None if variant == "no_bias_no_act" else "silu"
+    final = variant == "final_only_used"
+    leaves = [None if t is None else t.clone().requires_grad_() for t in (x, weight, bias, init)]
+    ref_leaves = [None if t is None else t.double().requires_grad_() for t in (x, weight, bias, init)]
+    with fastlayers.use_backend(backend):
+        res = fastlayers.causal_conv1d(*leaves[:3], act, leaves[3], final)
+    ref = reference.causal_conv1d(*ref_leaves[:3], act, ref_leaves[3], final)
+    if final:
+        (res[1] * 3).sum().backward()
+        (ref[1] * 3).sum().backward()
+    else:
+        (res * res).sum().backward()
+        (ref * ref).sum().backward()
+    for a, r in zip(leaves, ref_leaves):
+        if r is None:
+            continue
+        if r.grad is None or not r.grad.any():  # e.g. weight when only final_states is used
+            assert a.grad is None or not a.grad.any()
+        else:
+            assert_rel_err(a.grad, r.grad, 1e-5, "grad")
+
+
+@pytest.mark.parametrize("backend,layout,seqlen", [("cpu", "time", 2), ("cpu", "time", 7), ("cpu", "channel_last", 2),
+                                                    ("cpu", "channel_last", 7), ("reference", "channel_last", 7)])
+def test_causal_conv1d_gradcheck(backend, layout, seqlen):
+    g = _gen("gradcheck", layout, seqlen)
+    x = _x(2, 3, seqlen, torch.float64, "cpu", g, layout).requires_grad_()
+    weight, bias, init = (t.requires_grad_() for t in _params(2, 3, 4, torch.float64, "cpu", g))
+
+    def f(x, weight, bias, init):
+        with fastlayers.use_backend(backend):
+            return fastlayers.causal_conv1d(x, weight, bias, "silu", init, True)
+
+    assert torch.autograd.gradcheck(f, (x, weight, bias, init))
+
+
+def test_causal_conv1d_opcheck():
+    g = _gen("opcheck")
+    for layout in LAYOUTS:
+        x = _x(2, 3, 6, torch.float32, "cpu", g, layout)
+        weight, bias, init = _params(2, 3, 4, torch.float32, "cpu", g)
+        for args in ((x, weight, bias, init, True, True, "cpu"), (x, weight, None, None, False, False, "cpu")):
+            torch.library.opcheck(torch.ops.fastlayers.causal_conv1d_fwd, args)
+        dout, dfinal = torch.randn(2, 3, 6, generator=g), torch.randn(2, 3, 3, generator=g)
+        torch.library.opcheck(torch.ops.fastlayers.causal_conv1d_bwd, (dout, dfinal, x, weight, bias, init, True,
+                                                                        "cpu"))
+        torch.library.opcheck(torch.ops.fastlayers.causal_conv1d_bwd, (dout, None, x, weight, None, None, False,
+                                                                        "cpu"))
+    state = torch.randn(2, 3, 3, generator=g)
+    torch.library.opcheck(torch.ops.fastlayers.causal_conv1d_update,
+                          (torch.randn(2, 3, 1, generator=g), state, weight, bias, True, "cpu"))
+
+
+@pytest.mark.parametrize("device,backend", FAST_CASES)
+def test_causal_conv1d_compile(device, backend):
+    """torch.compile(fullgraph=True) of prefill (channel-last, as Mamba-2) + a decode step matches eager."""
+    if is_interpreted(device, backend):
+        pytest.skip("torch.compile of interpreted Triton kernels is not supported")
+    g = _gen("compile")
+    xbc = torch.randn(2, 8, 6, generator=g).to(device)  # (batch, seqlen, dim)
+    weight, bias, _ = _params(2, 6, 4, torch.float32, device, g, init=False)
+    step = torch.randn(2, 6, generator=g).to(device)
+
+    def f(xbc, weight, bias):
+        y, state = fastlayers.causal_conv1d(xbc.transpose(1, 2), weight, bias, "silu", return_final_states=True)
+        state = state.detach().clone()
+        z = fastlayers.causal_conv1d_update(step, state, weight.detach(), bias.detach(), "silu")
+        return (y.transpose(1, 2) * 2).square().sum(), z, state
+
+    res = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+        leaves = [t.clone().requires_grad_() for t in (xbc, weight, bias)]
+        with fastlayers.use_backend(backend):
+            loss, z, state = fn(*leaves)
+            loss.backward()
+        res.append([loss.detach(), z, state] + [t.grad for t in leaves])
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------- decode update
+@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("width", [2, 3, 4])
+def test_update_is_last_column_of_full_conv(device, backend, dtype, width):
+    """One step == the last output of the full conv over [conv_state, x]; the state shifts left by one."""
+    g = _gen("upd", dtype, width)
+    b, d = 3, 10
+    state = torch.randn(b, d, width - 1, generator=g).to(dtype).to(device)
+    x = torch.randn(b, d, generator=g).to(dtype).to(device)
+    weight, bias, _ = _params(b, d, width, dtype, device, g, init=False)
+    full = torch.cat([state, x[..., None]], dim=-1)
+    want_state = full[..., 1:].clone()
+    with fastlayers.use_backend(backend):
+        out = fastlayers.causal_conv1d_update(x, state, weight, bias, "silu")
+    hi = reference.causal_conv1d(_up(full), _up(weight), _up(bias), "silu")[..., -1]
+    lo = reference.causal_conv1d(full, weight, bias, "silu")[..., -1]
+    assert out.shape == x.shape and out.dtype == dtype
+    assert_close_to_ref(out, hi, lo, "update")
+    assert torch.equal(state, want_state), "conv_state must be shifted left with x appended"
+
+
+@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("state_len,chunk", [(3, 1), (3, 3), (5, 2)], ids=["S3x1", "S3x3", "S5x2"])
+def test_prefill_then_update_equals_full_conv(device, backend, state_len, chunk):
+    """Prefill k steps (final_states -> conv_state), then decode the rest `chunk` steps at a time (a 2-D x for
+    one step): the outputs equal one full causal_conv1d, and the state ends as the last inputs.
+    A state longer than width - 1 keeps older inputs; only its last width - 1 enter the conv."""
+    g = _gen("prefill", state_len, chunk)
+    b, d, t, k, width = 2, 7, 11, 6, 4
+    x = _x(b, d, t, torch.float32, device, g, "channel_last")
+    weight, bias, _ = _params(b, d, width, torch.float32, device, g, init=False)
+    with fastlayers.use_backend(backend):
+        full = fastlayers.causal_conv1d(x, weight, bias, "silu")
+        y, fin = fastlayers.causal_conv1d(x[:, :, :k], weight, bias, "silu", return_final_states=True)
+        state = torch.zeros(b, d, state_len, device=device)
+        state[..., -(width - 1):] = fin
+        state[..., :state_len - (width - 1)] = x[:, :, k - state_len:k - (width - 1)]
+        outs = [y]
+        for s in range(k, t, chunk):
+            xs = x[:, :, s:s + chunk]
+            o = fastlayers.causal_conv1d_update(xs[..., 0] if chunk == 1 else xs, state, weight, bias, "silu")
+            outs.append(o[..., None] if chunk == 1 else o)
+    torch.testing.assert_close(torch.cat(outs, dim=-1), full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, x[:, :, t - state_len:], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.fixture
+def no_kernels(monkeypatch):
+    from fastlayers.backends import cpu as cpu_backend
+    for name in ("causal_conv1d_fwd", "causal_conv1d_bwd", "causal_conv1d_update"):
+        monkeypatch.setattr(cpu_backend, name, lambda *a, **k: pytest.fail("kernel ran on bad input"))
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (dict(x=torch.randn(3, 4)), ValueError, "x must be 3-D"),
+    (dict(x=torch.ones(2, 4, 5, dtype=torch.int32)), TypeError, "x must be a floating tensor"),
+    (dict(weight=torch.randn(4, 5)), ValueError, r"weight must have shape \(4, width\)"),
+    (dict(weight=torch.randn(4, 1)), ValueError, "width 2, 3 or 4"),
+    (dict(weight=torch.randn(3, 4)), ValueError, r"weight must have shape \(4, width\)"),
+    (dict(bias=torch.randn(5)), ValueError, r"bias must have shape \(4,\)"),
+    (dict(activation="relu"), ValueError, "activation must be None, 'silu' or 'swish'"),
+    (dict(initial_states=torch.randn(2, 4, 2)), ValueError, r"initial_states must have shape \(2, 4, 3\)"),
+    (dict(initial_states=torch.randn(2, 4, 3, dtype=torch.float64)), TypeError, "initial_states must have the dtype"),
+    (dict(return_final_states=1), TypeError, "return_final_states must be a bool"),
+])
+def test_causal_conv1d_bad_input(bad, exc, match, no_kernels):
+    args = dict(x=torch.randn(2, 4, 5), weight=torch.randn(4, 4), bias=torch.randn(4), activation="silu",
+                initial_states=None, return_final_states=False)
+    args.update(bad)
+    with pytest.raises(exc, match=match):
+        fastlayers.causal_conv1d(**args)
+
+
+def test_causal_conv1d_unsupported_options():
+    x, w = torch.randn(1, 2, 3), torch.randn(2, 4)
+    with pytest.raises(NotImplementedError, match="seq_idx"):
+        fastlayers.causal_conv1d(x, w, seq_idx=torch.zeros(1, 3, dtype=torch.int32))
+    with pytest.raises(NotImplementedError, match="cache_seqlens"):
+        fastlayers.causal_conv1d_update(x[..., 0], torch.zeros(1, 2, 3), w, cache_seqlens=torch.zeros(1))
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (dict(conv_state=torch.randn(2, 4, 3, dtype=torch.bfloat16)), TypeError, "conv_state must have the dtype of x"),
+    (dict(conv_state=torch.randn(2, 4, 2)), ValueError, "state_len >= width - 1 = 3"),
+    (dict(conv_state=torch.randn(3, 4, 3)), ValueError, r"conv_state must have shape \(2, 4, state_len\)"),
+    (dict(conv_state=torch.ones(2, 4, 3, dtype=torch.int64)), TypeError, "conv_state must be a floating tensor"),
+    (dict(x=torch.randn(2, 4, 1, 1)), ValueError, r"x must be \(batch, dim\)"),
+    (dict(x=torch.randn(2, 5)), ValueError, r"weight must have shape \(5, width\)"),
+    (dict(weight=torch.randn(4, 5)), ValueError, "width 2, 3 or 4"),
+    (dict(bias=torch.randn(4, 1)), ValueError, r"bias must have shape \(4,\)"),
+    (dict(activation="gelu"), ValueError, "activation must be"),
+])
+def test_update_bad_input_leaves_state_untouched(bad, exc, match, no_kernels):
+    g = _gen("bad-update")
+    args = dict(x=torch.randn(2, 4, generator=g), conv_state=torch.randn(2, 4, 3, generator=g),
+                weight=torch.randn(4, 4, generator=g), bias=torch.randn(4, generator=g), activation="silu")
+    args.update(bad)
+    before = args["conv_state"].clone()
+    with pytest.raises(exc, match=match):
+        fastlayers.causal_conv1d_update(**args)
+    assert torch.equal(args["conv_state"], before), "conv_state was modified by a call that failed"
