@@ -99,3 +99,37 @@ def selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, out, state_batc
     _C.selective_state_update(_view4(state), _view4(x), _view4(dt), _view4(A), _view4(B), _view4(C), _view4(D),
                               _view4(z), _view4(dt_bias), _view4(out), ptr(state_batch_indices), batch, H, P, N, G,
                               bool(dt_softplus), ws.data_ptr(), parts)
+
+
+def _scan_ws(u, L, N, backward, parts):
+    return torch.empty(parts * _C.selective_scan_workspace(L, N, backward), dtype=stat_dtype(u.dtype))
+
+
+_NONE4 = (0, -1, (0, 0, 0, 0))
+
+
+def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, out, last, GB, GC, delta_softplus):
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    parts = _parts(batch * dim)
+    ws = _scan_ws(u, L, N, False, parts)
+    _C.selective_scan(_view4(u), _view4(delta), _view4(A), _view4(B), _view4(C), _view4(D), _view4(z),
+                      _view4(delta_bias), _view4(out), _view4(last), _NONE4, _NONE4, _NONE4, _NONE4, _NONE4,
+                      0, 0, 0, 0, 0, 0, 0, batch, dim, L, N, GB, GC, bool(delta_softplus), ws.data_ptr(), parts)
+
+
+def selective_scan_bwd_parts(batch, dim, L, N, device):
+    return _parts(batch * dim)
+
+
+def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, du, ddelta, dz, dA_part, dB_part, dC_part,
+                       dD_part, dbias_part, GB, GC, delta_softplus):
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    parts = dA_part.shape[0]
+    ws = _scan_ws(u, L, N, True, parts)
+    _C.selective_scan(_view4(u), _view4(delta), _view4(A), _view4(B), _view4(C), _view4(D), _view4(z),
+                      _view4(delta_bias), _NONE4, _NONE4, _view4(dout), _view4(dlast), _view4(du), _view4(ddelta),
+                      _view4(dz), ptr(dA_part), ptr(dB_part), ptr(dC_part), ptr(dD_part), ptr(dbias_part),
+                      dB_part[0].numel(), dC_part[0].numel(), batch, dim, L, N, GB, GC, bool(delta_softplus),
+                      ws.data_ptr(), parts)
