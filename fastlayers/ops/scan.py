@@ -200,7 +200,7 @@ def _scan_grad_bc(part_sum, M):
     if M.dim() == 2:
         return part_sum.to(M.dtype)
     g = part_sum.transpose(-1, -2)
-    return (g if M.dim() == 4 else g[:, 0]).to(M.dtype)
+    return torch.empty(M.shape, dtype=M.dtype, device=M.device).copy_(g if M.dim() == 4 else g[:, 0])
 
 
 def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, backend):
