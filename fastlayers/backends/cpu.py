@@ -108,10 +108,16 @@ def _scan_ws(u, L, N, backward, parts):
 _NONE4 = (0, -1, (0, 0, 0, 0))
 
 
+def _scan_parts(batch, dim, L, N):
+    # Small scans run on one thread: waking the OpenMP team costs more than the work (and milliseconds
+    # when the cores are shared).
+    return 1 if batch * dim * L * N < (1 << 16) else _parts(batch * dim)
+
+
 def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, out, last, GB, GC, delta_softplus):
     batch, dim, L = u.shape
     N = A.shape[1]
-    parts = _parts(batch * dim)
+    parts = _scan_parts(batch, dim, L, N)
     ws = _scan_ws(u, L, N, False, parts)
     _C.selective_scan(_view4(u), _view4(delta), _view4(A), _view4(B), _view4(C), _view4(D), _view4(z),
                       _view4(delta_bias), _view4(out), _view4(last), _NONE4, _NONE4, _NONE4, _NONE4, _NONE4,
@@ -119,7 +125,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, out, last, GB, GC, d
 
 
 def selective_scan_bwd_parts(batch, dim, L, N, device):
-    return _parts(batch * dim)
+    return _scan_parts(batch, dim, L, N)
 
 
 def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, du, ddelta, dz, dA_part, dB_part, dC_part,
