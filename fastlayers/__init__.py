@@ -4,8 +4,9 @@ Built so far: fused residual + RMSNorm / LayerNorm (``rms_norm``, ``layer_norm``
 ``RMSNorm``, ``LayerNorm``); the HybridNorm family (``qkv_norm_rope``, ``swiglu``,
 ``QKVNormAttention``, ``PostNormFFN``, ``HybridNormBlock``, ``HybridNormLM``).
 Every op has ``reference``, ``cpu`` and ``triton`` backends (and ``cuda`` for the
-norms). Planned: selective scans, MLA decoding, hybrid models and a reference
-training loop.
+norms). Mamba: ``selective_state_update`` (the decode step) and ``selective_scan``
+(the Mamba-1 scan, forward and backward; ``cpu`` and ``reference`` backends so far).
+Planned: the other scans, MLA decoding, hybrid models and a reference training loop.
 """
 from .backend import BackendUnavailable, available_backends, use_backend  # noqa: F401
 from .modules import LayerNorm, RMSNorm  # noqa: F401

@@ -199,6 +199,24 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fastlayers.selective_scan_bwd, (dout, None, *args2, False, "cpu"))
 
 
+def test_torch_compile_fullgraph():
+    """The custom ops (fake kernels, autograd) trace with fullgraph=True and give the eager results."""
+    args = _inputs(2, 4, 9, 3, "group", torch.float32, _gen("compile"), c_layout="const")
+
+    def f(*xs):
+        out, last = fastlayers.selective_scan(*xs, delta_softplus=True, return_last_state=True)
+        return out.sum() + (last * last).sum()
+
+    grads = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+        leaves = [a.clone().requires_grad_() for a in args]
+        loss = fn(*leaves)
+        loss.backward()
+        grads.append([loss.detach()] + [x.grad for x in leaves])
+    for name, a, b in zip(("loss",) + NAMES, *grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("bad,match", [
     (dict(delta=torch.randn(2, 4, 6)), "delta must have shape"),
