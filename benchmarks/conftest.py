@@ -39,14 +39,16 @@ def copy_gbps():
     return measure_copy_gbps(1 << 20 if SMOKE else 128 << 20)
 
 
-def run(benchmark, fn, nbytes, copy_gbps, rounds=5, **info):
-    """Benchmark ``fn`` and record analytic GB/s and its fraction of the copy ceiling."""
+def run(benchmark, fn, nbytes, copy_gbps, rounds=5, warmup=3, **info):
+    """Benchmark ``fn`` and record analytic GB/s and its fraction of the copy ceiling.
+    ``warmup=0``: no warm-up call at all (for references that take seconds a call)."""
     def call():
         fn()
         sync()
 
-    call()  # warm-up (and compilation for torch.compile providers)
-    benchmark.pedantic(call, rounds=1 if SMOKE else rounds, iterations=1, warmup_rounds=0 if SMOKE else 3)
+    if warmup:
+        call()  # warm-up (and compilation for torch.compile providers)
+    benchmark.pedantic(call, rounds=1 if SMOKE else rounds, iterations=1, warmup_rounds=0 if SMOKE else warmup)
     info.update(bytes=nbytes, copy_gbps=round(copy_gbps, 2), device=DEVICE,
                 device_name=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
                 threads=torch.get_num_threads())

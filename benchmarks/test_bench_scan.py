@@ -1,12 +1,22 @@
-"""Mamba scans: selective_state_update (the decode step) against its eager reference.
+"""Mamba scans against their eager references.
 
-Providers: the fastlayers backend (``cpu``; ``triton`` on a GPU), ``eager`` (fastlayers.reference.
-selective_state_update, written like mamba_ssm's ``selective_state_update_ref``) and ``compile``
-(torch.compile of it). Bytes: the state is read and written once; x, dt, B, C, z, out once each
-(A, D and dt_bias broadcast over headdim as Mamba-2 passes them).
+selective_state_update (the decode step). Providers: the fastlayers backend (``cpu``; ``triton`` on a
+GPU), ``eager`` (fastlayers.reference.selective_state_update, written like mamba_ssm's
+``selective_state_update_ref``) and ``compile`` (torch.compile of it). Bytes: the state is read and
+written once; x, dt, B, C, z, out once each (A, D and dt_bias broadcast over headdim as Mamba-2 passes them).
+
+selective_scan (Mamba-1), forward and forward+backward. Providers: ``cpu`` and ``eager``
+(:func:`selective_scan_ref` below, written like mamba_ssm's ``selective_scan_ref``: exp(delta A) and
+delta B u precomputed for every step, then a Python loop over L). The cpu rows record
+``speedup_vs_eager`` (the issue's CPU targets: >= 30x forward, >= 10x forward+backward). Bytes: u,
+delta, z, B, C read and out written once (forward); plus dout read and du, ddelta, dz, dB, dC written
+(backward; the states are recomputed, never stored).
 """
+import os
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastlayers
 from fastlayers import reference
@@ -50,3 +60,110 @@ def test_selective_state_update(benchmark, copy_gbps, shape, provider):
     with torch.no_grad():
         run(benchmark, lambda: fn(state, x, dt, A, B, C, D, z, dtb, True), nbytes, copy_gbps,
             op="selective_state_update", shape=list(shape), dtype="float32", provider=provider)
+
+
+
+# ----------------------------------------------------------------------------- selective_scan (Mamba-1)
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False):
+    """mamba_ssm's selective_scan_ref (mamba_ssm/ops/selective_scan_interface.py), real A only."""
+    dtype_in = u.dtype
+    u, delta = u.float(), delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias[..., None].float()
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, dim, dstate = u.shape[0], A.shape[0], A.shape[1]
+    is_variable_B, is_variable_C = B.dim() >= 3, C.dim() >= 3
+    B, C = B.float(), C.float()
+    x = A.new_zeros((batch, dim, dstate))
+    ys = []
+    deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
+    if not is_variable_B:
+        deltaB_u = torch.einsum("bdl,dn,bdl->bdln", delta, B, u)
+    elif B.dim() == 3:
+        deltaB_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
+    else:
+        B = B.repeat_interleave(dim // B.shape[1], dim=1)
+        deltaB_u = torch.einsum("bdl,bdnl,bdl->bdln", delta, B, u)
+    if is_variable_C and C.dim() == 4:
+        C = C.repeat_interleave(dim // C.shape[1], dim=1)
+    last_state = None
+    for i in range(u.shape[2]):
+        x = deltaA[:, :, i] * x + deltaB_u[:, :, i]
+        if not is_variable_C:
+            y = torch.einsum("bdn,dn->bd", x, C)
+        elif C.dim() == 3:
+            y = torch.einsum("bdn,bn->bd", x, C[:, :, i])
+        else:
+            y = torch.einsum("bdn,bdn->bd", x, C[:, :, :, i])
+        if i == u.shape[2] - 1:
+            last_state = x
+        ys.append(y)
+    y = torch.stack(ys, dim=2)
+    out = y if D is None else y + u * D[:, None]
+    if z is not None:
+        out = out * F.silu(z)
+    out = out.to(dtype=dtype_in)
+    return out if not return_last_state else (out, last_state)
+
+
+# (batch, dim, L, N): Mamba-1 130M-like (d_inner 1536), the issue's CPU target shape
+SCAN_SHAPES = [(1, 8, 64, 4)] if SMOKE else [(2, 1536, 2048, 16)]
+_scan_medians = {}
+
+
+def _scan_inputs(batch, dim, L, n, requires_grad):
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    ins = dict(u=r(batch, dim, L), delta=r(batch, dim, L) * 0.5 - 1, A=-(torch.rand(dim, n, generator=g) + 0.1),
+               B=r(batch, n, L), C=r(batch, n, L), D=r(dim), z=r(batch, dim, L), delta_bias=r(dim) * 0.5)
+    return {k: v.requires_grad_(requires_grad) for k, v in ins.items()}
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="selective_scan has only the cpu kernel so far")
+@pytest.mark.parametrize("provider", ["eager", "cpu"])  # eager first: the cpu row records the ratio
+@pytest.mark.parametrize("pass_", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("shape", SCAN_SHAPES, ids=lambda s: "b{}d{}L{}n{}".format(*s))
+def test_selective_scan(benchmark, copy_gbps, shape, pass_, provider):
+    batch, dim, L, n = shape
+    bwd = pass_ == "fwd_bwd"
+    if bwd and provider == "eager" and not SMOKE and os.environ.get("FASTLAYERS_BENCH_SLOW", "0") in ("", "0"):
+        # Its backward is O(L^2): autograd's select-backward of deltaA[:, :, i] and deltaB_u[:, :, i]
+        # zero-fills a full (batch, dim, L, N) gradient every step. One call ran > 23 min on the shared
+        # 2-core machine without finishing (the cpu fwd+bwd: ~0.8 s).
+        pytest.skip("eager fwd+bwd takes > 20 min at this shape; FASTLAYERS_BENCH_SLOW=1 runs it")
+    ins = _scan_inputs(batch, dim, L, n, bwd)
+    if provider == "cpu":
+        def fn(**kw):
+            with fastlayers.use_backend("cpu"):
+                return fastlayers.selective_scan(**kw, delta_softplus=True)
+    else:
+        def fn(**kw):
+            return selective_scan_ref(**kw, delta_softplus=True)
+    act = 4 * batch * dim * L  # one (batch, dim, L) fp32 tensor
+    nbytes = 4 * act + 2 * 4 * batch * n * L
+    if bwd:
+        dout = torch.randn(batch, dim, L)
+        nbytes += 4 * act + 2 * 4 * batch * n * L
+
+        def step():
+            for t in ins.values():
+                t.grad = None
+            fn(**ins).backward(dout)
+    else:
+        def step():
+            with torch.no_grad():
+                fn(**ins)
+    # The eager reference takes tens of seconds a call here: one timed call, no warm-up.
+    slow = provider == "eager"
+    run(benchmark, step, nbytes, copy_gbps, rounds=1 if slow else 5, warmup=0 if slow else 2, op="selective_scan", pass_=pass_, shape=list(shape),
+        dtype="float32", provider=provider)
+    if benchmark.stats is not None:
+        t = benchmark.stats.stats.median
+        _scan_medians[(shape, pass_, provider)] = t
+        eager = _scan_medians.get((shape, pass_, "eager"))
+        if provider == "cpu" and eager is not None:
+            benchmark.extra_info["speedup_vs_eager"] = round(eager / t, 1)
+            print(f"\nselective_scan {pass_} {shape}: cpu {t * 1e3:.1f} ms, eager {eager * 1e3:.1f} ms, "
+                  f"speedup {eager / t:.1f}x")

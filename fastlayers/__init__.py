@@ -4,14 +4,17 @@ Built so far: fused residual + RMSNorm / LayerNorm (``rms_norm``, ``layer_norm``
 ``RMSNorm``, ``LayerNorm``); the HybridNorm family (``qkv_norm_rope``, ``swiglu``,
 ``QKVNormAttention``, ``PostNormFFN``, ``HybridNormBlock``, ``HybridNormLM``); Mamba's
 causal depthwise conv1d (``causal_conv1d``, ``causal_conv1d_update``).
-Every op has ``reference``, ``cpu`` and ``triton`` backends (and ``cuda`` for the
-norms). Planned: selective scans, MLA decoding, hybrid models and a reference
-training loop.
+Mamba: ``selective_state_update`` (the decode step) and ``selective_scan`` (the
+Mamba-1 scan, forward and backward; ``cpu`` and ``reference`` backends so far). MLA
+decoding: ``mla_decode``, ``PagedLatentCache``, ``MLA``. Every op has ``reference``
+and ``cpu`` backends, ``triton`` for all but ``selective_scan``, and ``cuda`` for the
+norms. Planned: the Mamba-2 chunked scan, the Mamba layers, hybrid models and a
+reference training loop.
 """
 from .backend import BackendUnavailable, available_backends, use_backend  # noqa: F401
 from .modules import LayerNorm, RMSNorm  # noqa: F401
 from .ops import (causal_conv1d, causal_conv1d_update, layer_norm, mla_decode, qkv_norm_rope,  # noqa: F401
-                  qkv_norm_rope_packed, rms_norm, selective_state_update, swiglu)
+                  qkv_norm_rope_packed, rms_norm, selective_scan, selective_state_update, swiglu)
 from .mla import MLA, PagedLatentCache  # noqa: F401
 from .hybridnorm import (FeedForward, HybridNormBlock, HybridNormLM, KVCache, PostNormFFN,  # noqa: F401
                          QKVNormAttention)
@@ -19,6 +22,6 @@ from . import reference  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = ["rms_norm", "layer_norm", "RMSNorm", "LayerNorm", "qkv_norm_rope", "qkv_norm_rope_packed", "swiglu",
-           "selective_state_update", "causal_conv1d", "causal_conv1d_update", "mla_decode", "MLA",
-           "PagedLatentCache", "QKVNormAttention", "FeedForward", "PostNormFFN", "HybridNormBlock",
+           "selective_scan", "selective_state_update", "causal_conv1d", "causal_conv1d_update", "mla_decode",
+           "MLA", "PagedLatentCache", "QKVNormAttention", "FeedForward", "PostNormFFN", "HybridNormBlock",
            "HybridNormLM", "KVCache", "available_backends", "use_backend", "BackendUnavailable", "reference"]

@@ -36,6 +36,12 @@ def _case(device, backend):
 FAST_CASES = [_case("cpu", "cpu"), _case("cpu", "triton"), _case("cuda", "cuda"), _case("cuda", "triton")]
 
 
+def seed_of(*key):
+    """A seed from a test's parameters that is the same in every process (``hash`` of a str is not)."""
+    import zlib
+    return zlib.crc32(repr(key).encode()) % (2 ** 31)
+
+
 def is_interpreted(device, backend):
     return backend == "triton" and device == "cpu"
 

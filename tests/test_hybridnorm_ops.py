@@ -5,14 +5,14 @@ import torch
 import fastlayers
 from fastlayers import reference
 
-from conftest import FAST_CASES, assert_close_to_ref, assert_rel_err, is_interpreted
+from conftest import FAST_CASES, assert_close_to_ref, assert_rel_err, is_interpreted, seed_of
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-10}
 
 
 def _gen(*key):
-    return torch.Generator().manual_seed(hash(key) % (2 ** 31))
+    return torch.Generator().manual_seed(seed_of(*key))
 
 
 def _packed(b, t, hq, hkv, d, dtype, device, g, scale=1.0):

@@ -240,6 +240,42 @@ PYBIND11_MODULE(_C, m) {
         cpu::causal_conv1d_update(a, parts);
       },
       "Causal conv1d decode step: out from [conv_state, x], conv_state shifted in place.");
+  // selective_scan: forward when dout is absent (address 0), else backward.
+  m.def(
+      "selective_scan",
+      [](const PyView& u, const PyView& delta, const PyView& A, const PyView& B, const PyView& C, const PyView& D,
+         const PyView& z, const PyView& delta_bias, const PyView& out, const PyView& last, const PyView& dout,
+         const PyView& dlast, const PyView& du, const PyView& ddelta, const PyView& dz, uintptr_t dA_part,
+         uintptr_t dB_part, uintptr_t dC_part, uintptr_t dD_part, uintptr_t dbias_part, int64_t dB_part_stride,
+         int64_t dC_part_stride, int64_t batch, int64_t dim, int64_t L, int64_t N, int64_t GB, int64_t GC,
+         bool softplus, uintptr_t workspace, int parts) {
+        if (parts < 1) throw std::invalid_argument("fastlayers: parts must be >= 1");
+        if (GB < 1 || dim % GB || GC < 1 || dim % GC)
+          throw std::invalid_argument("fastlayers: the number of groups of B and C must divide dim");
+        const bool bwd = std::get<0>(dout) != 0;
+        SelectiveScanArgs a{view4(u, "u", true), view4(delta, "delta", true), view4(A, "A", true),
+                            view4(B, "B", true), view4(C, "C", true), view4(D, "D", false), view4(z, "z", false),
+                            view4(delta_bias, "delta_bias", false), view4(out, "out", !bwd),
+                            view4(last, "last_state", false), view4(dout, "dout", false),
+                            view4(dlast, "dlast_state", false), view4(du, "du", bwd),
+                            view4(ddelta, "ddelta", bwd), view4(dz, "dz", false), P(dA_part), P(dB_part),
+                            P(dC_part), P(dD_part), P(dbias_part), dB_part_stride, dC_part_stride, batch, dim, L,
+                            N, GB, GC, softplus};
+        const int acc = a.u.dt == kF64 ? kF64 : kF32;
+        if (a.B.dt != acc || a.C.dt != acc || (a.last.p && a.last.dt != acc))
+          throw std::invalid_argument("fastlayers: selective_scan B, C and last_state must be in the accumulator dtype");
+        if (bwd && (!a.dA_part || !a.dB_part || !a.dC_part))
+          throw std::invalid_argument("fastlayers: selective_scan backward needs dA, dB and dC partial buffers");
+        py::gil_scoped_release nogil;
+        if (bwd)
+          cpu::selective_scan_bwd(a, P(workspace), parts);
+        else
+          cpu::selective_scan_fwd(a, P(workspace), parts);
+      },
+      "Mamba-1 selective scan forward (dout absent) or backward (see SelectiveScanArgs).");
+
+  m.def("selective_scan_workspace", &cpu::selective_scan_workspace,
+        "Accumulators per part of the selective_scan workspace: (L, N, backward).");
 
   m.def("max_threads", []() { return omp_get_max_threads(); });
 

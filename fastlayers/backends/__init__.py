@@ -140,6 +140,30 @@ layout and gives out/dout/dx the layout of x. W (width) is 2, 3 or 4; H = W - 1.
                 elements of [conv_state, x] along time (read before written)
     weight, bias: as in the forward
     out         (B, C, T) output, contiguous: the conv over [conv_state[..., S - H:], x]
+Contract for the Mamba-1 scan (``selective_scan_*``)
+----------------------------------------------------
+``selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, out, last, GB, GC, delta_softplus)``
+    u, delta, z (batch, dim, L), any strides; z may be None; fp32/fp16/bf16 (fp64 on cpu)
+    A         (dim, N), any strides, any floating dtype
+    B, C      (Bb, G, L', N) views of accumulator-dtype tensors with the last dim contiguous: channel d of
+              batch b reads step t at [b, d // (dim / G), t]; a time-invariant (dim, N) B is passed as
+              a (1, dim, 1, N) view with strides (0, N, 0, 1) and G = dim. GB, GC: their G.
+    D, delta_bias (dim,) or None
+    out       (batch, dim, L) output, dtype of u
+    last      (batch, dim, N) accumulator-dtype output (the state after step L-1)
+  Accumulator: float64 for float64 u, else float32. dt = softplus(delta + delta_bias) (softplus only
+  with delta_softplus); x_t = exp(dt_t A) x_{t-1} + dt_t u_t B_t (x_{-1} = 0);
+  out_t = (<x_t, C_t> + D u_t) * silu(z_t).  Requires L > 0 and batch * dim > 0.
+
+``selective_scan_bwd_parts(batch, dim, L, N, device) -> int``   number P of partial buffers
+``selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, du, ddelta, dz, dA_part, dB_part,
+                     dC_part, dD_part, dbias_part, GB, GC, delta_softplus)``
+    dout      (batch, dim, L) grad of out, any strides; dlast (batch, dim, N) grad of last, or None
+    u ... delta_softplus: as in the forward (the states are recomputed)
+    du, ddelta, dz  (batch, dim, L) outputs in the dtypes of u, delta, z (dz None without z)
+    dA_part   (P, dim, N); dB_part, dC_part (P, *B.shape) / (P, *C.shape) laid out like the contiguous
+              tensors B and C are views of; dD_part, dbias_part (P, dim) or None. All accumulator
+              dtype, zeroed by the caller, which sums them over P.
 """
 import importlib
 

@@ -179,3 +179,41 @@ def causal_conv1d_update(x, conv_state, weight, bias, out, silu):
                             ptr(weight), code(weight), ptr(bias), code(bias), ptr(out), _s(out), code(out),
                             B, C, L, conv_state.shape[2], weight.shape[1], bool(silu),
                             _conv_parts(B * C * (conv_state.shape[2] + L), B * C))
+def _scan_ws(u, L, N, backward, parts):
+    return torch.empty(parts * _C.selective_scan_workspace(L, N, backward), dtype=stat_dtype(u.dtype))
+
+
+_NONE4 = (0, -1, (0, 0, 0, 0))
+
+
+def _scan_parts(batch, dim, L, N):
+    # Small scans run on one thread: waking the OpenMP team costs more than the work (and milliseconds
+    # when the cores are shared).
+    return 1 if batch * dim * L * N < (1 << 16) else _parts(batch * dim)
+
+
+def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, out, last, GB, GC, delta_softplus):
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    parts = _scan_parts(batch, dim, L, N)
+    ws = _scan_ws(u, L, N, False, parts)
+    _C.selective_scan(_view4(u), _view4(delta), _view4(A), _view4(B), _view4(C), _view4(D), _view4(z),
+                      _view4(delta_bias), _view4(out), _view4(last), _NONE4, _NONE4, _NONE4, _NONE4, _NONE4,
+                      0, 0, 0, 0, 0, 0, 0, batch, dim, L, N, GB, GC, bool(delta_softplus), ws.data_ptr(), parts)
+
+
+def selective_scan_bwd_parts(batch, dim, L, N, device):
+    return _scan_parts(batch, dim, L, N)
+
+
+def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, du, ddelta, dz, dA_part, dB_part, dC_part,
+                       dD_part, dbias_part, GB, GC, delta_softplus):
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    parts = dA_part.shape[0]
+    ws = _scan_ws(u, L, N, True, parts)
+    _C.selective_scan(_view4(u), _view4(delta), _view4(A), _view4(B), _view4(C), _view4(D), _view4(z),
+                      _view4(delta_bias), _NONE4, _NONE4, _view4(dout), _view4(dlast), _view4(du), _view4(ddelta),
+                      _view4(dz), ptr(dA_part), ptr(dB_part), ptr(dC_part), ptr(dD_part), ptr(dbias_part),
+                      dB_part[0].numel(), dC_part[0].numel(), batch, dim, L, N, GB, GC, bool(delta_softplus),
+                      ws.data_ptr(), parts)

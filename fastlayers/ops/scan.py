@@ -1,14 +1,21 @@
-"""Mamba scans. So far: ``selective_state_update``, the one-token decode step (mamba_ssm's
-semantics and shapes), forward only. The reference scans (``fastlayers.reference.selective_scan``,
-``ssd_scan``) define the prefill/training semantics the fast scans will follow.
+"""Mamba scans: ``selective_state_update``, the one-token decode step (mamba_ssm's semantics and
+shapes), forward only; ``selective_scan``, the Mamba-1 scan over whole sequences (mamba_ssm's
+``selective_scan_fn``), forward and backward. The reference scans (``fastlayers.reference.selective_scan``,
+``ssd_scan``) define the semantics.
+
+``selective_scan`` in eager mode goes straight to the kernels (through a torch.autograd.Function when
+a gradient is needed); while torch.compile traces, the same kernels run through the custom ops
+``fastlayers::selective_scan_fwd``/``_bwd``.
 """
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import reference
-from ..backend import resolve
+from .._alloc import empty
+from .._dtypes import stat_dtype
+from ..backend import BackendUnavailable, resolve
 from ..backends import load
 from ._common import check_same_device, check_shape, check_tensor
 
@@ -138,3 +145,198 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         return torch.ops.fastlayers.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias,
                                                           state_batch_indices, bool(dt_softplus), backend)
     return _run(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, bool(dt_softplus), backend)
+
+
+
+# ============================================================================= selective_scan (Mamba-1)
+def _check_scan(op, u, delta, A, B, C, D, z, delta_bias):
+    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
+        check_tensor(op, name, t)
+    for name, t in (("D", D), ("z", z), ("delta_bias", delta_bias)):
+        if t is not None:
+            check_tensor(op, name, t)
+    if u.dim() != 3:
+        raise ValueError(f"fastlayers.{op}: u must be (batch, dim, seqlen); got shape {tuple(u.shape)}")
+    batch, dim, L = u.shape
+    check_shape(op, "delta", delta, u.shape, " (the shape of u: batch, dim, seqlen)")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"fastlayers.{op}: A must have shape (dim, dstate) = ({dim}, N); got {tuple(A.shape)}")
+    n = A.shape[1]
+    for name, M in (("B", B), ("C", C)):
+        if M.dim() == 2:
+            check_shape(op, name, M, (dim, n), " (dim, dstate): time-invariant")
+        elif M.dim() == 3:
+            check_shape(op, name, M, (batch, n, L), " (batch, dstate, seqlen)")
+        elif M.dim() == 4:
+            if M.shape[0] != batch or tuple(M.shape[2:]) != (n, L) or M.shape[1] == 0 or dim % M.shape[1]:
+                raise ValueError(f"fastlayers.{op}: {name} must be (batch, ngroups, dstate, seqlen) = ({batch}, G, "
+                                 f"{n}, {L}) with G dividing dim {dim}; got {tuple(M.shape)}")
+        else:
+            raise ValueError(f"fastlayers.{op}: {name} must be (dim, dstate), (batch, dstate, seqlen) or "
+                             f"(batch, ngroups, dstate, seqlen); got shape {tuple(M.shape)}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None:
+            check_shape(op, name, t, (dim,), " (dim,)")
+    if z is not None:
+        check_shape(op, "z", z, u.shape, " (the shape of u)")
+    check_same_device(op, u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+
+
+def _scan_bc(M, dim, acc):
+    """One explicit copy of B or C into the accumulator dtype with dstate contiguous:
+    (buffer, (Bb, G, L', N) kernel view of it, G)."""
+    if M.dim() == 2:  # (dim, N), time-invariant: no copy when it is already acc and contiguous
+        buf = M.to(acc).contiguous()
+        return buf, buf.as_strided((1, dim, 1, buf.shape[1]), (0, buf.shape[1], 0, 1)), dim
+    if M.dim() == 3:
+        M = M[:, None]
+    buf = torch.empty(M.shape[0], M.shape[1], M.shape[3], M.shape[2], dtype=acc, device=M.device)
+    buf.copy_(M.transpose(2, 3))
+    return buf, buf, M.shape[1]
+
+
+def _scan_grad_bc(part_sum, M):
+    """The gradient of B or C, in its layout and dtype, from the summed partials (laid out like _scan_bc's buffer)."""
+    if M.dim() == 2:
+        return part_sum.to(M.dtype)
+    g = part_sum.transpose(-1, -2)
+    return torch.empty(M.shape, dtype=M.dtype, device=M.device).copy_(g if M.dim() == 4 else g[:, 0])
+
+
+def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, backend):
+    """(out, last_state)."""
+    batch, dim, L = u.shape
+    acc = stat_dtype(u.dtype)
+    out = empty(u.shape, u.dtype, u.device)
+    if batch * dim == 0 or L == 0:
+        return out, torch.zeros(batch, dim, A.shape[1], dtype=acc, device=u.device)
+    last = torch.empty(batch, dim, A.shape[1], dtype=acc, device=u.device)
+    _, Bv, GB = _scan_bc(B, dim, acc)
+    _, Cv, GC = _scan_bc(C, dim, acc)
+    load(backend).selective_scan_fwd(u, delta, A, Bv, Cv, D, z, delta_bias, out, last, GB, GC, softplus)
+    return out, last
+
+
+def _scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, softplus, backend):
+    """[du, ddelta, dA, dB, dC, dD, dz, ddelta_bias]; None for absent inputs."""
+    batch, dim, L = u.shape
+    n = A.shape[1]
+    acc = stat_dtype(u.dtype)
+    opt = lambda t: None if t is None else torch.zeros_like(t)  # noqa: E731
+    if batch * dim == 0 or L == 0:
+        return [torch.zeros_like(u), torch.zeros_like(delta), torch.zeros_like(A), torch.zeros_like(B),
+                torch.zeros_like(C), opt(D), opt(z), opt(delta_bias)]
+    be = load(backend)
+    parts = be.selective_scan_bwd_parts(batch, dim, L, n, u.device)
+    Bbuf, Bv, GB = _scan_bc(B, dim, acc)
+    Cbuf, Cv, GC = _scan_bc(C, dim, acc)
+    dB_part = torch.zeros((parts, *Bbuf.shape), dtype=acc, device=u.device)
+    dC_part = torch.zeros((parts, *Cbuf.shape), dtype=acc, device=u.device)
+    dA_part = torch.zeros(parts, dim, n, dtype=acc, device=u.device)
+    dD_part = None if D is None else torch.zeros(parts, dim, dtype=acc, device=u.device)
+    dbias_part = None if delta_bias is None else torch.zeros(parts, dim, dtype=acc, device=u.device)
+    du = empty(u.shape, u.dtype, u.device)
+    ddelta = empty(delta.shape, delta.dtype, delta.device)
+    dz = None if z is None else empty(z.shape, z.dtype, z.device)
+    be.selective_scan_bwd(dout, dlast, u, delta, A, Bv, Cv, D, z, delta_bias, du, ddelta, dz, dA_part, dB_part,
+                          dC_part, dD_part, dbias_part, GB, GC, softplus)
+    return [du, ddelta, dA_part.sum(0).to(A.dtype), _scan_grad_bc(dB_part.sum(0), B),
+            _scan_grad_bc(dC_part.sum(0), C), None if D is None else dD_part.sum(0).to(D.dtype), dz,
+            None if delta_bias is None else dbias_part.sum(0).to(delta_bias.dtype)]
+
+
+class _SelectiveScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, backend):
+        ctx.set_materialize_grads(False)
+        out, last = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, backend)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        ctx.cfg = (softplus, backend)
+        ctx.mark_non_differentiable()
+        return out, last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+        softplus, backend = ctx.cfg
+        if dout is None:
+            dout = torch.zeros(u.shape, dtype=u.dtype, device=u.device)
+        grads = _scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, softplus, backend)
+        return (*grads, None, None)
+
+
+@torch.library.custom_op("fastlayers::selective_scan_fwd", mutates_args=())
+def _scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+                 delta_bias: Optional[Tensor], softplus: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, backend)
+
+
+@_scan_fwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, softplus, backend):
+    return u.new_empty(u.shape), u.new_empty((u.shape[0], u.shape[1], A.shape[1]), dtype=stat_dtype(u.dtype))
+
+
+@torch.library.custom_op("fastlayers::selective_scan_bwd", mutates_args=())
+def _scan_bwd_op(dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                 D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], softplus: bool,
+                 backend: str) -> List[Tensor]:
+    """[du, ddelta, dA, dB, dC, dD, dz, ddelta_bias]; entries for absent inputs are empty."""
+    res = _scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, softplus, backend)
+    return [u.new_empty(0) if g is None else g for g in res]
+
+
+@_scan_bwd_op.register_fake
+def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, softplus, backend):
+    return [t.new_empty(t.shape) if t is not None else u.new_empty(0) for t in (u, delta, A, B, C, D, z, delta_bias)]
+
+
+def _scan_setup(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, softplus, backend = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+    ctx.cfg = (softplus, backend, D is not None, z is not None, delta_bias is not None)
+
+
+def _scan_op_backward(ctx, dout, dlast):
+    u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+    softplus, backend, has_D, has_z, has_bias = ctx.cfg
+    if dout is None:
+        dout = torch.zeros_like(u)
+    g = torch.ops.fastlayers.selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, softplus, backend)
+    return (g[0], g[1], g[2], g[3], g[4], g[5] if has_D else None, g[6] if has_z else None,
+            g[7] if has_bias else None, None, None)
+
+
+torch.library.register_autograd("fastlayers::selective_scan_fwd", _scan_op_backward, setup_context=_scan_setup)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False):
+    """The Mamba-1 selective scan, mamba_ssm's ``selective_scan_fn``:
+
+        dt = softplus(delta + delta_bias)                  (each part optional)
+        x_t = exp(dt_t A) x_{t-1} + dt_t B_t u_t,   y_t = <x_t, C_t> + D u_t,   out = y * silu(z)
+
+    u, delta, z ``(batch, dim, L)``; A ``(dim, N)`` (real); B, C ``(dim, N)`` (time-invariant),
+    ``(batch, N, L)`` or ``(batch, G, N, L)`` (G groups of dim / G channels); D, delta_bias ``(dim,)``.
+    Returns out ``(batch, dim, L)`` in u's dtype and, with ``return_last_state``, the state after the
+    last step ``(batch, dim, N)`` in fp32 (fp64 for fp64 u). States and sums in fp32 (fp64 for fp64);
+    differentiable in every input (the last state's gradient included). Backends ``cpu`` and ``reference``;
+    inputs of any strides (B and C are copied once into an fp32 (batch, G, L, N) layout).
+    """
+    op = "selective_scan"
+    _check_scan(op, u, delta, A, B, C, D, z, delta_bias)
+    backend = resolve(op, u.device)
+    if backend == "reference":
+        return reference.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if backend != "cpu":
+        raise BackendUnavailable(f"fastlayers.{op}: no {backend!r} kernel for this op yet (tensors on {u.device}); "
+                                 f"it runs on CPU tensors (backend 'cpu'), or anywhere with "
+                                 f"fastlayers.use_backend('reference')")
+    args = (u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), backend)
+    if torch.compiler.is_compiling():
+        out, last = torch.ops.fastlayers.selective_scan_fwd(*args)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:8]):
+        out, last = _SelectiveScan.apply(*args)
+    else:
+        out, last = _scan_fwd(*args)
+    return (out, last) if return_last_state else out

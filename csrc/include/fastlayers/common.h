@@ -134,4 +134,23 @@ struct MlaDecodeArgs {
   bool causal;
 };
 
+// Mamba-1 selective scan over (batch, dim) channels of L steps and N states (mamba_ssm's
+// selective_scan_fn): dt = softplus(delta + delta_bias) (each part optional);
+//   x_t = exp(dt_t A) x_{t-1} + dt_t u_t B_t;  y_t = <x_t, C_t> + D u_t;  out = y * silu(z).
+// u, delta, z, out, dout, du, ddelta, dz: (batch, dim, L) views, any strides (s[0], s[1], s[2]).
+// A (dim, N) any strides; D, delta_bias (dim,) (s[0]); last, dlast (batch, dim, N) (s[0], s[1], s[2]).
+// B, C: accumulator-dtype copies with N contiguous, channel d of batch b at step t reading
+//   B.p + b*s[0] + (d / (dim / GB))*s[1] + t*s[2]  (time-invariant B: s[0] = s[2] = 0, GB = dim).
+// Backward: dX_part are per-part partial sums in the accumulator dtype, zeroed by the caller:
+//   dB_part/dC_part: parts copies laid out like B/C, `dB_part_stride` elements apart;
+//   dA_part (parts, dim, N), dD_part (parts, dim), dbias_part (parts, dim) contiguous.
+struct SelectiveScanArgs {
+  View4 u, delta, A, B, C, D, z, delta_bias, out, last;  // D, z, delta_bias, last: p == null when absent
+  View4 dout, dlast, du, ddelta, dz;                      // backward only (dlast, dz optional)
+  void *dA_part, *dB_part, *dC_part, *dD_part, *dbias_part;
+  int64_t dB_part_stride, dC_part_stride;
+  int64_t batch, dim, L, N, GB, GC;
+  bool softplus;
+};
+
 }  // namespace fastlayers
