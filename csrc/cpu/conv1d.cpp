@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <omp.h>
 
 #include "convert.h"
@@ -24,8 +25,10 @@ namespace fastlayers {
 namespace cpu {
 
 constexpr int64_t kRowChunk = 1024;  // time steps per chunk (time-contiguous layout)
-constexpr int64_t kClBlock = 64;     // channels per block (channel-last layout)
-constexpr int64_t kClChunk = 64;     // time steps per chunk (channel-last layout)
+// Channel-last: rows of kClBlock channels (2 KiB of fp32, so that each row segment is one long contiguous
+// read), kClChunk steps at a time (the staged rows stay in L2).
+constexpr int64_t kClBlock = 512;    // channels per block (channel-last layout)
+constexpr int64_t kClChunk = 32;     // time steps per chunk (channel-last layout)
 
 int64_t conv1d_workspace_per_part(int64_t W) {
   const int64_t h = W - 1;
@@ -133,8 +136,10 @@ FL_INLINE void fwd_cl(const Conv1dArgs& a, int64_t i0, int64_t i1, Acc* ws, bool
   Acc* wt = stage + CB;                  // wt[k * CB + j] = w[c0 + j, k]
   Acc* bias = wt + W * CB;
   int64_t cur = -1;
+  // Items in (b, chunk, channel block) order: consecutive items read the same rows of time steps side by
+  // side, so memory is walked in long runs (the weights are restaged per block: W + 1 short rows).
   for (int64_t i = i0; i < i1; ++i) {
-    const int64_t ch = i % nch, bcb = i / nch, cb = bcb % ncb, b = bcb / ncb;
+    const int64_t cb = i % ncb, bch = i / ncb, ch = bch % nch, b = bch / nch;
     const int64_t c0 = cb * CB, nc = std::min(CB, a.C - c0);
     if (cb != cur) {
       stage_weights<Acc, W>(a, c0, nc, wt, bias);
@@ -150,7 +155,11 @@ FL_INLINE void fwd_cl(const Conv1dArgs& a, int64_t i0, int64_t i1, Acc* ws, bool
       for (int64_t j = 0; j < nc; ++j) {
         Acc o = bias[j];
         for (int k = 0; k < W; ++k) o += wt[k * CB + j] * xr[k * CB + j];
-        ob[j] = a.silu ? silu_acc(o) : o;
+        ob[j] = o;
+      }
+      if (a.silu) {  // a loop of its own: a select inside the loop above keeps GCC from vectorising it
+#pragma omp simd
+        for (int64_t j = 0; j < nc; ++j) ob[j] = silu_acc(ob[j]);
       }
       store_out(ob, elem_ptr(a.out, a.o_dt, b * a.o_sb + c0 * a.o_sc + (t0 + r) * a.o_st), a.o_dt, nc, stage,
                 stream);
@@ -326,19 +335,20 @@ FL_INLINE void bwd_part(const Conv1dArgs& a, int64_t i0, int64_t i1, Acc* ws) {
   if (stream) stream_fence();
 }
 
-// One AVX2/FMA/F16C clone and one baseline of each (on x86-64), the width unrolled.
-#define FL_CONV_ENTRY(name, part, Acc)                                             \
-  FL_CLONES void name(const Conv1dArgs& a, int64_t i0, int64_t i1, Acc* ws) {       \
+// One AVX2/FMA/F16C clone and one baseline of each (on x86-64), the width unrolled. fp64 (gradcheck) is
+// built for the baseline only: half the compile time of this file.
+#define FL_CONV_ENTRY(name, part, Acc, CLONES)                                     \
+  CLONES void name(const Conv1dArgs& a, int64_t i0, int64_t i1, Acc* ws) {          \
     switch (a.W) {                                                                  \
       case 2: part<Acc, 2>(a, i0, i1, ws); break;                                   \
       case 3: part<Acc, 3>(a, i0, i1, ws); break;                                   \
       default: part<Acc, 4>(a, i0, i1, ws); break;                                  \
     }                                                                               \
   }
-FL_CONV_ENTRY(conv_fwd_f32, fwd_part, float)
-FL_CONV_ENTRY(conv_fwd_f64, fwd_part, double)
-FL_CONV_ENTRY(conv_bwd_f32, bwd_part, float)
-FL_CONV_ENTRY(conv_bwd_f64, bwd_part, double)
+FL_CONV_ENTRY(conv_fwd_f32, fwd_part, float, FL_CLONES)
+FL_CONV_ENTRY(conv_fwd_f64, fwd_part, double, )
+FL_CONV_ENTRY(conv_bwd_f32, bwd_part, float, FL_CLONES)
+FL_CONV_ENTRY(conv_bwd_f64, bwd_part, double, )
 
 template <typename F32, typename F64>
 static void run_items(const Conv1dArgs& a, int64_t items, void* workspace, int parts, F32 f32, F64 f64) {
@@ -390,58 +400,106 @@ void causal_conv1d_bwd(const Conv1dArgs& a, void* workspace, int parts) {
 }
 
 // ----------------------------------------------------------------------------- decode update
-template <typename Acc>
-static void update_rows(const Conv1dUpdateArgs& a, int64_t r0, int64_t r1) {
-  const int64_t H = a.W - 1, S = a.S, L = a.L, esz = dtype_size(a.s_dt);
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t b = r / a.C, c = r % a.C;
-    const int64_t so = b * a.s_sb + c * a.s_sc, xo = b * a.x_sb + c * a.x_sc;
-    // element i of [state, x]
-    auto cat_off = [&](int64_t i, const void** base, int* dt) {
-      if (i < S) {
-        *base = a.state, *dt = a.s_dt;
-        return so + i * a.s_st;
-      }
-      *base = a.x, *dt = a.x_dt;
-      return xo + (i - S) * a.x_st;
+// Storage type of each dtype code, and its conversions to and from the accumulator.
+template <int DT> struct Storage { using T = uint16_t; };
+template <> struct Storage<kF32> { using T = float; };
+template <> struct Storage<kF64> { using T = double; };
+
+template <int DT, typename Acc>
+FL_INLINE Acc to_acc(typename Storage<DT>::T v) {
+  if constexpr (DT == kF16) return Acc(f16_to_f32(v));
+  else if constexpr (DT == kBF16) return Acc(bf16_to_f32(v));
+  else return Acc(v);
+}
+
+template <int DT, typename Acc>
+FL_INLINE typename Storage<DT>::T from_acc(Acc v) {
+  if constexpr (DT == kF16) return f32_to_f16(float(v));
+  else if constexpr (DT == kBF16) return f32_to_bf16(float(v));
+  else return typename Storage<DT>::T(v);
+}
+
+// x, state and out share the dtype DT (the state is updated bit for bit); weights/bias any dtype.
+// Blocks of kUpdBlock channels of one sequence: the W inputs of each new step are gathered into
+// rows of channels, so that the taps and the silu run vectorised across channels.
+constexpr int64_t kUpdBlock = 128;
+
+template <int DT, int W>
+FL_INLINE void update_rows(const Conv1dUpdateArgs& a, int64_t i0, int64_t i1) {
+  using T = typename Storage<DT>::T;
+  using Acc = std::conditional_t<DT == kF64, double, float>;
+  constexpr int64_t H = W - 1, CB = kUpdBlock;
+  Acc wtmp[W * CB], wt[W * CB], bias[CB], col[W * CB], ob[CB];  // on the stack: ~10 KiB (fp64: 20)
+  const int64_t S = a.S, L = a.L, ncb = (a.C + CB - 1) / CB;
+  const T* x = static_cast<const T*>(a.x);
+  T* state = static_cast<T*>(a.state);
+  T* out = static_cast<T*>(a.out);
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t b = i / ncb, c0 = (i % ncb) * CB, nc = std::min(CB, a.C - c0);
+    load_row(elem_ptr(a.w, a.w_dt, c0 * W), a.w_dt, wtmp, nc * W);
+    for (int64_t j = 0; j < nc; ++j)
+      for (int k = 0; k < W; ++k) wt[k * CB + j] = wtmp[j * W + k];
+    if (a.bias)
+      load_row(elem_ptr(a.bias, a.b_dt, c0), a.b_dt, bias, nc);
+    else
+      for (int64_t j = 0; j < nc; ++j) bias[j] = 0;
+    T* st0 = state + b * a.s_sb + c0 * a.s_sc;
+    const T* x0 = x + b * a.x_sb + c0 * a.x_sc;
+    // element i of [state, x] along time for channel c0 + j
+    auto at = [&](int64_t j, int64_t e) {
+      return e < S ? st0[j * a.s_sc + e * a.s_st] : x0[j * a.x_sc + (e - S) * a.x_st];
     };
-    Acc w[4];
-    for (int64_t k = 0; k < a.W; ++k) w[k] = load1<Acc>(a.w, a.w_dt, c * a.W + k);
-    const Acc bias = a.bias ? load1<Acc>(a.bias, a.b_dt, c) : Acc(0);
     for (int64_t t = 0; t < L; ++t) {
-      Acc o = bias;
-      for (int64_t k = 0; k < a.W; ++k) {
-        const void* base;
-        int dt;
-        const int64_t off = cat_off(S - H + t + k, &base, &dt);
-        o += w[k] * load1<Acc>(base, dt, off);
+      for (int k = 0; k < W; ++k)
+        for (int64_t j = 0; j < nc; ++j) col[k * CB + j] = to_acc<DT, Acc>(at(j, S - H + t + k));
+#pragma omp simd
+      for (int64_t j = 0; j < nc; ++j) {
+        Acc o = bias[j];
+        for (int k = 0; k < W; ++k) o += wt[k * CB + j] * col[k * CB + j];
+        ob[j] = o;
       }
-      store1(a.silu ? silu_acc(o) : o, a.out, a.o_dt, b * a.o_sb + c * a.o_sc + t * a.o_st);
+      if (a.silu) {
+#pragma omp simd
+        for (int64_t j = 0; j < nc; ++j) ob[j] = silu_acc(ob[j]);
+      }
+      T* o0 = out + b * a.o_sb + c0 * a.o_sc + t * a.o_st;
+      for (int64_t j = 0; j < nc; ++j) o0[j * a.o_sc] = from_acc<DT, Acc>(ob[j]);
     }
-    // Shift left by L: element j takes element j + L of [state, x]. Reads run ahead of writes,
-    // so the forward order never reads an overwritten element. Same dtype: copied bit for bit.
-    for (int64_t j = 0; j < S; ++j) {
-      const void* base;
-      int dt;
-      const int64_t off = cat_off(j + L, &base, &dt);
-      std::memcpy(static_cast<char*>(a.state) + (so + j * a.s_st) * esz,
-                  static_cast<const char*>(base) + off * esz, esz);
-    }
+    // Shift left by L: element e takes element e + L. Reads run ahead of writes, so the forward
+    // order never reads an overwritten element.
+    for (int64_t j = 0; j < nc; ++j)
+      for (int64_t e = 0; e < S; ++e) st0[j * a.s_sc + e * a.s_st] = at(j, e + L);
   }
 }
 
+template <int DT>
+FL_INLINE void update_dt(const Conv1dUpdateArgs& a, int64_t r0, int64_t r1) {
+  switch (a.W) {
+    case 2: return update_rows<DT, 2>(a, r0, r1);
+    case 3: return update_rows<DT, 3>(a, r0, r1);
+    default: return update_rows<DT, 4>(a, r0, r1);
+  }
+}
+
+FL_CLONES void update_f32(const Conv1dUpdateArgs& a, int64_t r0, int64_t r1) { update_dt<kF32>(a, r0, r1); }
+void update_f64(const Conv1dUpdateArgs& a, int64_t r0, int64_t r1) { update_dt<kF64>(a, r0, r1); }
+FL_CLONES void update_f16(const Conv1dUpdateArgs& a, int64_t r0, int64_t r1) { update_dt<kF16>(a, r0, r1); }
+FL_CLONES void update_bf16(const Conv1dUpdateArgs& a, int64_t r0, int64_t r1) { update_dt<kBF16>(a, r0, r1); }
+
 void causal_conv1d_update(const Conv1dUpdateArgs& a, int parts) {
-  const int64_t rows = a.B * a.C;
+  const int64_t rows = a.B * ((a.C + kUpdBlock - 1) / kUpdBlock);  // (sequence, channel block) items
   if (rows == 0) return;
   parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(parts, rows)));
 #pragma omp parallel for num_threads(parts) schedule(static, 1)
   for (int p = 0; p < parts; ++p) {
     int64_t r0, r1;
     split_rows(rows, parts, p, &r0, &r1);
-    if (a.x_dt == kF64)
-      update_rows<double>(a, r0, r1);
-    else
-      update_rows<float>(a, r0, r1);
+    switch (a.x_dt) {
+      case kF32: update_f32(a, r0, r1); break;
+      case kF64: update_f64(a, r0, r1); break;
+      case kF16: update_f16(a, r0, r1); break;
+      default: update_bf16(a, r0, r1); break;
+    }
   }
 }
 

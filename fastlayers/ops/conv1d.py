@@ -101,6 +101,7 @@ def _bwd(dout, dfinal, x, weight, bias, init, silu, backend, want_dinit=True):
 class _CausalConv1d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, init, silu, want_final, backend):
+        x = _prep(x)  # saved as the kernels read it: the backward does not copy it again
         out, final = _fwd(x, weight, bias, init, silu, want_final, backend)
         ctx.save_for_backward(x, weight, bias, init)
         ctx.cfg = (silu, backend)
