@@ -14,7 +14,7 @@ reference training loop.
 from .backend import BackendUnavailable, available_backends, use_backend  # noqa: F401
 from .modules import LayerNorm, RMSNorm  # noqa: F401
 from .ops import (causal_conv1d, causal_conv1d_update, layer_norm, mla_decode, qkv_norm_rope,  # noqa: F401
-                  qkv_norm_rope_packed, rms_norm, selective_scan, selective_state_update, swiglu)
+                  qkv_norm_rope_packed, rms_norm, selective_scan, selective_state_update, ssd_scan, swiglu)
 from .mla import MLA, PagedLatentCache  # noqa: F401
 from .hybridnorm import (FeedForward, HybridNormBlock, HybridNormLM, KVCache, PostNormFFN,  # noqa: F401
                          QKVNormAttention)
@@ -22,6 +22,6 @@ from . import reference  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = ["rms_norm", "layer_norm", "RMSNorm", "LayerNorm", "qkv_norm_rope", "qkv_norm_rope_packed", "swiglu",
-           "selective_scan", "selective_state_update", "causal_conv1d", "causal_conv1d_update", "mla_decode",
+           "selective_scan", "selective_state_update", "ssd_scan", "causal_conv1d", "causal_conv1d_update", "mla_decode",
            "MLA", "PagedLatentCache", "QKVNormAttention", "FeedForward", "PostNormFFN", "HybridNormBlock",
            "HybridNormLM", "KVCache", "available_backends", "use_backend", "BackendUnavailable", "reference"]
