@@ -1,8 +1,16 @@
 #!/bin/sh
-# Build and run the CPU emulation test of the CUDA norm kernels (no GPU needed).
+# Build and run a CPU emulation test of the CUDA kernels (no GPU needed):
+#   sh run_emu_test.sh [reps]          the norm kernels (emu_test.cpp vs cpu/norm.cpp)
+#   sh run_emu_test.sh mla [quick]     MLA decoding (emu_mla_test.cpp vs cpu/mla.cpp)
+#   sh run_emu_test.sh scan [quick]    the selective scan (emu_scan_test.cpp vs cpu/scan.cpp)
 set -e
 here=$(cd "$(dirname "$0")" && pwd)
 csrc=$here/../..
-out=${TMPDIR:-/tmp}/fastlayers_emu_test
-${CXX:-g++} -std=c++20 -O1 -fopenmp -pthread -I"$csrc/include" "$here/emu_test.cpp" "$csrc/cpu/norm.cpp" -o "$out"
+case "$1" in
+  mla) shift; name=emu_mla_test; cpu=mla.cpp ;;
+  scan) shift; name=emu_scan_test; cpu=scan.cpp ;;
+  *) name=emu_test; cpu=norm.cpp ;;
+esac
+out=${TMPDIR:-/tmp}/fastlayers_$name
+${CXX:-g++} -std=c++20 -O1 -fopenmp -pthread -I"$csrc/include" "$here/$name.cpp" "$csrc/cpu/$cpu" -o "$out"
 exec "$out" "$@"

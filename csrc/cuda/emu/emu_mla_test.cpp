@@ -1,0 +1,299 @@
+// Checks the CUDA MLA decoding kernels (mla_kernels.cuh), run on CPU threads by
+// cuda_emu.h, against the CPU kernel (csrc/cpu/mla.cpp). Build and run: see
+// run_emu_test.sh (`sh run_emu_test.sh mla`).
+#include "cuda_emu.h"
+// clang-format off
+#include "../mla_kernels.cuh"
+// clang-format on
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../../cpu/convert.h"
+#include "../../cpu/mla.h"
+
+using namespace fastlayers;
+namespace ck = fastlayers::cuda_kernels;
+
+static std::mt19937_64 rng(4321);
+static int failures = 0, checks = 0;
+
+static const auto emu_launch = [](auto k, dim3 g, dim3 bl, size_t smem, const auto&... args) {
+  emu::launch_smem(k, g, bl, smem, args...);
+};
+
+static void expect(bool ok, const std::string& what) {
+  ++checks;
+  if (!ok) {
+    ++failures;
+    std::printf("FAIL %s\n", what.c_str());
+  }
+}
+
+static int esize(int dt) { return dt == kF32 ? 4 : 2; }
+
+struct Buf {  // a flat tensor of one dtype
+  int dt = kF32;
+  std::vector<uint8_t> b;
+  Buf(int dt_, int64_t n) : dt(dt_), b(size_t(n * esize(dt_) + 16), 0) {}
+  void* p() { return b.data(); }
+  int64_t n() const { return (int64_t(b.size()) - 16) / esize(dt); }
+  float get(int64_t i) const {
+    if (dt == kF32) {
+      float f;
+      std::memcpy(&f, b.data() + 4 * i, 4);
+      return f;
+    }
+    uint16_t s;
+    std::memcpy(&s, b.data() + 2 * i, 2);
+    return dt == kBF16 ? cpu::bf16_to_f32(s) : emu_f16_bits_to_f32(s);
+  }
+  void set(int64_t i, float v) {
+    if (dt == kF32) {
+      std::memcpy(b.data() + 4 * i, &v, 4);
+      return;
+    }
+    const uint16_t s = dt == kBF16 ? cpu::f32_to_bf16(v) : uint16_t(emu_f32_to_f16_bits(v));
+    std::memcpy(b.data() + 2 * i, &s, 2);
+  }
+  void random() {
+    std::normal_distribution<float> d(0.f, 1.f);
+    for (int64_t i = 0; i < n(); ++i) set(i, d(rng));
+  }
+  void poison() {
+    for (int64_t i = 0; i < n(); ++i) set(i, NAN);
+  }
+};
+
+static bool close(float got, float want, int dt) {
+  if (std::isnan(want)) return std::isnan(got);
+  if (std::isinf(want)) return got == want;
+  const float rtol = dt == kF32 ? 2e-5f : dt == kF16 ? 2.5e-3f : 1.6e-2f;
+  const float atol = dt == kF32 ? 2e-5f : dt == kF16 ? 2e-3f : 1.6e-2f;
+  return std::fabs(got - want) <= atol + rtol * std::fabs(want);
+}
+
+struct Case {
+  int dt = kBF16;
+  int64_t H = 16, s_q = 1, D = 160, dv = 128, page = 16;
+  std::vector<int64_t> lens;
+  bool causal = false;
+  int64_t n_splits = 1, split_tokens = 1 << 20;
+  int64_t q_pad = 0, kv_pad = 0, kv_off = 0;  // q head stride D + q_pad; kv row stride D + kv_pad; kv base offset
+  int nan = 0;                                // 1: NaN in q of one head; 2: NaN in a visible key; 3: in a masked one
+};
+
+static void run_case(const Case& c) {
+  const int64_t B = int64_t(c.lens.size()), rows = c.s_q * c.H, D = c.D, dv = c.dv;
+  char cfgs[320];
+  std::snprintf(cfgs, sizeof cfgs,
+                "%s B=%lld H=%lld s_q=%lld D=%lld dv=%lld page=%lld causal=%d splits=%lldx%lld q_pad=%lld kv_pad=%lld "
+                "kv_off=%lld nan=%d",
+                dtype_name(c.dt), (long long)B, (long long)c.H, (long long)c.s_q, (long long)D, (long long)dv,
+                (long long)c.page, c.causal, (long long)c.n_splits, (long long)c.split_tokens, (long long)c.q_pad,
+                (long long)c.kv_pad, (long long)c.kv_off, c.nan);
+  const std::string cfg = cfgs;
+
+  // Cache: shuffled pages; table rows 2 wider than needed, -1 where unused.
+  std::vector<int64_t> nblk(B);
+  int64_t total = 0, width = 1;
+  for (int64_t b = 0; b < B; ++b) {
+    nblk[b] = (c.lens[b] + c.page - 1) / c.page;
+    total += nblk[b];
+    width = std::max(width, nblk[b]);
+  }
+  const int64_t nb = total + 2, bt_stride = width + 2;
+  const int64_t kv_srow = D + c.kv_pad, kv_sblock = c.page * kv_srow;
+  Buf kv(c.dt, c.kv_off + nb * kv_sblock);
+  kv.random();
+  std::vector<int32_t> perm(static_cast<size_t>(nb));
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<int32_t> table(static_cast<size_t>(B * bt_stride), -1), seqlens(static_cast<size_t>(B));
+  for (int64_t b = 0, k = 0; b < B; ++b) {
+    seqlens[b] = int32_t(c.lens[b]);
+    for (int64_t i = 0; i < nblk[b]; ++i) table[b * bt_stride + i] = perm[k++];
+  }
+  const int64_t q_sh = D + c.q_pad, q_ss = c.H * q_sh, q_sb = c.s_q * q_ss;
+  Buf q(c.dt, B * q_sb);
+  q.random();
+  auto kv_at = [&](int64_t b, int64_t t) {  // element offset of token t of sequence b
+    return c.kv_off + table[b * bt_stride + t / c.page] * kv_sblock + (t % c.page) * kv_srow;
+  };
+  if (c.nan == 1) q.set(int64_t(B - 1) * q_sb + (c.s_q - 1) * q_ss + (c.H / 2) * q_sh + D / 3, NAN);
+  if (c.nan >= 2) {
+    for (int64_t b = 0; b < B; ++b) {
+      if (c.lens[b] < 2) continue;
+      // nan 2: a visible key of every query (token 0); nan 3: the last token, which the
+      // causal mask hides from every query but the last (its value, too, feeds o as p = 0).
+      const int64_t t = c.nan == 2 ? 0 : c.lens[b] - 1;
+      kv.set(kv_at(b, t) + (c.nan == 2 ? D - 1 : 0), NAN);
+    }
+  }
+
+  MlaDecodeArgs a{};
+  a.q = static_cast<char*>(q.p());
+  a.q_sb = q_sb; a.q_ss = q_ss; a.q_sh = q_sh; a.q_dt = c.dt;
+  a.kv = static_cast<char*>(kv.p()) + c.kv_off * esize(c.dt);
+  a.kv_sblock = kv_sblock; a.kv_srow = kv_srow; a.kv_dt = c.dt;
+  a.block_table = table.data(); a.bt_stride = bt_stride;
+  a.seqlens = seqlens.data();
+  a.out_dt = c.dt;
+  a.B = B; a.s_q = c.s_q; a.H = c.H; a.D = D; a.dv = dv; a.page = c.page;
+  a.n_splits = c.n_splits; a.split_tokens = c.split_tokens;
+  a.scale = 1.0 / std::sqrt(double(D)) * 1.3;
+  a.causal = c.causal;
+
+  // CPU kernel.
+  Buf out_c(c.dt, B * rows * dv), lse_c(kF32, B * rows), op_c(kF32, B * c.n_splits * rows * dv),
+      lp_c(kF32, B * c.n_splits * rows);
+  MlaDecodeArgs ac = a;
+  ac.out = out_c.p(); ac.lse = lse_c.p(); ac.o_part = op_c.p(); ac.lse_part = lp_c.p();
+  std::vector<float> ws(size_t(cpu::mla_decode_workspace(rows, D, dv)));
+  cpu::mla_decode(ac, ws.data(), 1);
+
+  // Emulated CUDA kernels, outputs and partials poisoned.
+  Buf out_g(c.dt, B * rows * dv), lse_g(kF32, B * rows), op_g(kF32, B * c.n_splits * rows * dv),
+      lp_g(kF32, B * c.n_splits * rows);
+  out_g.poison(); lse_g.poison(); op_g.poison(); lp_g.poison();
+  MlaDecodeArgs ag = a;
+  ag.out = out_g.p(); ag.lse = lse_g.p(); ag.o_part = op_g.p(); ag.lse_part = lp_g.p();
+  expect(ck::run_mla_decode(ag, emu_launch), "launched (" + cfg + ")");
+
+  auto compare = [&](const char* what, const Buf& got, const Buf& want, int dt) {
+    ++checks;
+    int bad = 0;
+    for (int64_t i = 0; i < want.n(); ++i) {
+      const float g = got.get(i), w = want.get(i);
+      if (!close(g, w, dt)) {
+        if (bad < 3) std::printf("  MISMATCH %s [%lld] got %g want %g (%s)\n", what, (long long)i, g, w, cfg.c_str());
+        ++bad;
+      }
+    }
+    for (int64_t i = want.n(); i < int64_t(got.b.size()) / esize(dt); ++i)  // past the end: untouched
+      if (!std::isnan(got.get(i)) && got.get(i) != 0.f) ++bad;
+    if (bad) {
+      ++failures;
+      std::printf("FAIL %s: %d bad (%s)\n", what, bad, cfg.c_str());
+    }
+  };
+  compare("out", out_g, out_c, c.dt);
+  compare("lse", lse_g, lse_c, kF32);
+  compare("lse_part", lp_g, lp_c, kF32);
+  compare("o_part", op_g, op_c, kF32);
+  // The case does what it says: some -inf / NaN rows where expected.
+  bool any_inf = false, any_nan = false;
+  for (int64_t i = 0; i < lse_c.n(); ++i) {
+    any_inf = any_inf || std::isinf(lse_c.get(i));
+    any_nan = any_nan || std::isnan(lse_c.get(i));
+  }
+  bool empty = false;
+  for (int64_t n : c.lens) empty = empty || n == 0;
+  if (empty) expect(any_inf, "a length-0 sequence gives lse -inf (" + cfg + ")");
+  if (c.nan == 1 || c.nan == 2) expect(any_nan, "NaN input gives NaN rows (" + cfg + ")");
+}
+
+template <class F>
+static bool throws_invalid(F&& f) {
+  try {
+    f();
+  } catch (const std::invalid_argument&) {
+    return true;
+  }
+  return false;
+}
+
+static void check_entry_points() {
+  auto never = [](auto, dim3, dim3, size_t, const auto&...) { throw std::logic_error("unexpected launch"); };
+  float dummy[64] = {};
+  int32_t itab[4] = {0, 0, 0, 0};
+  MlaDecodeArgs a{};
+  a.q = a.kv = dummy; a.block_table = itab; a.seqlens = itab;
+  a.o_part = a.lse_part = a.out = a.lse = dummy;
+  a.q_dt = a.kv_dt = a.out_dt = kBF16;
+  a.B = 0; a.s_q = 1; a.H = 4; a.D = 576; a.dv = 512; a.page = 64; a.n_splits = 1; a.split_tokens = 64;
+  expect(!ck::run_mla_decode(a, never), "B = 0: nothing launched");
+  a.B = 2; a.H = 0;
+  expect(!ck::run_mla_decode(a, never), "H = 0: nothing launched");
+  a.H = 4; a.q_dt = kF64;
+  expect(throws_invalid([&] { ck::run_mla_decode(a, never); }), "float64 q throws");
+  a.q_dt = kF32;
+  expect(throws_invalid([&] { ck::run_mla_decode(a, never); }), "q and kv dtypes differ: throws");
+  a.q_dt = kBF16; a.D = 800; a.dv = 512;
+  expect(throws_invalid([&] { ck::run_mla_decode(a, never); }), "D above 768 throws");
+  a.D = 768; a.dv = 600;
+  expect(throws_invalid([&] { ck::run_mla_decode(a, never); }), "dv above 512 throws");
+  a.dv = 512; a.page = 48;
+  expect(throws_invalid([&] { ck::run_mla_decode(a, never); }), "page 48 throws");
+  a.page = 64; a.n_splits = 0;
+  expect(throws_invalid([&] { ck::run_mla_decode(a, never); }), "n_splits 0 throws");
+  a.n_splits = 1; a.lse = nullptr;
+  expect(throws_invalid([&] { ck::run_mla_decode(a, never); }), "null lse throws");
+  // Shared memory fits an sm_80 block (163 KiB) at the largest D, fp32.
+  expect(ck::mla_smem(ck::kMlaMaxD, 4).bytes <= 163u * 1024u, "shared memory <= 163 KiB at D = 768 fp32");
+  expect(ck::mla_smem(576, 2).bytes <= 100u * 1024u, "shared memory <= 100 KiB at D = 576 bf16 (2 CTAs / SM)");
+  for (int D : {1, 7, 64, 160, 192, 576, 768})
+    for (int es : {2, 4}) {
+      const ck::MlaSmem L = ck::mla_smem(D, es);
+      expect(L.chunks % 2 == 1 && L.chunks * 16 >= D * es && L.rw == 4 * L.chunks && L.qd * es == 16 * L.chunks,
+             "tile layout: an odd number of 16-byte chunks covering a row (D = " + std::to_string(D) + ")");
+    }
+}
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+  std::vector<Case> cases;
+  auto add = [&](Case c) { cases.push_back(c); };
+  {  // 128 + 32, 16 heads, pages of 16, mixed lengths incl. 0, several splits (some empty)
+    Case c; c.dt = kBF16; c.H = 16; c.D = 160; c.dv = 128; c.page = 16; c.lens = {37, 0, 100};
+    c.n_splits = 3; c.split_tokens = 64; add(c);
+  }
+  {  // 128 + 32, 1 head, s_q 2 causal, pages of 64, fp32, splits of one tile
+    Case c; c.dt = kF32; c.H = 1; c.s_q = 2; c.causal = true; c.D = 160; c.dv = 128; c.page = 64;
+    c.lens = {1, 70, 0}; c.n_splits = 3; c.split_tokens = 32; add(c);
+  }
+  {  // 512 + 64, 16 heads, pages of 64, bf16
+    Case c; c.dt = kBF16; c.H = 16; c.D = 576; c.dv = 512; c.page = 64; c.lens = {65, 0}; add(c);
+  }
+  {  // 512 + 64, 16 heads, s_q 2 causal (32 rows: two row groups), pages of 16, fp32, 2 splits
+    Case c; c.dt = kF32; c.H = 16; c.s_q = 2; c.causal = true; c.D = 576; c.dv = 512; c.page = 16;
+    c.lens = {33, 1}; c.n_splits = 2; c.split_tokens = 32; add(c);
+  }
+  {  // 512 + 64, 1 head, fp16, split not a multiple of the tile
+    Case c; c.dt = kF16; c.H = 1; c.D = 576; c.dv = 512; c.page = 16; c.lens = {40, 3};
+    c.n_splits = 2; c.split_tokens = 23; add(c);
+  }
+  {  // 64 + 0, 20 heads (a partial row group), misaligned cache rows (scalar loads), strided q
+    Case c; c.dt = kBF16; c.H = 20; c.D = 64; c.dv = 64; c.page = 16; c.lens = {17, 50};
+    c.q_pad = 5; c.kv_pad = 3; c.kv_off = 1; c.n_splits = 2; c.split_tokens = 32; add(c);
+  }
+  {  // 160 + 64 (Zebra 8B), dv 160, 3 heads, s_q 4 causal with fewer tokens than queries
+    Case c; c.dt = kBF16; c.H = 3; c.s_q = 4; c.causal = true; c.D = 224; c.dv = 160; c.page = 32;
+    c.lens = {2, 45}; add(c);
+  }
+  {  // 128 + 64, dv 100 (not a multiple of 16), fp32 rows padded but 16-byte aligned
+    Case c; c.dt = kF32; c.H = 5; c.D = 192; c.dv = 100; c.page = 16; c.lens = {31}; c.kv_pad = 4; add(c);
+  }
+  if (!quick) {
+    {  // NaN in q of one head
+      Case c; c.dt = kBF16; c.H = 4; c.D = 160; c.dv = 128; c.page = 16; c.lens = {20, 9}; c.nan = 1; add(c);
+    }
+    {  // NaN in a visible key
+      Case c; c.dt = kF32; c.H = 2; c.s_q = 2; c.causal = true; c.D = 96; c.dv = 64; c.page = 16;
+      c.lens = {20, 0}; c.nan = 2; c.n_splits = 2; c.split_tokens = 16; add(c);
+    }
+    {  // NaN in a key hidden by the causal mask from all queries but the last
+      Case c; c.dt = kBF16; c.H = 2; c.s_q = 3; c.causal = true; c.D = 96; c.dv = 64; c.page = 16;
+      c.lens = {20, 40}; c.nan = 3; add(c);
+    }
+  }
+  for (const Case& c : cases) run_case(c);
+  check_entry_points();
+  std::printf("%d checks, %d failed\n", checks, failures);
+  return failures ? 1 : 0;
+}

@@ -1,0 +1,436 @@
+// MLA decoding on CUDA (FlashMLA layout, split-KV): the kernels and their launch
+// configuration (device code; the CUDA runtime calls live in mla.cu).
+//
+// Semantics are those of MlaDecodeArgs (fastlayers/common.h) and of the CPU kernel
+// (csrc/cpu/mla.cpp): scores (q * scale) . k in fp32, online softmax in fp32, values =
+// the first dv channels of each cached row, per-split normalised partials o_part /
+// lse_part, then a merge over the splits by their log-sum-exp. NaN in q or in a visible
+// key poisons the row (out NaN, lse NaN); a query that sees no key gets out 0, lse -inf.
+//
+// mla_partial<DT, NC, NR>: one CTA of 256 threads (8 warps) per (row group, KV split,
+// batch row); a row group is up to 16 query rows r = qi * H + h (heads and the s_q new
+// tokens share the latent cache rows). Per tile of 32 tokens:
+//   1. the 32 cached rows are copied, as raw bits of the cache dtype, into shared memory
+//      (16-byte loads when the rows allow), once for every row of the group;
+//   2. scores: lane t of warp w computes token t's dot products with rows w and w + 8
+//      (q pre-scaled in fp32 in shared memory, read as warp-wide broadcasts; a tile row
+//      is 16-byte chunks read with one conflict-free 16-byte load: the row stride in
+//      words is an odd multiple of 4); the warp then does the row's online-softmax step
+//      with shuffles and leaves p and the rescale factor in shared memory;
+//   3. P.V on CUDA cores: thread (c, g) keeps NR x NC fp32 accumulators, columns
+//      c + j * CT (CT = 256 / RS) of rows g + i * RS (RS = 16 / NR), the values read
+//      from the same shared tile.
+// No tensor cores (mma.sync) yet: FMAs on CUDA cores (fp32 accumulation everywhere).
+// mla_merge: one CTA of 128 threads per (batch row, query row): the lse-weighted sum of
+// the splits' partials, rounded once to out's dtype.
+//
+// This header also compiles as plain C++ on top of csrc/cuda/emu/cuda_emu.h, which runs
+// the same kernels on CPU threads (tests on machines without a GPU).
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "fastlayers/common.h"
+#include "kernel_common.cuh"
+
+#ifdef __CUDACC__
+#ifndef FL_DYN_SMEM
+#define FL_DYN_SMEM(T, name)                                   \
+  extern __shared__ __align__(16) unsigned char fl_dyn_smem_[]; \
+  T* name = reinterpret_cast<T*>(fl_dyn_smem_)
+#endif
+#endif
+
+namespace fastlayers {
+namespace cuda_kernels {
+
+constexpr int kMlaThreads = 256;       // 8 warps
+constexpr int kMlaTok = 32;            // tokens per tile: one per lane in the score phase
+constexpr int kMlaRows = 16;           // query rows per CTA (2 per warp in the score phase)
+constexpr int kMlaMaxD = 768;          // row size limit (shared memory: 32 fp32 rows + 16 q rows)
+constexpr int kMlaMaxDv = 512;         // value channels limit (2 x 16 accumulators a thread)
+constexpr int kMlaMaxGridYZ = 65535;   // n_splits (grid y) and batch (grid z)
+constexpr int kMlaMergeThreads = 128;  // merge CTA: 4 columns a thread at dv = 512
+
+// Shared-memory layout of mla_partial for a row size D (elements of es bytes).
+struct MlaSmem {
+  int rw;      // tile row stride in 32-bit words: 16-byte chunks, an odd number of them
+  int qd;      // q row stride in floats: the elements a tile row's words cover
+  int chunks;  // 16-byte chunks a tile row holds (rw / 4)
+  size_t bytes;
+};
+
+inline MlaSmem mla_smem(int64_t D, int es) {
+  MlaSmem s{};
+  s.chunks = int((D * es + 15) / 16);
+  if (s.chunks % 2 == 0) ++s.chunks;  // odd: lanes t and t + 1..7 hit different banks
+  s.rw = 4 * s.chunks;
+  s.qd = s.rw * 4 / es;
+  s.bytes = size_t(4) * (size_t(kMlaTok) * s.rw          // tile
+                         + size_t(kMlaRows) * s.qd       // q (scaled, fp32)
+                         + size_t(kMlaRows) * kMlaTok    // p
+                         + 4 * kMlaRows);                // alpha, skip, l, m
+  return s;
+}
+
+template <int DT>
+FL_DEV float mla_elem(const uint32_t* row, int c) {  // element c of a raw tile row
+  if (DT == kF32) return __uint_as_float(row[c]);
+  const uint32_t w = row[c >> 1];
+  const uint32_t h = (c & 1) ? (w >> 16) : (w & 0xffffu);
+  return DT == kBF16 ? bf16_bits_to_f32(h) : f16_bits_to_f32(h);
+}
+
+template <int DT>
+FL_DEV float mla_load(const void* base, int64_t i) {  // element i of a global tensor
+  if (DT == kF32) return static_cast<const float*>(base)[i];
+  const uint32_t h = static_cast<const uint16_t*>(base)[i];
+  return DT == kBF16 ? bf16_bits_to_f32(h) : f16_bits_to_f32(h);
+}
+
+FL_DEV void mla_store(void* base, int dt, int64_t i, float v) {
+  if (dt == kF32)
+    static_cast<float*>(base)[i] = v;
+  else
+    static_cast<uint16_t*>(base)[i] = uint16_t(dt == kBF16 ? f32_to_bf16_bits(v) : f32_to_f16_bits(v));
+}
+
+FL_DEV float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+FL_DEV float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+FL_DEV float mla_ninf() { return -__uint_as_float(0x7f800000u); }
+FL_DEV float mla_nan() { return __uint_as_float(0x7fc00000u); }
+
+// The partial kernel. NC x NR accumulators a thread: NC columns (CT = 256 * NR / 16
+// apart), NR rows (RS = 16 / NR apart); needs dv <= NC * CT.
+template <int DT, int NC, int NR>
+FL_GLOBAL void FL_LAUNCH_BOUNDS(kMlaThreads, 2) mla_partial(MlaDecodeArgs a, MlaSmem L, int log2_page) {
+  constexpr int RS = kMlaRows / NR;
+  constexpr int CT = kMlaThreads / RS;
+  constexpr int ES = DT == kF32 ? 4 : 2;
+  FL_DYN_SMEM(uint32_t, tile);                                   // kMlaTok x L.rw words
+  float* qs = reinterpret_cast<float*>(tile + kMlaTok * L.rw);  // kMlaRows x L.qd
+  float* ps = qs + kMlaRows * L.qd;                              // kMlaRows x kMlaTok
+  float* alpha_s = ps + kMlaRows * kMlaTok;                      // kMlaRows
+  float* skip_s = alpha_s + kMlaRows;                            // kMlaRows (1: row unchanged this tile)
+  float* l_s = skip_s + kMlaRows;                                // kMlaRows (final)
+  float* m_s = l_s + kMlaRows;                                   // kMlaRows (final)
+
+  const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  const int64_t rows = a.s_q * a.H;
+  const int64_t r0 = int64_t(blockIdx.x) * kMlaRows;
+  const int nrows = int(rows - r0 < kMlaRows ? rows - r0 : kMlaRows);
+  const int64_t sp = blockIdx.y, b = blockIdx.z;
+  const int64_t n = a.seqlens[b];
+  const int64_t t0 = sp * a.split_tokens < n ? sp * a.split_tokens : n;
+  const int64_t t1 = t0 + a.split_tokens < n ? t0 + a.split_tokens : n;
+  const int D = int(a.D), dv = int(a.dv);
+  const float ninf = mla_ninf();
+
+  // q rows of the group, scaled, fp32; zero past D (the tile's padding is zero too).
+  const float scale = float(a.scale);
+  for (int e = tid; e < kMlaRows * L.qd; e += kMlaThreads) {
+    const int r = e / L.qd, c = e % L.qd;
+    float v = 0.f;
+    if (r < nrows && c < D) {
+      const int64_t rr = r0 + r, qi = rr / a.H, h = rr % a.H;
+      v = mla_load<DT>(a.q, b * a.q_sb + qi * a.q_ss + h * a.q_sh + c) * scale;
+    }
+    qs[e] = v;
+  }
+
+  // Score-phase rows of this warp: warp and warp + 8; their running max and sum
+  // (every lane holds the same values).
+  float m_run[2] = {ninf, ninf}, l_run[2] = {0.f, 0.f};
+  int64_t last[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t qi = (r0 + warp + 8 * i) / a.H;
+    last[i] = a.causal ? n - a.s_q + qi : n - 1;  // the last key query qi sees
+  }
+
+  float acc[NR][NC];
+#pragma unroll
+  for (int i = 0; i < NR; ++i)
+#pragma unroll
+    for (int j = 0; j < NC; ++j) acc[i][j] = 0.f;
+  const int cth = tid % CT, rth = tid / CT;
+
+  const int32_t* table = a.block_table + b * a.bt_stride;
+  const char* kv = static_cast<const char*>(a.kv);
+  const int row_bytes = D * ES;
+  const bool vec = (reinterpret_cast<uintptr_t>(kv) & 15u) == 0 && (a.kv_sblock * ES) % 16 == 0 &&
+                   (a.kv_srow * ES) % 16 == 0;
+  const int64_t page_mask = (int64_t(1) << log2_page) - 1;
+
+  for (int64_t tb = t0; tb < t1; tb += kMlaTok) {
+    const int nt = int(t1 - tb < kMlaTok ? t1 - tb : kMlaTok);
+    // 1. the tile: chunk e = token (e / chunks), 16-byte chunk (e % chunks) of its row.
+    for (int e = tid; e < kMlaTok * L.chunks; e += kMlaThreads) {
+      const int j = e / L.chunks, ch = e % L.chunks, off = ch * 16;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (j < nt && off < row_bytes) {
+        const int64_t t = tb + j;
+        const int64_t blk = table[t >> log2_page];
+        const char* src = kv + (blk * a.kv_sblock + (t & page_mask) * a.kv_srow) * ES + off;
+        if (vec && off + 16 <= row_bytes) {
+          v = *reinterpret_cast<const uint4*>(src);
+        } else {
+          uint32_t w[4] = {0u, 0u, 0u, 0u};
+          for (int k = 0; k < 16 / ES && off + (k + 1) * ES <= row_bytes; ++k) {
+            if (ES == 4)
+              w[k] = reinterpret_cast<const uint32_t*>(src)[k];
+            else
+              w[k >> 1] |= uint32_t(reinterpret_cast<const uint16_t*>(src)[k]) << (16 * (k & 1));
+          }
+          v = make_uint4(w[0], w[1], w[2], w[3]);
+        }
+      }
+      *reinterpret_cast<uint4*>(tile + j * L.rw + 4 * ch) = v;
+    }
+    __syncthreads();
+
+    // 2. scores of token `lane` against rows warp, warp + 8; the online-softmax step.
+    {
+      float dot[2] = {0.f, 0.f};
+      const uint32_t* krow = tile + lane * L.rw;
+      const float* q0 = qs + warp * L.qd;
+      const float* q1 = qs + (warp + 8) * L.qd;
+      for (int ch = 0; ch < L.chunks; ++ch) {
+        const uint4 kk = *reinterpret_cast<const uint4*>(krow + 4 * ch);
+        const uint32_t kw[4] = {kk.x, kk.y, kk.z, kk.w};
+        constexpr int PER = 16 / ES;
+        float kf[PER];
+#pragma unroll
+        for (int k = 0; k < PER; ++k) {
+          if (DT == kF32)
+            kf[k] = __uint_as_float(kw[k]);
+          else {
+            const uint32_t h = (k & 1) ? (kw[k >> 1] >> 16) : (kw[k >> 1] & 0xffffu);
+            kf[k] = DT == kBF16 ? bf16_bits_to_f32(h) : f16_bits_to_f32(h);
+          }
+        }
+        const float* a0 = q0 + ch * PER;
+        const float* a1 = q1 + ch * PER;
+#pragma unroll
+        for (int k = 0; k < PER; ++k) {
+          dot[0] += a0[k] * kf[k];
+          dot[1] += a1[k] * kf[k];
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int r = warp + 8 * i;  // warp-uniform
+        const int64_t t = tb + lane;
+        const bool vis = r < nrows && lane < nt && t <= last[i];
+        const float s = vis ? dot[i] : ninf;
+        const float bad = warp_max(vis && s != s ? 1.f : 0.f);
+        const float mx = fmaxf(m_run[i], warp_max(s));  // fmaxf: the NaN-free max
+        float p = 0.f, alpha = 1.f, skip = 0.f;
+        if (r >= nrows) {
+          skip = 1.f;
+        } else if (bad != 0.f || m_run[i] != m_run[i]) {  // NaN in, NaN out: poison the row
+          m_run[i] = l_run[i] = mla_nan();
+          alpha = mla_nan();
+        } else if (mx == ninf) {  // nothing visible yet
+          skip = 1.f;
+        } else {
+          alpha = m_run[i] == ninf ? 0.f : expf(m_run[i] - mx);
+          p = s == ninf ? 0.f : expf(s - mx);
+          l_run[i] = l_run[i] * alpha + warp_sum(p);
+          m_run[i] = mx;
+        }
+        if (r < kMlaRows) {
+          ps[r * kMlaTok + lane] = p;
+          if (lane == 0) {
+            alpha_s[r] = alpha;
+            skip_s[r] = skip;
+          }
+        }
+      }
+    }
+    __syncthreads();
+
+    // 3. acc = acc * alpha + P . V over the tile's tokens (all nt of them, like the CPU).
+    {
+      bool skip[NR];
+#pragma unroll
+      for (int i = 0; i < NR; ++i) {
+        const int r = rth + i * RS;
+        skip[i] = skip_s[r] != 0.f;
+        const float al = alpha_s[r];
+        if (!skip[i])
+#pragma unroll
+          for (int j = 0; j < NC; ++j) acc[i][j] *= al;
+      }
+      for (int j0 = 0; j0 < nt; ++j0) {
+        const uint32_t* vrow = tile + j0 * L.rw;
+        float v[NC];
+#pragma unroll
+        for (int j = 0; j < NC; ++j) {
+          const int c = cth + j * CT;
+          v[j] = c < dv ? mla_elem<DT>(vrow, c) : 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < NR; ++i) {
+          if (skip[i]) continue;
+          const float p = ps[(rth + i * RS) * kMlaTok + j0];
+#pragma unroll
+          for (int j = 0; j < NC; ++j) acc[i][j] += p * v[j];
+        }
+      }
+    }
+    __syncthreads();  // the tile, p, alpha are rewritten next
+  }
+
+  // Normalised partials and the split's lse.
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      l_s[warp + 8 * i] = l_run[i];
+      m_s[warp + 8 * i] = m_run[i];
+    }
+  }
+  __syncthreads();
+  float* o_part = static_cast<float*>(a.o_part) + ((b * a.n_splits + sp) * rows + r0) * dv;
+  float* lse_part = static_cast<float*>(a.lse_part) + (b * a.n_splits + sp) * rows + r0;
+#pragma unroll
+  for (int i = 0; i < NR; ++i) {
+    const int r = rth + i * RS;
+    if (r >= nrows) continue;
+    const float l = l_s[r];
+    const bool empty = !(l > 0.f) && !(l != l);  // no visible key (NaN stays NaN)
+    const float inv = empty ? 0.f : 1.f / l;
+#pragma unroll
+    for (int j = 0; j < NC; ++j) {
+      const int c = cth + j * CT;
+      if (c < dv) o_part[int64_t(r) * dv + c] = acc[i][j] * inv;
+    }
+    if (cth == 0) lse_part[r] = empty ? ninf : m_s[r] + logf(l);
+  }
+}
+
+// The merge: CTA (query row r, batch row b); thread k owns columns k + 128 * j.
+template <int NC>
+FL_GLOBAL void FL_LAUNCH_BOUNDS(kMlaMergeThreads, 4) mla_merge(MlaDecodeArgs a) {
+  const int tid = int(threadIdx.x);
+  const int64_t rows = a.s_q * a.H, r = blockIdx.x, b = blockIdx.y;
+  const int dv = int(a.dv);
+  const float ninf = mla_ninf();
+  const float* lse_part = static_cast<const float*>(a.lse_part) + b * a.n_splits * rows + r;
+  float mx = ninf;
+  bool nan = false;
+  for (int64_t sp = 0; sp < a.n_splits; ++sp) {
+    const float v = lse_part[sp * rows];
+    nan = nan || v != v;
+    mx = fmaxf(mx, v);
+  }
+  float acc[NC];
+#pragma unroll
+  for (int j = 0; j < NC; ++j) acc[j] = 0.f;
+  float total = 0.f;
+  if (mx != ninf) {
+    for (int64_t sp = 0; sp < a.n_splits; ++sp) {
+      const float v = lse_part[sp * rows];
+      if (v == ninf) continue;
+      const float w = expf(v - mx);
+      total += w;
+      const float* op = static_cast<const float*>(a.o_part) + ((b * a.n_splits + sp) * rows + r) * dv;
+#pragma unroll
+      for (int j = 0; j < NC; ++j) {
+        const int c = tid + j * kMlaMergeThreads;
+        if (c < dv) acc[j] += w * op[c];
+      }
+    }
+    const float inv = 1.f / total;
+#pragma unroll
+    for (int j = 0; j < NC; ++j) acc[j] *= inv;
+  }
+  const int64_t qi = r / a.H, h = r % a.H;
+  const int64_t o = ((b * a.s_q + qi) * a.H + h) * dv;
+#pragma unroll
+  for (int j = 0; j < NC; ++j) {
+    const int c = tid + j * kMlaMergeThreads;
+    if (c < dv) mla_store(a.out, a.out_dt, o + c, nan ? mla_nan() : acc[j]);
+  }
+  if (tid == 0)
+    static_cast<float*>(a.lse)[(b * a.H + h) * a.s_q + qi] = nan ? mla_nan() : (mx == ninf ? ninf : mx + logf(total));
+}
+
+// ---------------------------------------------------------------------------------
+// Host side (shared with the emulation test): checks and launches.
+
+inline void mla_fail(const std::string& what) { throw std::invalid_argument("fastlayers._cuda.mla_decode: " + what); }
+
+// Argument checks; false when there is nothing to launch (B, s_q or H is 0).
+inline bool check_mla_decode(const MlaDecodeArgs& a) {
+  for (int dt : {a.q_dt, a.kv_dt, a.out_dt})
+    if (dt != kF32 && dt != kF16 && dt != kBF16)
+      mla_fail(std::string("unsupported dtype ") + dtype_name(dt) + " (float32, float16, bfloat16)");
+  if (a.kv_dt != a.q_dt) mla_fail("q and kv_cache must have the same dtype");
+  if (a.B < 0 || a.s_q < 0 || a.H < 0) mla_fail("negative size");
+  if (a.B == 0 || a.s_q == 0 || a.H == 0) return false;
+  if (a.D < 1 || a.D > kMlaMaxD)
+    mla_fail("D = " + std::to_string(a.D) + " outside 1.." + std::to_string(kMlaMaxD));
+  if (a.dv < 1 || a.dv > a.D || a.dv > kMlaMaxDv)
+    mla_fail("head_dim_v = " + std::to_string(a.dv) + " outside 1..min(D, " + std::to_string(kMlaMaxDv) + ")");
+  if (a.page < 1 || (a.page & (a.page - 1))) mla_fail("page size must be a power of two");
+  if (a.n_splits < 1 || a.n_splits > kMlaMaxGridYZ || a.split_tokens < 1)
+    mla_fail("n_splits must be in 1..65535 and split_tokens >= 1");
+  if (a.B > kMlaMaxGridYZ) mla_fail("batch above 65535");
+  if ((a.s_q * a.H + kMlaRows - 1) / kMlaRows > (int64_t(1) << 31) - 1) mla_fail("too many query rows");
+  if (!a.q || !a.kv || !a.block_table || !a.seqlens || !a.o_part || !a.lse_part || !a.out || !a.lse)
+    mla_fail("null pointer");
+  return true;
+}
+
+// launch(kernel, grid, block, dynamic shared bytes, args...). Two launches: the
+// partial kernel, then the merge (same stream).
+template <int DT, class Launch>
+void launch_mla_dt(const MlaDecodeArgs& a, Launch&& launch) {
+  const MlaSmem L = mla_smem(a.D, DT == kF32 ? 4 : 2);
+  int log2_page = 0;
+  while ((int64_t(1) << log2_page) < a.page) ++log2_page;
+  const dim3 grid(unsigned((a.s_q * a.H + kMlaRows - 1) / kMlaRows), unsigned(a.n_splits), unsigned(a.B));
+  const dim3 block(kMlaThreads);
+  if (a.dv > 256)
+    launch(mla_partial<DT, 2, 16>, grid, block, L.bytes, a, L, log2_page);
+  else if (a.dv > 128)
+    launch(mla_partial<DT, 1, 16>, grid, block, L.bytes, a, L, log2_page);
+  else if (a.dv > 64)
+    launch(mla_partial<DT, 1, 8>, grid, block, L.bytes, a, L, log2_page);
+  else
+    launch(mla_partial<DT, 1, 4>, grid, block, L.bytes, a, L, log2_page);
+  const dim3 mgrid(unsigned(a.s_q * a.H), unsigned(a.B));
+  const dim3 mblock(kMlaMergeThreads);
+  if (a.dv > 2 * kMlaMergeThreads)
+    launch(mla_merge<4>, mgrid, mblock, size_t(0), a);
+  else if (a.dv > kMlaMergeThreads)
+    launch(mla_merge<2>, mgrid, mblock, size_t(0), a);
+  else
+    launch(mla_merge<1>, mgrid, mblock, size_t(0), a);
+}
+
+template <class Launch>
+bool run_mla_decode(const MlaDecodeArgs& a, Launch&& launch) {
+  if (!check_mla_decode(a)) return false;
+  if (a.q_dt == kF32)
+    launch_mla_dt<kF32>(a, launch);
+  else if (a.q_dt == kBF16)
+    launch_mla_dt<kBF16>(a, launch);
+  else
+    launch_mla_dt<kF16>(a, launch);
+  return true;
+}
+
+}  // namespace cuda_kernels
+}  // namespace fastlayers
