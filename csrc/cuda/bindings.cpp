@@ -3,14 +3,17 @@
 // in elements and dtype codes (fastlayers/_dtypes.py); Python allocates every buffer
 // and passes the stream (torch.cuda.current_stream().cuda_stream) and makes the
 // tensors' device current. This file is compiled by the host compiler: no CUDA
-// headers here, every CUDA call is behind csrc/cuda/norm.h.
+// headers here, every CUDA call is behind csrc/cuda/norm.h and csrc/cuda/mla.h.
 //
 // Errors: CUDA failures raise RuntimeError ("fastlayers._cuda: ..."), bad arguments
 // (e.g. float64, which the CUDA kernels do not support) raise ValueError.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <array>
 #include <cstdint>
 
+#include "mla.h"
 #include "norm.h"
 
 namespace py = pybind11;
@@ -57,6 +60,28 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("dr_dt"), py::arg("dw_part"), py::arg("db_part"), py::arg("M"), py::arg("N"), py::arg("is_rms"),
       py::arg("parts"), py::arg("stream"),
       "Fused residual + RMSNorm/LayerNorm backward on `stream`; dw/db as (parts, N) fp32 partial sums.");
+
+  m.def(
+      "mla_decode",
+      [](uintptr_t q, std::array<int64_t, 3> qs, int q_dt, uintptr_t kv, int64_t kv_sblock, int64_t kv_srow,
+         int kv_dt, uintptr_t block_table, int64_t bt_stride, uintptr_t seqlens, uintptr_t o_part,
+         uintptr_t lse_part, uintptr_t out, int out_dt, uintptr_t lse, int64_t B, int64_t s_q, int64_t H, int64_t D,
+         int64_t dv, int64_t page, int64_t n_splits, int64_t split_tokens, double scale, bool causal,
+         uintptr_t stream) {
+        MlaDecodeArgs a{P(q), qs[0], qs[1], qs[2], q_dt, P(kv), kv_sblock, kv_srow, kv_dt,
+                        static_cast<const int32_t*>(P(block_table)), bt_stride,
+                        static_cast<const int32_t*>(P(seqlens)), P(o_part), P(lse_part), P(out), out_dt, P(lse),
+                        B, s_q, H, D, dv, page, n_splits, split_tokens, scale, causal};
+        py::gil_scoped_release nogil;
+        cuda::mla_decode(a, P(stream));
+      },
+      py::arg("q"), py::arg("q_strides"), py::arg("q_dt"), py::arg("kv"), py::arg("kv_sblock"), py::arg("kv_srow"),
+      py::arg("kv_dt"), py::arg("block_table"), py::arg("bt_stride"), py::arg("seqlens"), py::arg("o_part"),
+      py::arg("lse_part"), py::arg("out"), py::arg("out_dt"), py::arg("lse"), py::arg("B"), py::arg("s_q"),
+      py::arg("H"), py::arg("D"), py::arg("dv"), py::arg("page"), py::arg("n_splits"), py::arg("split_tokens"),
+      py::arg("scale"), py::arg("causal"), py::arg("stream"),
+      "MLA decoding over a paged latent cache, split-KV (see MlaDecodeArgs), on `stream`: fp32/fp16/bf16, "
+      "D <= 768, head_dim_v <= 512.");
 
   m.def("device_count", &cuda::device_count,
         "Number of CUDA devices visible to this module; 0 without a device or a recent enough driver.");

@@ -56,6 +56,8 @@ namespace emu {
 inline void syncwarp() { warp_bar[tid() >> 5]->arrive_and_wait(); }
 }  // namespace emu
 
+static inline void __syncwarp(unsigned = 0xffffffffu) { emu::syncwarp(); }
+
 static inline float __shfl_xor_sync(unsigned, float v, int mask) {
   const int t = emu::tid();
   emu::xch[t] = v;

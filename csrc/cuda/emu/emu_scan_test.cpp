@@ -1,0 +1,214 @@
+// Checks the CUDA selective-scan forward (scan_kernels.cuh), run on CPU threads by
+// cuda_emu.h, against the CPU kernel (csrc/cpu/scan.cpp). Build and run: see
+// run_emu_test.sh (`sh run_emu_test.sh scan`).
+#include "cuda_emu.h"
+// clang-format off
+#include "../scan_kernels.cuh"
+// clang-format on
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../../cpu/convert.h"
+#include "../../cpu/scan.h"
+
+using namespace fastlayers;
+namespace ck = fastlayers::cuda_kernels;
+
+static std::mt19937_64 rng(777);
+static int failures = 0, checks = 0;
+
+static const auto emu_launch = [](auto k, dim3 g, dim3 bl, size_t smem, const auto&... args) {
+  emu::launch_smem(k, g, bl, smem, args...);
+};
+
+static void expect(bool ok, const std::string& what) {
+  ++checks;
+  if (!ok) {
+    ++failures;
+    std::printf("FAIL %s\n", what.c_str());
+  }
+}
+
+static int esize(int dt) { return dt == kF32 ? 4 : 2; }
+
+struct Buf {
+  int dt = kF32;
+  std::vector<uint8_t> b;
+  Buf(int dt_, int64_t n) : dt(dt_), b(size_t(n * esize(dt_) + 16), 0) {}
+  int64_t n() const { return (int64_t(b.size()) - 16) / esize(dt); }
+  float get(int64_t i) const {
+    if (dt == kF32) {
+      float f;
+      std::memcpy(&f, b.data() + 4 * i, 4);
+      return f;
+    }
+    uint16_t s;
+    std::memcpy(&s, b.data() + 2 * i, 2);
+    return dt == kBF16 ? cpu::bf16_to_f32(s) : emu_f16_bits_to_f32(s);
+  }
+  void set(int64_t i, float v) {
+    if (dt == kF32) {
+      std::memcpy(b.data() + 4 * i, &v, 4);
+      return;
+    }
+    const uint16_t s = dt == kBF16 ? cpu::f32_to_bf16(v) : uint16_t(emu_f32_to_f16_bits(v));
+    std::memcpy(b.data() + 2 * i, &s, 2);
+  }
+  void random(float mean, float sd) {
+    std::normal_distribution<float> d(mean, sd);
+    for (int64_t i = 0; i < n(); ++i) set(i, d(rng));
+  }
+  void poison() {
+    for (int64_t i = 0; i < n(); ++i) set(i, NAN);
+  }
+  View4 view(int64_t s0, int64_t s1, int64_t s2, int64_t s3 = 0) {
+    return View4{b.data(), dt, {s0, s1, s2, s3}};
+  }
+};
+
+static bool close(float got, float want, int dt) {
+  if (std::isnan(want)) return std::isnan(got);
+  const float rtol = dt == kF32 ? 2e-5f : dt == kF16 ? 2.5e-3f : 1.6e-2f;
+  const float atol = dt == kF32 ? 2e-5f : dt == kF16 ? 2e-3f : 1.6e-2f;
+  return std::fabs(got - want) <= atol + rtol * std::fabs(want);
+}
+
+struct Case {
+  int dt = kF32;
+  int64_t batch = 2, dim = 5, L = 40, N = 16, GB = 1, GC = 1;
+  bool var_b = true, var_c = true;  // time-varying (batch, G, L, N) or time-invariant (dim, N)
+  bool D = true, z = true, bias = true, softplus = true, last = true, transposed = false, nan = false;
+};
+
+static void run_case(const Case& c) {
+  const int64_t batch = c.batch, dim = c.dim, L = c.L, N = c.N;
+  char cfgs[256];
+  std::snprintf(cfgs, sizeof cfgs,
+                "%s batch=%lld dim=%lld L=%lld N=%lld GB=%lld GC=%lld varB=%d varC=%d D=%d z=%d bias=%d sp=%d last=%d "
+                "transposed=%d nan=%d",
+                dtype_name(c.dt), (long long)batch, (long long)dim, (long long)L, (long long)N, (long long)c.GB,
+                (long long)c.GC, c.var_b, c.var_c, c.D, c.z, c.bias, c.softplus, c.last, c.transposed, c.nan);
+  const std::string cfg = cfgs;
+  // u, delta, z: (batch, dim, L), contiguous or a transposed (batch, L, dim) buffer.
+  auto bdl = [&](Buf& t) {
+    return c.transposed ? t.view(L * dim, 1, dim) : t.view(dim * L, L, 1);
+  };
+  Buf u(c.dt, batch * dim * L), delta(c.dt, batch * dim * L), z(c.dt, batch * dim * L);
+  u.random(0.f, 1.f);
+  delta.random(c.softplus ? -1.f : 0.3f, c.softplus ? 1.f : 0.1f);
+  z.random(0.f, 1.f);
+  Buf A(kF32, dim * N), D(kF32, dim), bias(kF32, dim);
+  for (int64_t i = 0; i < dim * N; ++i) A.set(i, -std::exp(std::normal_distribution<float>(0.f, 1.f)(rng)));
+  D.random(0.f, 1.f);
+  bias.random(0.f, 0.5f);
+  if (c.nan) u.set((batch - 1) * dim * L + 2, NAN);  // channel 0 of the last batch row, step 2 (contiguous layout)
+  // B, C: fp32 (Bb, G, L', N), N contiguous; time-invariant: (1, dim, 1, N) with strides (0, N, 0, 1).
+  Buf Bm(kF32, c.var_b ? batch * c.GB * L * N : dim * N), Cm(kF32, c.var_c ? batch * c.GC * L * N : dim * N);
+  Bm.random(0.f, 1.f);
+  Cm.random(0.f, 1.f);
+  const View4 Bv = c.var_b ? Bm.view(c.GB * L * N, L * N, N, 1) : Bm.view(0, N, 0, 1);
+  const View4 Cv = c.var_c ? Cm.view(c.GC * L * N, L * N, N, 1) : Cm.view(0, N, 0, 1);
+  const int64_t GB = c.var_b ? c.GB : dim, GC = c.var_c ? c.GC : dim;
+
+  SelectiveScanArgs a{};
+  a.u = bdl(u); a.delta = bdl(delta); a.A = A.view(N, 1, 0); a.B = Bv; a.C = Cv;
+  a.D = c.D ? D.view(1, 0, 0) : View4{nullptr, -1, {0, 0, 0, 0}};
+  a.z = c.z ? bdl(z) : View4{nullptr, -1, {0, 0, 0, 0}};
+  a.delta_bias = c.bias ? bias.view(1, 0, 0) : View4{nullptr, -1, {0, 0, 0, 0}};
+  a.batch = batch; a.dim = dim; a.L = L; a.N = N; a.GB = GB; a.GC = GC; a.softplus = c.softplus;
+
+  Buf out_c(c.dt, batch * dim * L), last_c(kF32, batch * dim * N);
+  SelectiveScanArgs ac = a;
+  ac.out = out_c.view(dim * L, L, 1);
+  ac.last = c.last ? last_c.view(dim * N, N, 1) : View4{nullptr, -1, {0, 0, 0, 0}};
+  std::vector<float> ws(size_t(cpu::selective_scan_workspace(L, N, false)));
+  cpu::selective_scan_fwd(ac, ws.data(), 1);
+
+  // Emulated kernel: out with a padded row stride, last transposed to (batch, N, dim) storage.
+  const int64_t pad = 3;
+  Buf out_g(c.dt, batch * dim * (L + pad)), last_g(kF32, batch * dim * N);
+  out_g.poison();
+  last_g.poison();
+  SelectiveScanArgs ag = a;
+  ag.out = out_g.view(dim * (L + pad), L + pad, 1);
+  ag.last = c.last ? last_g.view(dim * N, 1, dim) : View4{nullptr, -1, {0, 0, 0, 0}};
+  expect(ck::run_selective_scan_fwd(ag, emu_launch), "launched (" + cfg + ")");
+
+  ++checks;
+  int bad = 0;
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t d = 0; d < dim; ++d) {
+      for (int64_t t = 0; t < L + pad; ++t) {
+        const float g = out_g.get((b * dim + d) * (L + pad) + t);
+        const bool ok = t < L ? close(g, out_c.get((b * dim + d) * L + t), c.dt) : std::isnan(g);  // padding untouched
+        if (!ok && bad++ < 3)
+          std::printf("  MISMATCH out [%lld,%lld,%lld] got %g want %g (%s)\n", (long long)b, (long long)d,
+                      (long long)t, g, t < L ? out_c.get((b * dim + d) * L + t) : NAN, cfg.c_str());
+      }
+      if (c.last)
+        for (int64_t n = 0; n < N; ++n) {
+          const float g = last_g.get((b * N + n) * dim + d), w = last_c.get((b * dim + d) * N + n);
+          if (!close(g, w, kF32) && bad++ < 3)
+            std::printf("  MISMATCH last [%lld,%lld,%lld] got %g want %g (%s)\n", (long long)b, (long long)d,
+                        (long long)n, g, w, cfg.c_str());
+        }
+    }
+  if (bad) {
+    ++failures;
+    std::printf("FAIL: %d bad (%s)\n", bad, cfg.c_str());
+  }
+  if (c.nan) expect(std::isnan(out_g.get((batch - 1) * dim * (L + pad) + L - 1)), "NaN in u: NaN out (" + cfg + ")");
+}
+
+template <class F>
+static bool throws_invalid(F&& f) {
+  try {
+    f();
+  } catch (const std::invalid_argument&) {
+    return true;
+  }
+  return false;
+}
+
+static void check_entry_points() {
+  auto never = [](auto, dim3, dim3, size_t, const auto&...) { throw std::logic_error("unexpected launch"); };
+  float buf[64] = {};
+  SelectiveScanArgs a{};
+  a.u = a.delta = a.A = a.out = View4{buf, kF32, {0, 0, 0, 0}};
+  a.B = a.C = View4{buf, kF32, {0, 0, 0, 0}};
+  a.batch = 0; a.dim = 4; a.L = 5; a.N = 16; a.GB = a.GC = 1;
+  expect(!ck::run_selective_scan_fwd(a, never), "batch 0: nothing launched");
+  a.batch = 1; a.L = 0;
+  expect(!ck::run_selective_scan_fwd(a, never), "L 0: nothing launched");
+  a.L = 5; a.N = 300;
+  expect(throws_invalid([&] { ck::run_selective_scan_fwd(a, never); }), "N 300 throws");
+  a.N = 16; a.u.dt = kF64;
+  expect(throws_invalid([&] { ck::run_selective_scan_fwd(a, never); }), "float64 u throws");
+  a.u.dt = kF32; a.B.dt = kBF16;
+  expect(throws_invalid([&] { ck::run_selective_scan_fwd(a, never); }), "bf16 B throws");
+  a.B.dt = kF32; a.GB = 3;
+  expect(throws_invalid([&] { ck::run_selective_scan_fwd(a, never); }), "groups not dividing dim throw");
+}
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+  std::vector<Case> cases;
+  { Case c; cases.push_back(c); }                                          // N 16, every option, L 40 (2 chunks)
+  { Case c; c.dt = kBF16; c.L = 123; c.N = 33; c.dim = 6; c.GB = 2; c.GC = 3; cases.push_back(c); }  // N 33: 2 per lane
+  { Case c; c.dt = kF16; c.L = 1; c.N = 64; c.var_b = false; c.D = false; c.z = false; cases.push_back(c); }
+  { Case c; c.L = 65; c.N = 5; c.var_c = false; c.bias = false; c.softplus = false; c.last = false;
+    c.transposed = true; c.batch = 1; c.dim = 9; cases.push_back(c); }  // 9 channels: a partial last CTA
+  { Case c; c.dt = kBF16; c.L = 32; c.N = 130; c.dim = 3; c.batch = 1; c.transposed = true; cases.push_back(c); }
+  if (!quick) {
+    { Case c; c.nan = true; c.L = 37; cases.push_back(c); }
+    { Case c; c.L = 300; c.N = 16; c.batch = 1; c.dim = 4; c.GB = 2; c.GC = 4; cases.push_back(c); }
+  }
+  for (const Case& c : cases) run_case(c);
+  check_entry_points();
+  std::printf("%d checks, %d failed\n", checks, failures);
+  return failures ? 1 : 0;
+}
