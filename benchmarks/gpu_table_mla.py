@@ -4,6 +4,9 @@ mla_decode, bf16 cache, 4096 cached tokens: 512+64 at batch 64 and 128 with 16 a
 Zebra-Llama's latent sizes 128+32, 128+64, 160+64, where no peer kernel runs. Bytes = cache rows read
 + q + out; the target is >= 80% of the device-to-device copy in the memory-bound cases.
 selective_state_update at batch 16 (Mamba-2 2.7B-like and Zebra-like shapes), state read and written.
+mla_decode and selective_scan run every fast backend built here: cuda (the CUDA C++ kernels) next to
+triton on a GPU (selective_scan has no triton kernel: cuda alone), cpu on the smoke run.
+selective_scan (Mamba-1 forward, bf16, B/C (batch, N, L)): bytes = u, delta, z, out + B, C + last state.
 """
 import torch
 
@@ -23,9 +26,15 @@ def _mla_case(gt, b, n, h, lat, rope, dtype):
     return q, kv, table, lens
 
 
+def _fast(gt, names):
+    """The backends among `names` usable here (cpu on the CPU smoke run)."""
+    if gt.DEVICE != "cuda":
+        return ["cpu"]
+    av = fastlayers.available_backends()
+    return [n for n in names if av[n][0]]
+
+
 def mla_rows(gt, ceiling, l2, quick=False, smoke=False):
-    dev = gt.DEVICE
-    fast = "triton" if dev == "cuda" else "cpu"
     dtype = torch.float32 if smoke else torch.bfloat16
     if smoke:
         cases = [(2, 64, 4, 64, 32)]
@@ -40,19 +49,20 @@ def mla_rows(gt, ceiling, l2, quick=False, smoke=False):
         nbytes = (kv[: b * (-(-n // PAGE))].numel() * kv.element_size() + q.numel() * q.element_size()
                   + b * h * lat * q.element_size())
 
-        def call(_s, q=q, kv=kv, table=table, lens=lens, lat=lat):
-            with fastlayers.use_backend(fast):
-                fastlayers.mla_decode(q, kv, table, lens, lat)
+        for fast in _fast(gt, ("cuda", "triton")):
+            def call(_s, q=q, kv=kv, table=table, lens=lens, lat=lat, fast=fast):
+                with fastlayers.use_backend(fast):
+                    fastlayers.mla_decode(q, kv, table, lens, lat)
 
-        label = ("mla_decode", f"b{b} n{n} h{h} {lat}+{rope}", str(dtype)[6:], fast)
-        with torch.no_grad():
-            try:
-                t = gt.bench(call, [None])
-            except Exception as e:  # report, don't hide
-                rows.append((*label, float("nan"), float("nan"), f"ERROR {type(e).__name__}: {e}"[:80]))
-                continue
-        gbps = nbytes / t / 1e9
-        rows.append((*label, t * 1e6, gbps, f"{gbps / ceiling:.0%}"))
+            label = ("mla_decode", f"b{b} n{n} h{h} {lat}+{rope}", str(dtype)[6:], fast)
+            with torch.no_grad():
+                try:
+                    t = gt.bench(call, [None])
+                except Exception as e:  # report, don't hide
+                    rows.append((*label, float("nan"), float("nan"), f"ERROR {type(e).__name__}: {e}"[:80]))
+                    continue
+            gbps = nbytes / t / 1e9
+            rows.append((*label, t * 1e6, gbps, f"{gbps / ceiling:.0%}"))
         del q, kv
     return rows
 
@@ -84,4 +94,40 @@ def state_update_rows(gt, ceiling, l2, quick=False, smoke=False):
                 continue
         gbps = nbytes / t / 1e9
         rows.append((*label, t * 1e6, gbps, f"{gbps / ceiling:.0%}"))
+    return rows
+
+
+def scan_rows(gt, ceiling, l2, quick=False, smoke=False):
+    """selective_scan forward (Mamba-1): (batch, dim, L, N); u, delta, z in the dtype, A, D, delta_bias fp32."""
+    dev = gt.DEVICE
+    dtype = torch.float32 if smoke else torch.bfloat16
+    if smoke:
+        shapes = [(1, 4, 64, 8)]
+    elif quick:
+        shapes = [(8, 2048, 2048, 16)]
+    else:
+        shapes = [(8, 2048, 2048, 16), (4, 5120, 2048, 16), (8, 2048, 2048, 64)]
+    rows = []
+    for batch, dim, L, n in shapes:
+        u, delta, z = (torch.randn(batch, dim, L, device=dev).to(dtype) for _ in range(3))
+        A = -torch.rand(dim, n, device=dev) - 0.1
+        B, C = (torch.randn(batch, n, L, device=dev).to(dtype) for _ in range(2))
+        D, bias = torch.randn(dim, device=dev), torch.randn(dim, device=dev)
+        es = u.element_size()
+        nbytes = 4 * u.numel() * es + 2 * B.numel() * es + batch * dim * n * 4
+        for fast in _fast(gt, ("cuda",)):
+            def call(_s, fast=fast, args=(u, delta, A, B, C, D, z, bias)):
+                with fastlayers.use_backend(fast):
+                    fastlayers.selective_scan(*args, delta_softplus=True, return_last_state=True)
+
+            label = ("selective_scan fwd", f"b{batch} d{dim} L{L} n{n}", str(dtype)[6:], fast)
+            with torch.no_grad():
+                try:
+                    t = gt.bench(call, [None])
+                except Exception as e:  # report, don't hide
+                    rows.append((*label, float("nan"), float("nan"), f"ERROR {type(e).__name__}: {e}"[:80]))
+                    continue
+            gbps = nbytes / t / 1e9
+            rows.append((*label, t * 1e6, gbps, f"{gbps / ceiling:.0%}"))
+        del u, delta, z, B, C
     return rows

@@ -1,5 +1,5 @@
-"""The CUDA norm kernels, run on CPU threads by a small emulation of the CUDA execution model
-(csrc/cuda/emu/), checked against the CPU kernel. It is the only check of the CUDA kernels'
+"""The CUDA kernels (norm, MLA decoding, the selective-scan forward), run on CPU threads by a small emulation of the CUDA
+execution model (csrc/cuda/emu/), checked against the CPU kernels. It is the only check of the CUDA kernels'
 logic that can run on a machine without a GPU; GPU-only hazards (memory ordering, real
 alignment faults) still need benchmarks/gpu_check.sh on a GPU."""
 import os
@@ -23,3 +23,32 @@ def test_cuda_kernels_under_cpu_emulation(tmp_path):
     assert res.returncode == 0, tail
     last = res.stdout.strip().splitlines()[-1]
     assert last.endswith(" checks, 0 failed") and int(last.split()[0]) > 100, tail
+
+
+def _run_emu(tmp_path, *args):
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    res = subprocess.run(["sh", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=1200)
+    tail = (res.stdout + res.stderr)[-4000:]
+    assert res.returncode == 0, tail
+    last = res.stdout.strip().splitlines()[-1]
+    assert last.endswith(" checks, 0 failed"), tail
+    return int(last.split()[0])
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the CUDA kernels run for real instead")
+def test_mla_decode_kernels_under_cpu_emulation(tmp_path):
+    """csrc/cuda/emu/emu_mla_test.cpp: 11 shapes (D = 64..576, 1-20 heads, s_q 1-4 causal, pages 16-64,
+    lengths incl. 0, several splits, misaligned rows, NaN inputs; fp32/fp16/bf16) against cpu::mla_decode,
+    outputs and split partials compared elementwise, plus the entry point's argument checks."""
+    assert _run_emu(tmp_path, "mla") > 60
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the CUDA kernels run for real instead")
+def test_selective_scan_fwd_kernel_under_cpu_emulation(tmp_path):
+    """csrc/cuda/emu/emu_scan_test.cpp: 7 cases (N = 5..130: 1-8 states a lane; L = 1..300: partial chunks;
+    every optional input on and off, grouped and time-invariant B/C, transposed (batch, L, dim) inputs, a
+    padded out, a transposed last state, NaN input; fp32/fp16/bf16) against cpu::selective_scan_fwd, plus
+    the entry point's argument checks."""
+    assert _run_emu(tmp_path, "scan") > 15

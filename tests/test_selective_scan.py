@@ -11,6 +11,8 @@ from conftest import _case, assert_rel_err, seed_of
 REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-10}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = [_case("cpu", "cpu"), _case("cpu", "reference")]
+# The forward also runs on CUDA tensors (backend 'cuda', forward only; skipped without a GPU).
+FWD_BACKENDS = BACKENDS + [_case("cuda", "cuda")]
 LAYOUTS = ("const", "var", "group")  # B, C: (dim, N), (batch, N, L), (batch, G=2, N, L)
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -43,12 +45,16 @@ def _ref64(args, softplus, last=True):
     return reference.selective_scan(*hi, delta_softplus=softplus, return_last_state=last)
 
 
+def _dev(args, device):
+    return tuple(None if a is None else a.to(device) for a in args)
+
+
 def _run(backend, args, softplus, last=True):
     with fastlayers.use_backend(backend):
         return fastlayers.selective_scan(*args, delta_softplus=softplus, return_last_state=last)
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", FWD_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("L", [1, 3, 123, 2049])
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -56,7 +62,8 @@ def test_forward(device, backend, dtype, L, layout):
     args = _inputs(2, 6, L, 8, layout, dtype, _gen("fwd", str(dtype), L, layout))
     ref_out, ref_last = _ref64(args, True)
     with torch.no_grad():
-        out, last = _run(backend, args, True)
+        out, last = _run(backend, _dev(args, device), True)
+    out, last = out.cpu(), last.cpu()
     assert out.dtype == dtype and out.shape == args[0].shape
     assert last.dtype == torch.float32 and last.shape == (2, 6, 8)
     # out = <x_t, C_t> is a reduction over N of a scan over L: relative-norm error (DESIGN.md §4).
@@ -67,7 +74,7 @@ def test_forward(device, backend, dtype, L, layout):
 OPTS = [(), ("D",), ("z",), ("delta_bias",), ("D", "z", "delta_bias")]
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", FWD_BACKENDS)
 @pytest.mark.parametrize("opts", OPTS, ids=lambda o: "+".join(o) or "none")
 @pytest.mark.parametrize("softplus", [True, False], ids=["softplus", "nosoftplus"])
 @pytest.mark.parametrize("last", [True, False], ids=["last", "nolast"])
@@ -76,7 +83,8 @@ def test_forward_options(device, backend, opts, softplus, last, bc):
     args = _inputs(3, 4, 57, 5, bc[0], torch.float32, _gen("opts", opts, softplus, last, bc), opts, softplus, bc[1])
     ref = _ref64(args, softplus, last)
     with torch.no_grad():
-        res = _run(backend, args, softplus, last)
+        res = _run(backend, _dev(args, device), softplus, last)
+    res = tuple(r.cpu() for r in res) if last else res.cpu()
     if last:
         assert_rel_err(res[0], ref[0], 1e-5, "out")
         assert_rel_err(res[1], ref[1], 1e-5, "last_state")
@@ -85,7 +93,7 @@ def test_forward_options(device, backend, opts, softplus, last, bc):
         assert_rel_err(res, ref, 1e-5, "out")
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", FWD_BACKENDS)
 def test_forward_strided_inputs(device, backend):
     """(batch, L, dim) memory seen as (batch, dim, L) views, a sliced A, B as a (batch, L, N) transposed view."""
     gen = _gen("strided")
@@ -97,7 +105,8 @@ def test_forward_strided_inputs(device, backend):
     D, dtb = torch.randn(2 * d, generator=gen)[::2], torch.randn(d, generator=gen)
     args = (u, delta, A, B, C, D, z, dtb)
     ref_out, ref_last = _ref64(args, True)
-    out, last = _run(backend, args, True)
+    out, last = _run(backend, _dev(args, device), True)  # .to() keeps the transposed strides
+    out, last = out.cpu(), last.cpu()
     assert_rel_err(out, ref_out, 1e-5, "out")
     assert_rel_err(last, ref_last, 1e-5, "last_state")
 
@@ -108,13 +117,15 @@ def test_forward_empty():
     assert out.shape == (2, 4, 0) and torch.equal(last, torch.zeros(2, 4, 3))
 
 
-def test_cuda_tensors_and_other_backends_are_refused():
+def test_triton_and_the_cuda_backward_are_refused():
+    """No triton kernel; the cuda backend is forward only: a gradient request is refused before any kernel."""
     args = _inputs(1, 2, 3, 2, "var", torch.float32, _gen("refuse"))
     with pytest.raises(BackendUnavailable, match="selective_scan"):
         _run("triton", args, True)
-    if torch.cuda.is_available():
-        with pytest.raises(BackendUnavailable, match="selective_scan"):
-            fastlayers.selective_scan(*[None if a is None else a.cuda() for a in args])
+    if torch.cuda.is_available() and fastlayers.available_backends()["cuda"][0]:
+        leaves = [None if a is None else a.cuda().requires_grad_() for a in args]
+        with pytest.raises(BackendUnavailable, match="forward only"):
+            _run("cuda", leaves, True)
 
 
 # ----------------------------------------------------------------------------- gradients

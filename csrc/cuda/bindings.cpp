@@ -3,7 +3,7 @@
 // in elements and dtype codes (fastlayers/_dtypes.py); Python allocates every buffer
 // and passes the stream (torch.cuda.current_stream().cuda_stream) and makes the
 // tensors' device current. This file is compiled by the host compiler: no CUDA
-// headers here, every CUDA call is behind csrc/cuda/norm.h and csrc/cuda/mla.h.
+// headers here, every CUDA call is behind csrc/cuda/norm.h, mla.h and scan.h.
 //
 // Errors: CUDA failures raise RuntimeError ("fastlayers._cuda: ..."), bad arguments
 // (e.g. float64, which the CUDA kernels do not support) raise ValueError.
@@ -12,14 +12,24 @@
 
 #include <array>
 #include <cstdint>
+#include <tuple>
 
 #include "mla.h"
 #include "norm.h"
+#include "scan.h"
 
 namespace py = pybind11;
 using namespace fastlayers;
 
 static inline void* P(uintptr_t p) { return reinterpret_cast<void*>(p); }
+
+// A strided tensor view from Python: (address, dtype code, 4 strides in elements); address 0 = absent.
+using PyView = std::tuple<uintptr_t, int, std::array<int64_t, 4>>;
+static View4 view4(const PyView& v) {
+  View4 r{P(std::get<0>(v)), std::get<1>(v), {0, 0, 0, 0}};
+  for (int i = 0; i < 4; ++i) r.s[i] = std::get<2>(v)[i];
+  return r;
+}
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "fastlayers CUDA kernels (torch-free ABI, static cudart)";
@@ -82,6 +92,25 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("scale"), py::arg("causal"), py::arg("stream"),
       "MLA decoding over a paged latent cache, split-KV (see MlaDecodeArgs), on `stream`: fp32/fp16/bf16, "
       "D <= 768, head_dim_v <= 512.");
+
+  m.def(
+      "selective_scan_fwd",
+      [](const PyView& u, const PyView& delta, const PyView& A, const PyView& B, const PyView& C, const PyView& D,
+         const PyView& z, const PyView& delta_bias, const PyView& out, const PyView& last, int64_t batch,
+         int64_t dim, int64_t L, int64_t N, int64_t GB, int64_t GC, bool softplus, uintptr_t stream) {
+        SelectiveScanArgs a{};
+        a.u = view4(u); a.delta = view4(delta); a.A = view4(A); a.B = view4(B); a.C = view4(C);
+        a.D = view4(D); a.z = view4(z); a.delta_bias = view4(delta_bias); a.out = view4(out);
+        a.last = view4(last);
+        a.batch = batch; a.dim = dim; a.L = L; a.N = N; a.GB = GB; a.GC = GC; a.softplus = softplus;
+        py::gil_scoped_release nogil;
+        cuda::selective_scan_fwd(a, P(stream));
+      },
+      py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
+      py::arg("delta_bias"), py::arg("out"), py::arg("last"), py::arg("batch"), py::arg("dim"), py::arg("L"),
+      py::arg("N"), py::arg("GB"), py::arg("GC"), py::arg("softplus"), py::arg("stream"),
+      "Mamba-1 selective scan forward (see SelectiveScanArgs) on `stream`; views are (address, dtype code, "
+      "4 strides), address 0 for an absent tensor.");
 
   m.def("device_count", &cuda::device_count,
         "Number of CUDA devices visible to this module; 0 without a device or a recent enough driver.");

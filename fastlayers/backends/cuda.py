@@ -54,3 +54,63 @@ def norm_bwd(dy, x, residual, weight, bias, mean, rstd, dh, dx, dresidual, dw_pa
                        ptr(bias), code(bias), ptr(mean), ptr(rstd), ptr(dh), stride0(dh), code(dh),
                        ptr(dx), stride0(dx), code(dx), ptr(dresidual), stride0(dresidual), code(dresidual),
                        ptr(dw_part), ptr(db_part), M, N, bool(is_rms), parts, _stream(x.device))
+
+
+# ----------------------------------------------------------------------------- MLA decoding
+MLA_MAX_D = 768     # csrc/cuda/mla_kernels.cuh kMlaMaxD (shared memory of one CTA)
+MLA_MAX_DV = 512    # kMlaMaxDv (accumulators of one thread)
+MLA_MIN_SPLIT = 256  # tokens: below this a split's fixed cost (q load, partial write) dominates
+MLA_TILE = 32        # tokens a CTA reads per step
+
+
+def mla_decode_splits(batch, max_len, device):
+    """(n_splits, split_tokens): batch x splits fills the GPU (2 CTAs per SM), each split >= 256 tokens."""
+    want = 2 * sm_count(device)
+    n_splits = max(1, min(-(-want // max(batch, 1)), -(-max_len // MLA_MIN_SPLIT)))
+    split = max(1, -(-max_len // n_splits))
+    return n_splits, -(-split // MLA_TILE) * MLA_TILE
+
+
+def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causal, split_tokens, out, lse, o_part,
+               lse_part):
+    B, s_q, H, D = q.shape
+    n_splits = o_part.shape[1]
+    with torch.cuda.device(q.device):
+        _cuda.mla_decode(ptr(q), q.stride()[:3], code(q), ptr(kv_cache), kv_cache.stride(0), kv_cache.stride(1),
+                         code(kv_cache), ptr(block_table), block_table.stride(0), ptr(cache_seqlens), ptr(o_part),
+                         ptr(lse_part), ptr(out), code(out), ptr(lse), B, s_q, H, D, head_dim_v, kv_cache.shape[1],
+                         n_splits, split_tokens, float(scale), bool(causal), _stream(q.device))
+
+
+# ----------------------------------------------------------------------------- selective scan (Mamba-1)
+SCAN_MAX_N = 256  # csrc/cuda/scan_kernels.cuh kScanMaxN: N / 32 states a lane
+
+
+def _view4(t):
+    """(address, dtype code, 4 strides) of a tensor of up to 4 dims; (0, -1, zeros) for None."""
+    if t is None:
+        return (0, -1, (0, 0, 0, 0))
+    return (t.data_ptr(), code(t), tuple(t.stride()) + (0,) * (4 - t.dim()))
+
+
+def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, out, last, GB, GC, delta_softplus):
+    batch, dim, L = u.shape
+    A, D, delta_bias = _param(A), _param(D), _param(delta_bias)  # fp64 parameters as fp32 copies
+    with torch.cuda.device(u.device):
+        _cuda.selective_scan_fwd(_view4(u), _view4(delta), _view4(A), _view4(B), _view4(C), _view4(D), _view4(z),
+                                 _view4(delta_bias), _view4(out), _view4(last), batch, dim, L, A.shape[1], GB, GC,
+                                 bool(delta_softplus), _stream(u.device))
+
+
+def _no_scan_backward():
+    from ..backend import BackendUnavailable
+    return BackendUnavailable("fastlayers.selective_scan: the 'cuda' backend has no backward kernel yet (forward "
+                              "only); use it under torch.no_grad(), or train on CPU tensors")
+
+
+def selective_scan_bwd_parts(batch, dim, L, N, device):
+    raise _no_scan_backward()
+
+
+def selective_scan_bwd(*args, **kwargs):
+    raise _no_scan_backward()

@@ -125,9 +125,10 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scal
     if backend in ("triton", "cuda") and q.dtype not in _GPU_DTYPES:
         raise TypeError(f"fastlayers.{op}: backend {backend!r} supports float32, float16 and bfloat16; got {q.dtype}")
     if backend == "cuda":
-        from ..backend import BackendUnavailable
-        raise BackendUnavailable(f"fastlayers.{op}: the CUDA C++ kernel is not written yet; use the 'triton' "
-                                 f"backend (the default for CUDA tensors)")
+        from ..backends.cuda import MLA_MAX_D, MLA_MAX_DV
+        if q.shape[-1] > MLA_MAX_D or head_dim_v > MLA_MAX_DV:
+            raise ValueError(f"fastlayers.{op}: backend 'cuda' supports D <= {MLA_MAX_D} and head_dim_v <= "
+                             f"{MLA_MAX_DV}; got D = {q.shape[-1]}, head_dim_v = {head_dim_v} (use 'triton')")
     if torch.compiler.is_compiling():
         return torch.ops.fastlayers.mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale,
                                                bool(causal), backend)

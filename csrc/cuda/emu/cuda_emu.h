@@ -1,24 +1,34 @@
 // A minimal CPU emulation of the CUDA execution model, enough to run the kernels of
-// norm_kernels.cuh on a machine without a GPU (tests only; never built into _cuda).
+// norm_kernels.cuh, mla_kernels.cuh and scan_kernels.cuh on a machine without a GPU (tests
+// only; never built into _cuda).
 //
-// One std::thread per CUDA thread of a block, the blocks of a launch (x fastest, then y,
-// z) one after another on the same threads. __syncthreads is a block-wide barrier; warp
-// shuffles go through an exchange buffer and a barrier of the 32 threads of the warp,
-// so the emulation requires (and the kernels guarantee) that every lane of a warp
-// reaches each shuffle. __shared__ becomes `static`: one copy, reused block after block;
-// dynamic shared memory (FL_DYN_SMEM) is one buffer of the launch's size, poisoned with
-// NaN bytes (0xff) before the launch.
+// Every CUDA thread of a block is a fiber (ucontext, its own stack) on the calling OS
+// thread; the blocks of a launch (x fastest, then y, z) run one after another. A fiber runs
+// until it reaches a barrier or returns; the scheduler resumes the fibers round-robin.
+// __syncthreads is a barrier of the block's threads; warp shuffles go through an exchange
+// buffer and a barrier of the warp's 32 threads (__syncwarp is that barrier), so the
+// emulation requires (and the kernels guarantee) that every lane of a warp reaches each
+// shuffle. A round in which no fiber reaches a barrier or returns is a deadlock (a barrier
+// not every thread reaches): reported, then abort(). __shared__ becomes `static`: one copy,
+// reused block after block; dynamic shared memory (FL_DYN_SMEM) is one buffer of the
+// launch's size, poisoned with NaN bytes (0xff) before the launch.
+//
+// Cooperative fibers instead of OS threads: no OS scheduler in the way (a barrier costs
+// context switches in this process, not futex wake-ups of hundreds of threads on a shared
+// 2-core machine). What this cannot show: real concurrency (accesses that a barrier should
+// order run here in one fixed order), memory ordering, alignment faults, performance.
 #pragma once
 #define FL_CUDA_EMU 1
 
 #include <math.h>
+#include <ucontext.h>
 
-#include <barrier>
-#include <stdexcept>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <thread>
+#include <stdexcept>
 #include <vector>
 
 #define FL_DEV static inline
@@ -36,26 +46,48 @@ struct uint4 {
 };
 static inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 
-inline thread_local dim3 threadIdx{0, 0, 0}, blockIdx{0, 0, 0};
+inline dim3 threadIdx{0, 0, 0}, blockIdx{0, 0, 0};  // of the running fiber
 inline dim3 blockDim, gridDim;
 
 // Dynamic shared memory: `T* name` at the start of the launch's buffer.
 #define FL_DYN_SMEM(T, name) T* name = reinterpret_cast<T*>(emu::dyn_smem)
 
 namespace emu {
-inline std::barrier<>* bar = nullptr;
-inline std::barrier<>* warp_bar[32];
+struct Fiber {
+  ucontext_t ctx;
+  dim3 tidx;
+  bool done = false;
+};
+inline ucontext_t sched_ctx;
+inline std::vector<Fiber>* fibers = nullptr;
+inline unsigned cur = 0, n_threads = 0;
+inline unsigned long long progress = 0;  // barrier arrivals and returns
+inline unsigned bar_count = 0, bar_gen = 0;
+inline unsigned warp_count[32], warp_gen[32];
 inline unsigned char* dyn_smem = nullptr;
 inline float xch[1024];
 inline int tid() { return int(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)); }
+
+inline void yield() { swapcontext(&(*fibers)[cur].ctx, &sched_ctx); }
+
+// Arrive at a barrier of `n` fibers (count, generation); wait until the generation moves.
+inline void barrier(unsigned& count, unsigned& gen, unsigned n) {
+  ++progress;
+  const unsigned g = gen;
+  if (++count == n) {
+    count = 0;
+    ++gen;
+    return;
+  }
+  while (gen == g) yield();
+}
+inline void syncwarp() {
+  const int w = tid() >> 5;
+  barrier(warp_count[w], warp_gen[w], 32);
+}
 }  // namespace emu
 
-static inline void __syncthreads() { emu::bar->arrive_and_wait(); }
-
-namespace emu {
-inline void syncwarp() { warp_bar[tid() >> 5]->arrive_and_wait(); }
-}  // namespace emu
-
+static inline void __syncthreads() { emu::barrier(emu::bar_count, emu::bar_gen, emu::n_threads); }
 static inline void __syncwarp(unsigned = 0xffffffffu) { emu::syncwarp(); }
 
 static inline float __shfl_xor_sync(unsigned, float v, int mask) {
@@ -116,10 +148,15 @@ static inline uint32_t emu_f32_to_bf16_bits(float f) {
 }
 
 namespace emu {
-// Run kernel(args...) on grid x block with `smem` bytes of dynamic shared memory: one
-// thread per CUDA thread, every block of the grid in turn (x fastest, then y, z); a
-// barrier between blocks, so a block starts after every thread of the previous one
-// returned.
+inline void (*fiber_body)(void*) = nullptr;
+inline void* fiber_arg = nullptr;
+inline void fiber_entry() {
+  fiber_body(fiber_arg);
+  (*fibers)[cur].done = true;
+  ++progress;
+}  // returns to sched_ctx (uc_link)
+
+// Run kernel(args...) on grid x block with `smem` bytes of dynamic shared memory.
 template <class K, class... Args>
 void launch_smem(K kernel, dim3 grid, dim3 block, size_t smem, const Args&... args) {
   gridDim = grid;
@@ -129,27 +166,48 @@ void launch_smem(K kernel, dim3 grid, dim3 block, size_t smem, const Args&... ar
   if (smem > (227u << 10)) throw std::runtime_error("emu::launch: dynamic shared memory above 227 KiB");
   std::vector<unsigned char> dyn(smem + 16, 0xff);
   dyn_smem = dyn.data() + (16 - reinterpret_cast<uintptr_t>(dyn.data()) % 16) % 16;
-  std::barrier<> barrier(nt), end_of_block(nt);
-  std::vector<std::unique_ptr<std::barrier<>>> warps;
-  for (unsigned w = 0; w < nt / 32; ++w) {
-    warps.emplace_back(std::make_unique<std::barrier<>>(32));
-    warp_bar[w] = warps.back().get();
-  }
-  bar = &barrier;
-  std::vector<std::thread> threads;
-  threads.reserve(nt);
-  for (unsigned t = 0; t < nt; ++t)
-    threads.emplace_back([&, t] {
-      threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-      for (unsigned z = 0; z < grid.z; ++z)
-        for (unsigned y = 0; y < grid.y; ++y)
-          for (unsigned x = 0; x < grid.x; ++x) {
-            blockIdx = dim3(x, y, z);
-            kernel(args...);
-            end_of_block.arrive_and_wait();
+  constexpr size_t kStack = 256 << 10;
+  std::unique_ptr<char[]> stacks(new char[nt * kStack]);
+  std::vector<Fiber> fs(nt);
+  fibers = &fs;
+  n_threads = nt;
+  auto body = [&]() { kernel(args...); };
+  fiber_body = [](void* p) { (*static_cast<decltype(body)*>(p))(); };
+  fiber_arg = &body;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = dim3(x, y, z);
+        bar_count = bar_gen = 0;
+        for (unsigned w = 0; w < 32; ++w) warp_count[w] = warp_gen[w] = 0;
+        for (unsigned t = 0; t < nt; ++t) {
+          Fiber& f = fs[t];
+          f.done = false;
+          f.tidx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+          getcontext(&f.ctx);
+          f.ctx.uc_stack.ss_sp = stacks.get() + t * kStack;
+          f.ctx.uc_stack.ss_size = kStack;
+          f.ctx.uc_link = &sched_ctx;
+          makecontext(&f.ctx, fiber_entry, 0);
+        }
+        unsigned left = nt;
+        while (left) {
+          const unsigned long long before = progress;
+          for (unsigned t = 0; t < nt; ++t) {
+            if (fs[t].done) continue;
+            cur = t;
+            threadIdx = fs[t].tidx;
+            swapcontext(&sched_ctx, &fs[t].ctx);
+            if (fs[t].done) --left;
           }
-    });
-  for (auto& th : threads) th.join();
+          if (left && progress == before) {
+            std::fprintf(stderr, "emu::launch: deadlock in block (%u,%u,%u): %u threads wait at a barrier "
+                                 "that not every thread reaches\n", x, y, z, left);
+            std::abort();
+          }
+        }
+      }
+  fibers = nullptr;
   dyn_smem = nullptr;
 }
 
