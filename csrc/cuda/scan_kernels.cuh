@@ -92,7 +92,8 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kScanThreads, 4) scan_fwd(SelectiveScanArgs a) {
       dtus[lane] = dt * u;
     }
     __syncwarp();
-    for (int i = 0; i < T; ++i) {
+#pragma unroll 4
+    for (int i = 0; i < T; ++i) {  // B_t, C_t loads do not depend on x: unrolled, they overlap
       const float dt = dts[i], dtu = dtus[i];
       const float* bt = Bp + (t0 + i) * bst;
       const float* ct = Cp + (t0 + i) * cst;

@@ -11,7 +11,9 @@
 // shuffle. A round in which no fiber reaches a barrier or returns is a deadlock (a barrier
 // not every thread reaches): reported, then abort(). __shared__ becomes `static`: one copy,
 // reused block after block; dynamic shared memory (FL_DYN_SMEM) is one buffer of the
-// launch's size, poisoned with NaN bytes (0xff) before the launch.
+// launch's size, poisoned with NaN bytes (0xff) before every block. Thread 0 runs first to
+// its next barrier, then thread 1, ...: a read of shared memory that a missing barrier
+// leaves unordered sees NaN or a stale value in this order.
 //
 // Cooperative fibers instead of OS threads: no OS scheduler in the way (a barrier costs
 // context switches in this process, not futex wake-ups of hundreds of threads on a shared
@@ -178,6 +180,7 @@ void launch_smem(K kernel, dim3 grid, dim3 block, size_t smem, const Args&... ar
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         blockIdx = dim3(x, y, z);
+        std::memset(dyn_smem, 0xff, smem);  // NaN again: no value carried over from the previous block
         bar_count = bar_gen = 0;
         for (unsigned w = 0; w < 32; ++w) warp_count[w] = warp_gen[w] = 0;
         for (unsigned t = 0; t < nt; ++t) {

@@ -7,10 +7,10 @@ set -e
 here=$(cd "$(dirname "$0")" && pwd)
 csrc=$here/../..
 case "$1" in
-  mla) shift; name=emu_mla_test; cpu=mla.cpp ;;
-  scan) shift; name=emu_scan_test; cpu=scan.cpp ;;
-  *) name=emu_test; cpu=norm.cpp ;;
+  mla) shift; name=emu_mla_test; cpu=mla.cpp; opt=-O0 ;;   # small runs: compile time dominates
+  scan) shift; name=emu_scan_test; cpu=scan.cpp; opt=-O0 ;;
+  *) name=emu_test; cpu=norm.cpp; opt=-O1 ;;
 esac
 out=${TMPDIR:-/tmp}/fastlayers_$name
-${CXX:-g++} -std=c++20 -O1 -fopenmp -pthread -I"$csrc/include" "$here/$name.cpp" "$csrc/cpu/$cpu" -o "$out"
+${CXX:-g++} -std=c++20 $opt -fopenmp -pthread -I"$csrc/include" "$here/$name.cpp" "$csrc/cpu/$cpu" -o "$out"
 exec "$out" "$@"
