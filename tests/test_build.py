@@ -61,3 +61,44 @@ def test_cuda_module_without_a_gpu_fails_clearly():
     assert cu.device_count() == 0
     with pytest.raises(RuntimeError, match="no CUDA device"):
         cu.sm_count(0)
+
+
+def test_cuda_mla_and_scan_entry_points_without_a_gpu():
+    """The bindings of the new kernels: argument checks raise ValueError before any CUDA call; a valid
+    call reaches the launch and fails with the clear no-device error (no pointer is dereferenced on the host)."""
+    from fastlayers import _build_info
+    if not _build_info.CUDA_BUILT:
+        pytest.skip(f"_cuda not built here: {_build_info.CUDA_REASON}")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the CUDA tests run instead")
+    import fastlayers._cuda as cu
+    p = 1 << 20  # a fake device address: never dereferenced without a device
+
+    def mla(q_dt=2, D=576, dv=512):
+        cu.mla_decode(p, (0, 0, D), q_dt, p, 64 * D, D, q_dt, p, 4, p, p, p, p, q_dt, p, 2, 1, 16, D, dv, 64, 3,
+                      256, 0.1, False, 0)
+
+    with pytest.raises(ValueError, match="unsupported dtype float64"):
+        mla(q_dt=3)
+    with pytest.raises(ValueError, match="head_dim_v"):
+        mla(dv=600)
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        mla()  # above 48 KiB of shared memory: the cudaFuncSetAttribute call fails first
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        mla(D=64, dv=64)  # small tile: the launch itself fails
+
+    def view(dt=0, s=(0, 0, 1, 0)):
+        return (p, dt, s)
+
+    none = (0, -1, (0, 0, 0, 0))
+
+    def scan(u_dt=0, N=16):
+        cu.selective_scan_fwd(view(u_dt), view(), view(0, (N, 1, 0, 0)), view(0, (0, N, 0, 1)),
+                              view(0, (0, N, 0, 1)), none, none, none, view(), none, 2, 4, 10, N, 4, 4, True, 0)
+
+    with pytest.raises(ValueError, match="unsupported dtype float64"):
+        scan(u_dt=3)
+    with pytest.raises(ValueError, match="N = 300"):
+        scan(N=300)
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        scan()

@@ -219,12 +219,13 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kMlaThreads, 2) mla_partial(MlaDecodeArgs a, Mla
             kf[k] = DT == kBF16 ? bf16_bits_to_f32(h) : f16_bits_to_f32(h);
           }
         }
-        const float* a0 = q0 + ch * PER;
-        const float* a1 = q1 + ch * PER;
+        const float4* a0 = reinterpret_cast<const float4*>(q0 + ch * PER);  // 16-byte aligned: qd % 4 == 0
+        const float4* a1 = reinterpret_cast<const float4*>(q1 + ch * PER);
 #pragma unroll
-        for (int k = 0; k < PER; ++k) {
-          dot[0] += a0[k] * kf[k];
-          dot[1] += a1[k] * kf[k];
+        for (int v = 0; v < PER / 4; ++v) {
+          const float4 x0 = a0[v], x1 = a1[v];
+          dot[0] += x0.x * kf[4 * v] + x0.y * kf[4 * v + 1] + x0.z * kf[4 * v + 2] + x0.w * kf[4 * v + 3];
+          dot[1] += x1.x * kf[4 * v] + x1.y * kf[4 * v + 1] + x1.z * kf[4 * v + 2] + x1.w * kf[4 * v + 3];
         }
       }
 #pragma unroll
@@ -272,20 +273,25 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kMlaThreads, 2) mla_partial(MlaDecodeArgs a, Mla
 #pragma unroll
           for (int j = 0; j < NC; ++j) acc[i][j] *= al;
       }
-      for (int j0 = 0; j0 < nt; ++j0) {
-        const uint32_t* vrow = tile + j0 * L.rw;
-        float v[NC];
+      // Four tokens a step: p as one 16-byte load. Past nt, p is 0 and the tile rows are zero
+      // (no NaN from them); below nt a masked token adds 0 * v, as the CPU kernel does.
+      for (int j0 = 0; j0 < nt; j0 += 4) {
+        float v[4][NC];
 #pragma unroll
-        for (int j = 0; j < NC; ++j) {
-          const int c = cth + j * CT;
-          v[j] = c < dv ? mla_elem<DT>(vrow, c) : 0.f;
+        for (int u = 0; u < 4; ++u) {
+          const uint32_t* vrow = tile + (j0 + u) * L.rw;
+#pragma unroll
+          for (int j = 0; j < NC; ++j) {
+            const int c = cth + j * CT;
+            v[u][j] = c < dv ? mla_elem<DT>(vrow, c) : 0.f;
+          }
         }
 #pragma unroll
         for (int i = 0; i < NR; ++i) {
           if (skip[i]) continue;
-          const float p = ps[(rth + i * RS) * kMlaTok + j0];
+          const float4 p = *reinterpret_cast<const float4*>(ps + (rth + i * RS) * kMlaTok + j0);
 #pragma unroll
-          for (int j = 0; j < NC; ++j) acc[i][j] += p * v[j];
+          for (int j = 0; j < NC; ++j) acc[i][j] += p.x * v[0][j] + p.y * v[1][j] + p.z * v[2][j] + p.w * v[3][j];
         }
       }
     }

@@ -46,6 +46,9 @@ struct dim3 {
 struct uint4 {
   unsigned x, y, z, w;
 };
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
 static inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 
 inline dim3 threadIdx{0, 0, 0}, blockIdx{0, 0, 0};  // of the running fiber
