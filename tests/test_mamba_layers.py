@@ -209,6 +209,22 @@ def test_cached_forward_is_differentiable(name):
     assert gx[:, :6].abs().max() == 0  # the cache is detached: no gradient into earlier chunks
 
 
+def test_prefill_overwrites_every_state_element():
+    """A prompt of >= d_conv tokens on an empty cache writes all of both states: a cache poisoned with NaN
+    (seqlen 0) gives the same prefill and decode as a fresh one."""
+    for name in ("mamba", "mamba2", "zebra"):
+        m, r = _pair(name)
+        x = _x(2, 9, torch.float32, name, "poison")
+        with torch.no_grad():
+            full = m(x)
+            for mod in (m, r):
+                cache = mod.new_cache(2)
+                cache.conv_state.fill_(float("nan"))
+                cache.ssm_state.fill_(float("nan"))
+                out = torch.cat([mod(x[:, :5], cache)] + [mod(x[:, t:t + 1], cache) for t in range(5, 9)], dim=1)
+                torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5, msg=f"{name} {type(mod).__module__}")
+
+
 def test_cache_layout_and_bytes():
     m = _make(fastlayers, "mamba")
     c = m.new_cache(3)
