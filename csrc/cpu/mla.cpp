@@ -180,17 +180,28 @@ FL_AVX2_INLINE void mla_scores_n(int n, const float* qt, int64_t Rp, const float
   mla_scores_block<NV, NT>(qt, Rp, k, D, st);
 }
 
-// S^T (nt x Rp) = K (nt rows at k[0..nt)) . Q^T (D x Rp).
-FL_AVX2 static void mla_scores_tile(const float* qt, int64_t Rp, const float* const* k, int nt, int64_t D,
-                                    float* st) {
-  const int64_t nvec = Rp / 8;
-  if (nvec == 1) {  // up to 8 query rows: 12 cached rows x 8 lanes per block
-    for (int t = 0; t < nt; t += 12) mla_scores_n<1, 12>(std::min(12, nt - t), qt, Rp, k + t, D, st + t * Rp);
-    return;
+// Prefetch rows [i0, i1) (of `bytes` each) of the next tile while this one is computed.
+FL_AVX2_INLINE void mla_prefetch_rows(const void* const* pf, int i0, int i1, int64_t bytes) {
+  for (int i = i0; i < i1; ++i) {
+    const char* p = static_cast<const char*>(pf[i]);
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
   }
-  for (int t = 0; t < nt; t += 6) {  // 6 cached rows x 16 query rows per block
-    const int n = std::min(6, nt - t);
-    int64_t v = 0;
+}
+
+// S^T (nt x Rp) = K (nt rows at k[0..nt)) . Q^T (D x Rp). Rows pf[0..npf) (the next tile's
+// cache rows, `pf_bytes` each) are prefetched along the way, a block's worth per block.
+FL_AVX2 static void mla_scores_tile(const float* qt, int64_t Rp, const float* const* k, int nt, int64_t D,
+                                    float* st, const void* const* pf, int npf, int64_t pf_bytes) {
+  const int64_t nvec = Rp / 8;
+  const int bt = nvec == 1 ? 12 : 6;  // cached rows per block
+  for (int t = 0; t < nt; t += bt) {
+    const int n = std::min(bt, nt - t);
+    mla_prefetch_rows(pf, std::min(t, npf), t + bt >= nt ? npf : std::min(t + bt, npf), pf_bytes);
+    if (nvec == 1) {  // up to 8 query rows: 12 cached rows x 8 lanes per block
+      mla_scores_n<1, 12>(n, qt, Rp, k + t, D, st + t * Rp);
+      continue;
+    }
+    int64_t v = 0;  // 6 cached rows x 16 query rows per block
     for (; v + 2 <= nvec; v += 2) mla_scores_n<2, 6>(n, qt + 8 * v, Rp, k + t, D, st + t * Rp + 8 * v);
     if (v < nvec) mla_scores_n<1, 6>(n, qt + 8 * v, Rp, k + t, D, st + t * Rp + 8 * v);
   }
@@ -270,37 +281,41 @@ FL_AVX2 __attribute__((noinline)) static void mla_pv_block(float* o, int64_t dvp
     for (int j = 0; j < NV; ++j) _mm256_storeu_ps(o + i * dvp + c0 + 8 * j, acc[i][j]);
 }
 
-template <int MR>
-FL_AVX2_INLINE void mla_pv_rows(float* o, int64_t dvp, const float* pt, int64_t Rp, const float* alpha,
-                                const float* const* v, int nt, int64_t dv) {
-  const int64_t rem = dv % 8, nvec = (dv + 7) / 8;
-  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rem)),
-                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  for (int64_t j = 0; j < nvec; j += 3) {
-    const int64_t n = std::min<int64_t>(3, nvec - j);
-    const bool masked = rem != 0 && j + n == nvec;
-    switch (n * 2 + masked) {
-      case 2: mla_pv_block<MR, 1, false>(o, dvp, pt, Rp, alpha, v, nt, 8 * j, mask); break;
-      case 3: mla_pv_block<MR, 1, true>(o, dvp, pt, Rp, alpha, v, nt, 8 * j, mask); break;
-      case 4: mla_pv_block<MR, 2, false>(o, dvp, pt, Rp, alpha, v, nt, 8 * j, mask); break;
-      case 5: mla_pv_block<MR, 2, true>(o, dvp, pt, Rp, alpha, v, nt, 8 * j, mask); break;
-      case 6: mla_pv_block<MR, 3, false>(o, dvp, pt, Rp, alpha, v, nt, 8 * j, mask); break;
-      default: mla_pv_block<MR, 3, true>(o, dvp, pt, Rp, alpha, v, nt, 8 * j, mask); break;
+template <int NV, bool MASK>
+FL_AVX2_INLINE void mla_pv_cols(float* o, int64_t dvp, const float* pt, int64_t Rp, const float* alpha,
+                                const float* const* v, int nt, int64_t R, int64_t c0, __m256i mask) {
+  for (int64_t r = 0; r < R; r += 4) {
+    float* orow = o + r * dvp;
+    switch (std::min<int64_t>(4, R - r)) {
+      case 1: mla_pv_block<1, NV, MASK>(orow, dvp, pt + r, Rp, alpha + r, v, nt, c0, mask); break;
+      case 2: mla_pv_block<2, NV, MASK>(orow, dvp, pt + r, Rp, alpha + r, v, nt, c0, mask); break;
+      case 3: mla_pv_block<3, NV, MASK>(orow, dvp, pt + r, Rp, alpha + r, v, nt, c0, mask); break;
+      default: mla_pv_block<4, NV, MASK>(orow, dvp, pt + r, Rp, alpha + r, v, nt, c0, mask); break;
     }
   }
 }
 
 // O (R x dvp) = alpha * O + P (R x nt, given as P^T) . V (nt rows at v[0..nt), first dv channels).
+// Column blocks outside, row blocks inside: a block of V (nt x 24 floats) stays in L1 for all rows.
 FL_AVX2 static void mla_pv_tile(float* o, int64_t dvp, const float* pt, int64_t Rp, const float* alpha,
                                 const float* const* v, int nt, int64_t R, int64_t dv) {
-  for (int64_t r = 0; r < R; r += 4) {
-    float* orow = o + r * dvp;
-    switch (std::min<int64_t>(4, R - r)) {
-      case 1: mla_pv_rows<1>(orow, dvp, pt + r, Rp, alpha + r, v, nt, dv); break;
-      case 2: mla_pv_rows<2>(orow, dvp, pt + r, Rp, alpha + r, v, nt, dv); break;
-      case 3: mla_pv_rows<3>(orow, dvp, pt + r, Rp, alpha + r, v, nt, dv); break;
-      default: mla_pv_rows<4>(orow, dvp, pt + r, Rp, alpha + r, v, nt, dv); break;
+  const int64_t rem = dv % 8, nvec = (dv + 7) / 8;
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rem)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  for (int64_t j = 0; j < nvec;) {
+    // Blocks of 3 vectors; the last ones 2 + 2 rather than 3 + 1 (a 1-vector block does a third
+    // of the work per load).
+    const int64_t left = nvec - j, n = left >= 5 || left == 3 ? 3 : std::min<int64_t>(2, left);
+    const bool masked = rem != 0 && j + n == nvec;
+    switch (n * 2 + masked) {
+      case 2: mla_pv_cols<1, false>(o, dvp, pt, Rp, alpha, v, nt, R, 8 * j, mask); break;
+      case 3: mla_pv_cols<1, true>(o, dvp, pt, Rp, alpha, v, nt, R, 8 * j, mask); break;
+      case 4: mla_pv_cols<2, false>(o, dvp, pt, Rp, alpha, v, nt, R, 8 * j, mask); break;
+      case 5: mla_pv_cols<2, true>(o, dvp, pt, Rp, alpha, v, nt, R, 8 * j, mask); break;
+      case 6: mla_pv_cols<3, false>(o, dvp, pt, Rp, alpha, v, nt, R, 8 * j, mask); break;
+      default: mla_pv_cols<3, true>(o, dvp, pt, Rp, alpha, v, nt, R, 8 * j, mask); break;
     }
+    j += n;
   }
 }
 
@@ -338,20 +353,36 @@ FL_AVX2 static void mla_task_avx2(const MlaDecodeArgs& a, int64_t b, int64_t sp,
   for (int64_t i = 0; i < R * dvp; ++i) o[i] = 0.0f;
   const int32_t* table = a.block_table + b * a.bt_stride;
   const bool in_place = a.kv_dt == kF32;
+  const int64_t row_bytes = D * dtype_size(a.kv_dt);
+  int page_shift = 0;  // page is a power of two (checked in Python)
+  while ((int64_t(1) << page_shift) < a.page) ++page_shift;
+  // Cache rows of the tile starting at token tb (nt of them), in place.
+  auto tile_rows = [&](int64_t tb, int nt, const void** src) {
+    for (int j = 0; j < nt;) {
+      const int64_t t = tb + j, row = t & (a.page - 1);
+      const char* p = static_cast<const char*>(elem_ptr(a.kv, a.kv_dt, table[t >> page_shift] * a.kv_sblock +
+                                                                         row * a.kv_srow));
+      const int64_t stride = a.kv_srow * dtype_size(a.kv_dt);
+      for (int64_t i = row; i < a.page && j < nt; ++i, ++j, p += stride) src[j] = p;
+    }
+  };
+  const void* src[2][kTile];
   const float* rows[kTile];
-  for (int64_t tb = t0; tb < t1; tb += kTile) {
+  int cur = 0;
+  tile_rows(t0, static_cast<int>(std::min<int64_t>(kTile, t1 - t0)), src[0]);
+  for (int64_t tb = t0; tb < t1; tb += kTile, cur ^= 1) {
     const int nt = static_cast<int>(std::min<int64_t>(kTile, t1 - tb));
+    const int nnext = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kTile, t1 - tb - kTile)));
+    tile_rows(tb + kTile, nnext, src[cur ^ 1]);
     for (int j = 0; j < nt; ++j) {
-      const int64_t t = tb + j;
-      const void* src = elem_ptr(a.kv, a.kv_dt, table[t / a.page] * a.kv_sblock + (t % a.page) * a.kv_srow);
       if (in_place) {
-        rows[j] = static_cast<const float*>(src);
+        rows[j] = static_cast<const float*>(src[cur][j]);
       } else {
-        load_row(src, a.kv_dt, kb + j * D, D);
+        load_row(src[cur][j], a.kv_dt, kb + j * D, D);
         rows[j] = kb + j * D;
       }
     }
-    mla_scores_tile(qt, Rp, rows, nt, D, st);
+    mla_scores_tile(qt, Rp, rows, nt, D, st, src[cur ^ 1], nnext, row_bytes);
     mla_softmax_tile(st, Rp, nt, m, l, alpha, mu, last, tb, a.causal && tb + nt - 1 > n - a.s_q);
     mla_pv_tile(o, dvp, st, Rp, alpha, rows, nt, R, dv);
   }
