@@ -5,7 +5,7 @@ import torch
 import fastlayers
 from fastlayers import reference
 
-from conftest import FAST_CASES, assert_close_to_ref, assert_rel_err, is_interpreted
+from conftest import FAST_CASES, assert_close_to_ref, assert_rel_err, is_interpreted, seed_of
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -124,3 +124,86 @@ def test_mla_decode_bad_input(mutate, match, monkeypatch):
     mutate(args)
     with pytest.raises((ValueError, TypeError), match=match):
         fastlayers.mla_decode(**args)
+
+
+# ----------------------------------------------------------------------------- the CPU kernels
+def _cpu_kernels():
+    from fastlayers.backends import cpu as cpu_backend
+    if cpu_backend._C is None:
+        return []
+    return ["scalar"] + (["vector"] if cpu_backend.mla_decode_has_vector() else [])
+
+
+@pytest.mark.parametrize("kernel", ["scalar", "vector"])
+@pytest.mark.parametrize("heads,s_q,latent,rope,page,lens,dtype", [
+    (1, 1, 64, 32, 16, [200, 77], torch.float32),        # one query row (8-lane block mostly padding)
+    (3, 1, 61, 7, 16, [131, 1, 0], torch.float32),       # D = 68, dv = 61: neither a multiple of 8
+    (3, 2, 125, 3, 16, [300, 2], torch.bfloat16),       # 6 rows; dv % 8 = 5; bf16 rows converted per tile
+    (5, 3, 100, 17, 32, [97, 250], torch.float16),      # 15 rows: 2 lane blocks, the second partial
+    (128, 1, 64, 32, 16, [70, 33], torch.float32),      # 128 rows: 8 blocks of 16 query rows
+    (24, 1, 130, 2, 64, [1000], torch.float32),        # 3 lane blocks (2 + 1); split at batch 1
+    (7, 4, 40, 9, 16, [75, 4, 3], torch.float32),       # causal s_q 4: 28 rows; lengths < s_q
+])
+def test_mla_decode_cpu_kernels(monkeypatch, kernel, heads, s_q, latent, rope, page, lens, dtype):
+    """The scalar and the vectorised CPU kernels against the reference at awkward sizes: head counts
+    1, 3, 128; D and head_dim_v not multiples of the 8-float register; tiles that cross pages of 16."""
+    from fastlayers.backends import cpu as cpu_backend
+    if kernel not in _cpu_kernels():
+        pytest.skip(f"the {kernel} CPU kernel is not available here")
+    monkeypatch.setattr(cpu_backend, "MLA_KERNEL", kernel)
+    causal = s_q > 1 and heads != 3
+    q, kv, bt, seqlens = _case(len(lens), s_q, heads, latent, rope, page, lens, dtype, "cpu",
+                               seed_of(kernel, heads, s_q, latent, rope, page, str(dtype)))
+    _check("cpu", "cpu", q, kv, bt, seqlens, latent, causal, scale=0.3)
+
+
+@pytest.mark.parametrize("kernel", ["scalar", "vector"])
+def test_mla_decode_cpu_kernels_nan_and_empty(monkeypatch, kernel):
+    """NaN in q or in a visible cache row gives NaN for exactly the rows that see it; a sequence of
+    length 0 and causal queries without a visible key give out 0 and lse -inf."""
+    from fastlayers.backends import cpu as cpu_backend
+    if kernel not in _cpu_kernels():
+        pytest.skip(f"the {kernel} CPU kernel is not available here")
+    monkeypatch.setattr(cpu_backend, "MLA_KERNEL", kernel)
+    q, kv, bt, lens = _case(3, 2, 3, 72, 8, 16, [90, 1, 0], torch.float32, "cpu", seed_of("nan", kernel))
+    q[0, 1, 2, 70] = float("nan")                       # one query row of sequence 0
+    kv[int(bt[1, 0]), 0, 0, 5] = float("nan")           # the only token of sequence 1
+    with torch.no_grad(), fastlayers.use_backend("cpu"):
+        out, lse = fastlayers.mla_decode(q, kv, bt, lens, 72, causal=True)
+    nan_out = torch.isnan(out).all(-1)
+    want = torch.zeros_like(nan_out)
+    want[0, 1, 2] = True
+    want[1, 1] = True                                   # sequence 1: query 1 sees token 0 (NaN) ...
+    assert torch.equal(nan_out, want), nan_out
+    assert torch.equal(torch.isnan(lse), want.transpose(1, 2))
+    assert not torch.isnan(out[~want]).any()
+    assert torch.equal(out[1, 0], torch.zeros_like(out[1, 0]))  # ... query 0 sees nothing
+    assert torch.isneginf(lse[1, :, 0]).all() and torch.isneginf(lse[2]).all()
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
+def test_mla_decode_cpu_kernels_agree_bf16_long(monkeypatch):
+    """Vectorised vs scalar kernel on one long bf16 sequence (splits, 64-row tiles over pages of 16):
+    both within the reference's error bound, and close to each other (fp32 accumulation in both)."""
+    from fastlayers.backends import cpu as cpu_backend
+    if "vector" not in _cpu_kernels():
+        pytest.skip("the vectorised CPU kernel is not available here")
+    q, kv, bt, lens = _case(1, 1, 16, 128, 64, 16, [3001], torch.bfloat16, "cpu", seed_of("long-bf16"))
+    outs = {}
+    for kernel in ("scalar", "vector"):
+        monkeypatch.setattr(cpu_backend, "MLA_KERNEL", kernel)
+        _check("cpu", "cpu", q, kv, bt, lens, 128, False)
+        with torch.no_grad(), fastlayers.use_backend("cpu"):
+            outs[kernel] = fastlayers.mla_decode(q, kv, bt, lens, 128)
+    assert_rel_err(outs["vector"][1], outs["scalar"][1], 1e-6, "lse vector vs scalar")
+
+
+def test_mla_decode_cpu_kernel_choice_errors(monkeypatch):
+    """Asking for the vectorised kernel with fp64 is a clear error, not a silent scalar run."""
+    from fastlayers.backends import cpu as cpu_backend
+    if "vector" not in _cpu_kernels():
+        pytest.skip("the vectorised CPU kernel is not available here")
+    monkeypatch.setattr(cpu_backend, "MLA_KERNEL", "vector")
+    q, kv, bt, lens = _case(1, 1, 2, 64, 32, 16, [20], torch.float64, "cpu", 3)
+    with torch.no_grad(), fastlayers.use_backend("cpu"), pytest.raises(ValueError, match="fp64"):
+        fastlayers.mla_decode(q, kv, bt, lens, 64)

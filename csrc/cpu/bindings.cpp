@@ -155,14 +155,22 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("mla_decode_workspace", &cpu::mla_decode_workspace,
         "Accumulators per thread of mla_decode for (rows = s_q * H, D, dv).");
+  m.def("mla_decode_has_avx2", &cpu::mla_decode_has_avx2,
+        "Whether mla_decode's vectorised (AVX2 + FMA) kernel can run on this CPU.");
   m.def(
       "mla_decode",
       [](uintptr_t q, S3 qs, int q_dt, uintptr_t kv, int64_t kv_sblock, int64_t kv_srow, int kv_dt,
          uintptr_t block_table, int64_t bt_stride, uintptr_t seqlens, uintptr_t o_part, uintptr_t lse_part,
          uintptr_t out, int out_dt, uintptr_t lse, int64_t B, int64_t s_q, int64_t H, int64_t D, int64_t dv,
          int64_t page, int64_t n_splits, int64_t split_tokens, double scale, bool causal, uintptr_t workspace,
-         int parts) {
+         int parts, int kernel) {
         check_dtype(q_dt, "q", true);
+        if (kernel < cpu::kMlaAuto || kernel > cpu::kMlaVector)
+          throw std::invalid_argument("fastlayers: mla_decode kernel must be 0 (auto), 1 (scalar) or 2 (vector)");
+        if (kernel == cpu::kMlaVector && !cpu::mla_decode_has_avx2())
+          throw std::invalid_argument("fastlayers: mla_decode's vectorised kernel needs a CPU with AVX2 and FMA");
+        if (kernel == cpu::kMlaVector && q_dt == kF64)
+          throw std::invalid_argument("fastlayers: mla_decode's vectorised kernel takes fp32/fp16/bf16, not fp64");
         check_dtype(kv_dt, "kv_cache", true);
         check_dtype(out_dt, "out", true);
         if (parts < 1 || n_splits < 1 || split_tokens < 1 || page < 1)
@@ -172,7 +180,7 @@ PYBIND11_MODULE(_C, m) {
                         static_cast<const int32_t*>(P(seqlens)), P(o_part), P(lse_part), P(out), out_dt, P(lse),
                         B, s_q, H, D, dv, page, n_splits, split_tokens, scale, causal};
         py::gil_scoped_release nogil;
-        cpu::mla_decode(a, P(workspace), parts);
+        cpu::mla_decode(a, P(workspace), parts, kernel);
       },
       "MLA decoding over a paged latent cache, split-KV (see MlaDecodeArgs).");
   // causal_conv1d: forward when dout == 0 (out, final), else backward (dx, dinit, dw, db).

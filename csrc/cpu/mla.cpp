@@ -6,6 +6,20 @@
 // latent cache is one "KV head"), scores for the block, an online-softmax update, and
 // the values (the row's first dv channels) accumulated. It writes its normalised
 // partial output and log-sum-exp. Phase 2 merges the splits of each (b, query, head).
+//
+// Two phase-1 kernels. The scalar one (any ISA, and fp64) does one dot product per
+// (query row, cached row). The AVX2/FMA one (fp32/fp16/bf16 q, chosen at run time when the
+// CPU has AVX2 and FMA) treats the latent cache as one KV head shared by all R = s_q * H
+// query rows and runs both products of a tile of up to kTile cached rows as register-blocked
+// micro-kernels:
+//   scores  S^T (tile x R) = K_tile (tile x D) . Q^T (D x R): Q^T is prepared once per task
+//           (scaled, rows padded to a multiple of 8), so the accumulators run along the query
+//           rows: 6 cached rows x 16 query rows (12 ymm) per block, each K element broadcast
+//           once from the cache row read in place (no gather copy; fp16/bf16 rows are
+//           converted to fp32 once per tile), no horizontal sums;
+//   softmax on S^T vectorised over query rows (fp32 running max / sum, flash-decoding);
+//   values  O (R x dv) = alpha * O + P (R x tile) . V_tile (tile x dv): 4 rows x 24 columns
+//           (12 ymm) per block, V rows read in place, the rescale by alpha folded in.
 #include "mla.h"
 
 #include <algorithm>
@@ -15,13 +29,32 @@
 
 #include "convert.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define FL_MLA_AVX2 1
+#define FL_AVX2 __attribute__((target("avx2,fma")))
+#define FL_AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma")))
+#else
+#define FL_MLA_AVX2 0
+#endif
+
 namespace fastlayers {
 namespace cpu {
 
 constexpr int64_t kTok = 32;  // cached rows per block
 
+constexpr int64_t kTile = 64;  // cached rows per tile of the vectorised kernel
+
+static int64_t round8(int64_t n) { return (n + 7) / 8 * 8; }
+
+// Floats one thread of the vectorised kernel needs (see mla_task_avx2 for the layout).
+static int64_t mla_vec_workspace(int64_t rows, int64_t D, int64_t dv) {
+  const int64_t Rp = round8(rows);
+  return D * Rp + kTile * Rp + rows * round8(dv) + 6 * Rp + kTile * D + round8(D) + 64;
+}
+
 int64_t mla_decode_workspace(int64_t rows, int64_t D, int64_t dv) {
-  return rows * D + kTok * D + rows * kTok + rows * dv + 2 * rows;
+  return std::max(rows * D + kTok * D + rows * kTok + rows * dv + 2 * rows, mla_vec_workspace(rows, D, dv));
 }
 
 template <typename Acc>
@@ -104,6 +137,265 @@ FL_INLINE void mla_task(const MlaDecodeArgs& a, int64_t b, int64_t sp, Acc* ws) 
   }
 }
 
+#if FL_MLA_AVX2
+// ---------------------------------------------------------------------------------------------
+// The vectorised kernel (AVX2 + FMA, fp32 accumulators).
+
+// S^T rows 0..NT-1 (Rp apart), query lanes [0, 8 NV): sum_c K[t][c] * Q^T[c][r]. Every cache
+// element is broadcast once and used for 8 NV query rows.
+template <int NV, int NT>
+FL_AVX2 __attribute__((noinline)) static void mla_scores_block(const float* qt, int64_t Rp, const float* const* k,
+                                                                int64_t D, float* st) {
+  __m256 acc[NT][NV];
+#pragma GCC unroll 16
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[t][v] = _mm256_setzero_ps();
+  const float* kp[NT];
+#pragma GCC unroll 16
+  for (int t = 0; t < NT; ++t) kp[t] = k[t];
+  for (int64_t c = 0; c < D; ++c) {
+    __m256 qv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) qv[v] = _mm256_loadu_ps(qt + c * Rp + 8 * v);
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; ++t) {
+      const __m256 kv = _mm256_broadcast_ss(kp[t] + c);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[t][v] = _mm256_fmadd_ps(kv, qv[v], acc[t][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(st + t * Rp + 8 * v, acc[t][v]);
+}
+
+// n (1..NT) cached rows: the block of exactly n rows.
+template <int NV, int NT>
+FL_AVX2_INLINE void mla_scores_n(int n, const float* qt, int64_t Rp, const float* const* k, int64_t D, float* st) {
+  if constexpr (NT > 1) {
+    if (n < NT) return mla_scores_n<NV, NT - 1>(n, qt, Rp, k, D, st);
+  }
+  mla_scores_block<NV, NT>(qt, Rp, k, D, st);
+}
+
+// Prefetch rows [i0, i1) (of `bytes` each) of the next tile while this one is computed.
+FL_AVX2_INLINE void mla_prefetch_rows(const void* const* pf, int i0, int i1, int64_t bytes) {
+  for (int i = i0; i < i1; ++i) {
+    const char* p = static_cast<const char*>(pf[i]);
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+  }
+}
+
+// S^T (nt x Rp) = K (nt rows at k[0..nt)) . Q^T (D x Rp). Rows pf[0..npf) (the next tile's
+// cache rows, `pf_bytes` each) are prefetched along the way, a block's worth per block.
+FL_AVX2 static void mla_scores_tile(const float* qt, int64_t Rp, const float* const* k, int nt, int64_t D,
+                                    float* st, const void* const* pf, int npf, int64_t pf_bytes) {
+  const int64_t nvec = Rp / 8;
+  const int bt = nvec == 1 ? 12 : 6;  // cached rows per block
+  for (int t = 0; t < nt; t += bt) {
+    const int n = std::min(bt, nt - t);
+    mla_prefetch_rows(pf, std::min(t, npf), t + bt >= nt ? npf : std::min(t + bt, npf), pf_bytes);
+    if (nvec == 1) {  // up to 8 query rows: 12 cached rows x 8 lanes per block
+      mla_scores_n<1, 12>(n, qt, Rp, k + t, D, st + t * Rp);
+      continue;
+    }
+    int64_t v = 0;  // 6 cached rows x 16 query rows per block
+    for (; v + 2 <= nvec; v += 2) mla_scores_n<2, 6>(n, qt + 8 * v, Rp, k + t, D, st + t * Rp + 8 * v);
+    if (v < nvec) mla_scores_n<1, 6>(n, qt + 8 * v, Rp, k + t, D, st + t * Rp + 8 * v);
+  }
+}
+
+// Online softmax of one tile, vectorised over the query rows. st holds the scores (nt x Rp) and
+// gets the probabilities exp(s - m_new); m, l are the running max / sum; alpha = exp(m_old - m_new)
+// rescales the rows of O. Keys after last[r] are masked (causal) when `mask`. A NaN score is
+// skipped by the max and makes p, hence l and the row of O, NaN (NaN in, NaN out).
+FL_AVX2 static void mla_softmax_tile(float* st, int64_t Rp, int nt, float* m, float* l, float* alpha, float* mu,
+                                     const int32_t* last, int64_t tb, bool mask) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  if (mask) {
+    for (int t = 0; t < nt; ++t) {
+      float* s = st + t * Rp;
+      const int32_t pos = static_cast<int32_t>(tb + t);
+#pragma omp simd
+      for (int64_t r = 0; r < Rp; ++r) s[r] = pos <= last[r] ? s[r] : ninf;
+    }
+  }
+#pragma omp simd
+  for (int64_t r = 0; r < Rp; ++r) alpha[r] = m[r];
+  for (int t = 0; t < nt; ++t) {
+    const float* s = st + t * Rp;
+#pragma omp simd
+    for (int64_t r = 0; r < Rp; ++r) alpha[r] = s[r] > alpha[r] ? s[r] : alpha[r];
+  }
+#pragma omp simd
+  for (int64_t r = 0; r < Rp; ++r) {
+    const float mn = alpha[r];
+    mu[r] = mn == ninf ? 0.0f : mn;  // nothing visible yet: p = exp(-inf) = 0, alpha = 0
+    alpha[r] = exp_f32(m[r] - mu[r]);
+    l[r] *= alpha[r];
+    m[r] = mn;
+  }
+  for (int t = 0; t < nt; ++t) {
+    float* s = st + t * Rp;
+#pragma omp simd
+    for (int64_t r = 0; r < Rp; ++r) {
+      const float p = exp_f32(s[r] - mu[r]);
+      s[r] = p;
+      l[r] += p;
+    }
+  }
+}
+
+// O rows 0..MR-1 (dvp apart), columns [c0, c0 + 8 NV): O = alpha * O + P . V, P read from
+// P^T (Rp apart per cached row). The last 8 columns are loaded under `mask` when MASK (dv % 8).
+template <int MR, int NV, bool MASK>
+FL_AVX2 __attribute__((noinline)) static void mla_pv_block(float* o, int64_t dvp, const float* pt, int64_t Rp,
+                                                            const float* alpha, const float* const* v, int nt,
+                                                            int64_t c0, __m256i mask) {
+  __m256 acc[MR][NV];
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i) {
+    const __m256 a = _mm256_broadcast_ss(alpha + i);
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[i][j] = _mm256_mul_ps(_mm256_loadu_ps(o + i * dvp + c0 + 8 * j), a);
+  }
+  for (int t = 0; t < nt; ++t) {
+    const float* vr = v[t] + c0;
+    __m256 vv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j)
+      vv[j] = (MASK && j == NV - 1) ? _mm256_maskload_ps(vr + 8 * j, mask) : _mm256_loadu_ps(vr + 8 * j);
+    const float* p = pt + t * Rp;
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) {
+      const __m256 pi = _mm256_broadcast_ss(p + i);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[i][j] = _mm256_fmadd_ps(pi, vv[j], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) _mm256_storeu_ps(o + i * dvp + c0 + 8 * j, acc[i][j]);
+}
+
+template <int NV, bool MASK>
+FL_AVX2_INLINE void mla_pv_cols(float* o, int64_t dvp, const float* pt, int64_t Rp, const float* alpha,
+                                const float* const* v, int nt, int64_t R, int64_t c0, __m256i mask) {
+  for (int64_t r = 0; r < R; r += 4) {
+    float* orow = o + r * dvp;
+    switch (std::min<int64_t>(4, R - r)) {
+      case 1: mla_pv_block<1, NV, MASK>(orow, dvp, pt + r, Rp, alpha + r, v, nt, c0, mask); break;
+      case 2: mla_pv_block<2, NV, MASK>(orow, dvp, pt + r, Rp, alpha + r, v, nt, c0, mask); break;
+      case 3: mla_pv_block<3, NV, MASK>(orow, dvp, pt + r, Rp, alpha + r, v, nt, c0, mask); break;
+      default: mla_pv_block<4, NV, MASK>(orow, dvp, pt + r, Rp, alpha + r, v, nt, c0, mask); break;
+    }
+  }
+}
+
+// O (R x dvp) = alpha * O + P (R x nt, given as P^T) . V (nt rows at v[0..nt), first dv channels).
+// Column blocks outside, row blocks inside: a block of V (nt x 24 floats) stays in L1 for all rows.
+FL_AVX2 static void mla_pv_tile(float* o, int64_t dvp, const float* pt, int64_t Rp, const float* alpha,
+                                const float* const* v, int nt, int64_t R, int64_t dv) {
+  const int64_t rem = dv % 8, nvec = (dv + 7) / 8;
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rem)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  for (int64_t j = 0; j < nvec;) {
+    // Blocks of 3 vectors; the last ones 2 + 2 rather than 3 + 1 (a 1-vector block does a third
+    // of the work per load).
+    const int64_t left = nvec - j, n = left >= 5 || left == 3 ? 3 : std::min<int64_t>(2, left);
+    const bool masked = rem != 0 && j + n == nvec;
+    switch (n * 2 + masked) {
+      case 2: mla_pv_cols<1, false>(o, dvp, pt, Rp, alpha, v, nt, R, 8 * j, mask); break;
+      case 3: mla_pv_cols<1, true>(o, dvp, pt, Rp, alpha, v, nt, R, 8 * j, mask); break;
+      case 4: mla_pv_cols<2, false>(o, dvp, pt, Rp, alpha, v, nt, R, 8 * j, mask); break;
+      case 5: mla_pv_cols<2, true>(o, dvp, pt, Rp, alpha, v, nt, R, 8 * j, mask); break;
+      case 6: mla_pv_cols<3, false>(o, dvp, pt, Rp, alpha, v, nt, R, 8 * j, mask); break;
+      default: mla_pv_cols<3, true>(o, dvp, pt, Rp, alpha, v, nt, R, 8 * j, mask); break;
+    }
+    j += n;
+  }
+}
+
+// One (sequence, split) task; fp32/fp16/bf16 q and cache, fp32 workspace (mla_vec_workspace).
+FL_AVX2 static void mla_task_avx2(const MlaDecodeArgs& a, int64_t b, int64_t sp, float* ws) {
+  const int64_t D = a.D, dv = a.dv, R = a.s_q * a.H, Rp = round8(R), dvp = round8(dv);
+  float* qt = ws;                 // D x Rp: scaled queries, transposed, rows R..Rp-1 zero
+  float* st = qt + D * Rp;        // kTile x Rp: scores, then probabilities (P^T)
+  float* o = st + kTile * Rp;     // R x dvp: unnormalised outputs
+  float* m = o + R * dvp;         // Rp each: running max, running sum, rescale, max used
+  float* l = m + Rp;
+  float* alpha = l + Rp;
+  float* mu = alpha + Rp;
+  int32_t* last = reinterpret_cast<int32_t*>(mu + Rp);  // Rp: last visible key per query row
+  float* kb = mu + 2 * Rp;        // kTile x D: fp16/bf16 cache rows converted to fp32
+  float* qrow = kb + kTile * D;   // D: one query row
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const int64_t n = a.seqlens[b];
+  const int64_t t0 = std::min<int64_t>(n, sp * a.split_tokens), t1 = std::min<int64_t>(n, t0 + a.split_tokens);
+  float* o_part = static_cast<float*>(a.o_part) + ((b * a.n_splits + sp) * R) * dv;
+  float* lse_part = static_cast<float*>(a.lse_part) + (b * a.n_splits + sp) * R;
+  const float scale = float(a.scale);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t qi = r / a.H, h = r % a.H;
+    load_row(elem_ptr(a.q, a.q_dt, b * a.q_sb + qi * a.q_ss + h * a.q_sh), a.q_dt, qrow, D);
+    for (int64_t c = 0; c < D; ++c) qt[c * Rp + r] = qrow[c] * scale;
+    // Keys visible to query qi: positions <= n - s_q + qi (causal), all otherwise.
+    last[r] = static_cast<int32_t>(a.causal ? n - a.s_q + qi : n - 1);
+  }
+  for (int64_t r = R; r < Rp; ++r) {
+    for (int64_t c = 0; c < D; ++c) qt[c * Rp + r] = 0.0f;
+    last[r] = static_cast<int32_t>(n - 1);
+  }
+  for (int64_t r = 0; r < Rp; ++r) m[r] = ninf, l[r] = 0.0f;
+  for (int64_t i = 0; i < R * dvp; ++i) o[i] = 0.0f;
+  const int32_t* table = a.block_table + b * a.bt_stride;
+  const bool in_place = a.kv_dt == kF32;
+  const int64_t row_bytes = D * dtype_size(a.kv_dt);
+  int page_shift = 0;  // page is a power of two (checked in Python)
+  while ((int64_t(1) << page_shift) < a.page) ++page_shift;
+  // Cache rows of the tile starting at token tb (nt of them), in place.
+  auto tile_rows = [&](int64_t tb, int nt, const void** src) {
+    for (int j = 0; j < nt;) {
+      const int64_t t = tb + j, row = t & (a.page - 1);
+      const char* p = static_cast<const char*>(elem_ptr(a.kv, a.kv_dt, table[t >> page_shift] * a.kv_sblock +
+                                                                         row * a.kv_srow));
+      const int64_t stride = a.kv_srow * dtype_size(a.kv_dt);
+      for (int64_t i = row; i < a.page && j < nt; ++i, ++j, p += stride) src[j] = p;
+    }
+  };
+  const void* src[2][kTile];
+  const float* rows[kTile];
+  int cur = 0;
+  tile_rows(t0, static_cast<int>(std::min<int64_t>(kTile, t1 - t0)), src[0]);
+  for (int64_t tb = t0; tb < t1; tb += kTile, cur ^= 1) {
+    const int nt = static_cast<int>(std::min<int64_t>(kTile, t1 - tb));
+    const int nnext = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kTile, t1 - tb - kTile)));
+    tile_rows(tb + kTile, nnext, src[cur ^ 1]);
+    for (int j = 0; j < nt; ++j) {
+      if (in_place) {
+        rows[j] = static_cast<const float*>(src[cur][j]);
+      } else {
+        load_row(src[cur][j], a.kv_dt, kb + j * D, D);
+        rows[j] = kb + j * D;
+      }
+    }
+    mla_scores_tile(qt, Rp, rows, nt, D, st, src[cur ^ 1], nnext, row_bytes);
+    mla_softmax_tile(st, Rp, nt, m, l, alpha, mu, last, tb, a.causal && tb + nt - 1 > n - a.s_q);
+    mla_pv_tile(o, dvp, st, Rp, alpha, rows, nt, R, dv);
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    const bool empty = !(l[r] > 0) && !(l[r] != l[r]);  // no visible key (NaN stays NaN)
+    const float inv = empty ? 0.0f : 1.0f / l[r];
+#pragma omp simd
+    for (int64_t c = 0; c < dv; ++c) o_part[r * dv + c] = o[r * dvp + c] * inv;
+    lse_part[r] = empty ? ninf : m[r] + std::log(l[r]);
+  }
+}
+#endif  // FL_MLA_AVX2
+
 template <typename Acc>
 FL_INLINE void mla_merge(const MlaDecodeArgs& a, int64_t idx, Acc* buf) {
   // idx enumerates (b, query row r = qi * H + h).
@@ -148,9 +440,19 @@ FL_CLONES void mla_task_f64(const MlaDecodeArgs& a, int64_t b, int64_t sp, doubl
 FL_CLONES void mla_merge_f32(const MlaDecodeArgs& a, int64_t i, float* buf) { mla_merge<float>(a, i, buf); }
 FL_CLONES void mla_merge_f64(const MlaDecodeArgs& a, int64_t i, double* buf) { mla_merge<double>(a, i, buf); }
 
-void mla_decode(const MlaDecodeArgs& a, void* workspace, int parts) {
+bool mla_decode_has_avx2() {
+#if FL_MLA_AVX2
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+void mla_decode(const MlaDecodeArgs& a, void* workspace, int parts, int kernel) {
   if (a.B == 0 || a.s_q == 0 || a.H == 0) return;
   const bool f64 = a.q_dt == kF64;
+  const bool vec = !f64 && kernel != kMlaScalar && mla_decode_has_avx2();
   const int64_t per = mla_decode_workspace(a.s_q * a.H, a.D, a.dv);
   const int64_t tasks = a.B * a.n_splits, merges = a.B * a.s_q * a.H;
 #pragma omp parallel num_threads(parts)
@@ -161,6 +463,10 @@ void mla_decode(const MlaDecodeArgs& a, void* workspace, int parts) {
     for (int64_t t = 0; t < tasks; ++t) {
       if (f64)
         mla_task_f64(a, t / a.n_splits, t % a.n_splits, reinterpret_cast<double*>(ws));
+#if FL_MLA_AVX2
+      else if (vec)
+        mla_task_avx2(a, t / a.n_splits, t % a.n_splits, reinterpret_cast<float*>(ws));
+#endif
       else
         mla_task_f32(a, t / a.n_splits, t % a.n_splits, reinterpret_cast<float*>(ws));
     }
@@ -172,6 +478,7 @@ void mla_decode(const MlaDecodeArgs& a, void* workspace, int parts) {
         mla_merge_f32(a, i, reinterpret_cast<float*>(ws));
     }
   }
+  (void)vec;
 }
 
 }  // namespace cpu

@@ -109,6 +109,16 @@ def mla_decode_splits(batch, max_len, device):
     return n_splits, -(-split // 32) * 32
 
 
+# Phase-1 kernel of mla_decode: "auto" (the AVX2/FMA one where the CPU has it, for fp32/fp16/bf16),
+# "scalar" or "vector" (tests set this to compare the two).
+MLA_KERNEL = "auto"
+_MLA_KERNELS = {"auto": 0, "scalar": 1, "vector": 2}
+
+
+def mla_decode_has_vector():
+    return bool(_C.mla_decode_has_avx2())
+
+
 def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causal, split_tokens, out, lse, o_part,
                lse_part):
     B, s_q, H, D = q.shape
@@ -119,7 +129,7 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causa
     _C.mla_decode(ptr(q), _s3(q), code(q), ptr(kv_cache), kv_cache.stride(0), kv_cache.stride(1), code(kv_cache),
                   ptr(block_table), block_table.stride(0), ptr(cache_seqlens), ptr(o_part), ptr(lse_part), ptr(out),
                   code(out), ptr(lse), B, s_q, H, D, head_dim_v, kv_cache.shape[1], n_splits, split_tokens,
-                  float(scale), bool(causal), ws.data_ptr(), parts)
+                  float(scale), bool(causal), ws.data_ptr(), parts, _MLA_KERNELS[MLA_KERNEL])
 # ----------------------------------------------------------------------------- causal conv1d
 def _s(t):
     return (0, 0, 0) if t is None else tuple(t.stride())

@@ -155,7 +155,7 @@ static void run_case(const Case& c) {
   MlaDecodeArgs ac = a;
   ac.out = out_c.p(); ac.lse = lse_c.p(); ac.o_part = op_c.p(); ac.lse_part = lp_c.p();
   std::vector<float> ws(size_t(cpu::mla_decode_workspace(rows, D, dv)));
-  cpu::mla_decode(ac, ws.data(), 1);
+  cpu::mla_decode(ac, ws.data(), 1, cpu::kMlaScalar);  // the scalar kernel: the plainest statement of the semantics
 
   // Emulated CUDA kernels, outputs and partials poisoned.
   Buf out_g(c.dt, B * rows * dv), lse_g(kF32, B * rows), op_g(kF32, B * c.n_splits * rows * dv),
