@@ -21,7 +21,7 @@ _override = contextvars.ContextVar("fastlayers_backend", default=None)
 # no CUDA C++ kernel (one memory-bound pass each: Triton serves them); nor have the Mamba decode
 # step, the causal conv1d and MLA decoding yet.
 DEFAULT_CUDA = {"qkv_norm_rope": "triton", "swiglu": "triton", "selective_state_update": "triton",
-                "mla_decode": "triton", "causal_conv1d": "triton", "causal_conv1d_update": "triton"}
+                "mla_decode": "triton", "causal_conv1d": "triton", "causal_conv1d_update": "triton", "ssd_scan": "triton"}
 
 
 class BackendUnavailable(RuntimeError):
