@@ -29,14 +29,15 @@ FL_INLINE int64_t bwd_ws(int64_t L, int64_t P, int64_t N) {
 
 // Row (i0, i1, i2, 0..n) of a 4-D view into / out of accumulators.
 template <typename Acc>
-FL_INLINE void row_in(const View4& v, int64_t i0, int64_t i1, int64_t i2, int64_t n, Acc* out) {
-  const void* p = elem_ptr(static_cast<const void*>(v.p), v.dt, i0 * v.s[0] + i1 * v.s[1] + i2 * v.s[2]);
+FL_INLINE void row_in(const View4& v, int64_t i0, int64_t i1, int64_t i2, int64_t n, Acc* out, int64_t j0 = 0) {
+  const void* p =
+      elem_ptr(static_cast<const void*>(v.p), v.dt, i0 * v.s[0] + i1 * v.s[1] + i2 * v.s[2] + j0 * v.s[3]);
   if (v.s[3] == 1) return load_row(p, v.dt, out, n);
   for (int64_t j = 0; j < n; ++j) load_row(elem_ptr(p, v.dt, j * v.s[3]), v.dt, out + j, 1);
 }
 template <typename Acc>
-FL_INLINE void row_out(const Acc* in, const View4& v, int64_t i0, int64_t i1, int64_t i2, int64_t n) {
-  void* p = elem_ptr(v.p, v.dt, i0 * v.s[0] + i1 * v.s[1] + i2 * v.s[2]);
+FL_INLINE void row_out(const Acc* in, const View4& v, int64_t i0, int64_t i1, int64_t i2, int64_t n, int64_t j0 = 0) {
+  void* p = elem_ptr(v.p, v.dt, i0 * v.s[0] + i1 * v.s[1] + i2 * v.s[2] + j0 * v.s[3]);
   if (v.s[3] == 1) return store_row(in, p, v.dt, n);
   for (int64_t j = 0; j < n; ++j) store_row(in + j, elem_ptr(p, v.dt, j * v.s[3]), v.dt, 1);
 }
@@ -135,38 +136,54 @@ FL_INLINE void load_D(const SsdScanArgs& a, int64_t h, Acc* Dr) {
     load_row(elem_ptr(static_cast<const void*>(a.D.p), a.D.dt, h * a.D.s[0] + p * a.D.s[1]), a.D.dt, Dr + p, 1);
 }
 
+// The forward walks each item in blocks of kFwdP head channels (independent rows of the state): a
+// kFwdP x N state stays in L1 for the whole sequence.
+constexpr int64_t kFwdP = 32;
+
 template <typename Acc>
 void fwd_items(const SsdScanArgs& a, int64_t r0, int64_t r1, Acc* ws) {
-  const int64_t L = a.L, P = a.P, N = a.N, GN = a.G * a.N, H = a.H;
-  Acc *s = ws, *xr = s + P * N, *dtx = xr + P, *y = dtx + P, *zr = y + P, *Dr = zr + P, *tmp = Dr + P;
-  // tmp needs max(P, N): it follows Dr and spans the rest of the workspace (>= 2P) or N below.
+  const int64_t L = a.L, P = a.P, N = a.N, GN = a.G * a.N, H = a.H, PB0 = P < kFwdP ? P : kFwdP;
+  Acc *s = ws, *xr = s + PB0 * N, *dtx = xr + P, *y = dtx + P, *zr = y + P, *Dr = zr + P, *tmp = Dr + P;
+  // tmp needs N: it spans the rest of the workspace (>= 3P + N).
   for (int64_t r = r0; r < r1; ++r) {
     const Item<Acc> it = item<Acc>(a, r);
     if (a.D.p) load_D(a, it.h, Dr);
-    if (a.init.p)
-      state_in(a.init, it.b, it.h, P, N, s, tmp);
-    else
-      for (int64_t i = 0; i < P * N; ++i) s[i] = 0;
-    for (int64_t t = 0; t < L; ++t) {
-      if (it.reset && t > 0 && it.reset[t])
-        for (int64_t i = 0; i < P * N; ++i) s[i] = 0;
-      const Acc dtt = it.dt[t * H], ea = exp_acc(dtt * it.A);
-      row_in(a.x, it.b, t, it.h, P, xr);
-#pragma omp simd
-      for (int64_t p = 0; p < P; ++p) dtx[p] = dtt * xr[p];
-      step(s, s, it.B + t * GN, it.C + t * GN, dtx, ea, y, P, N);
-      if (a.D.p) {
-#pragma omp simd
-        for (int64_t p = 0; p < P; ++p) y[p] += Dr[p] * xr[p];
+    for (int64_t p0 = 0; p0 < P; p0 += kFwdP) {
+      const int64_t PB = P - p0 < kFwdP ? P - p0 : kFwdP;
+      if (a.init.p) {
+        for (int64_t p = 0; p < PB; ++p) {
+          row_in(a.init, it.b, it.h, p0 + p, N, tmp);
+          for (int64_t n = 0; n < N; ++n) s[n * PB + p] = tmp[n];
+        }
+      } else {
+        for (int64_t i = 0; i < PB * N; ++i) s[i] = 0;
       }
-      if (a.z.p) {
-        row_in(a.z, it.b, t, it.h, P, zr);
+      for (int64_t t = 0; t < L; ++t) {
+        if (it.reset && t > 0 && it.reset[t])
+          for (int64_t i = 0; i < PB * N; ++i) s[i] = 0;
+        const Acc dtt = it.dt[t * H], ea = exp_acc(dtt * it.A);
+        row_in(a.x, it.b, t, it.h, PB, xr, p0);
 #pragma omp simd
-        for (int64_t p = 0; p < P; ++p) y[p] *= zr[p] * sigmoid_acc(zr[p]);
+        for (int64_t p = 0; p < PB; ++p) dtx[p] = dtt * xr[p];
+        step(s, s, it.B + t * GN, it.C + t * GN, dtx, ea, y, PB, N);
+        if (a.D.p) {
+#pragma omp simd
+          for (int64_t p = 0; p < PB; ++p) y[p] += Dr[p0 + p] * xr[p];
+        }
+        if (a.z.p) {
+          row_in(a.z, it.b, t, it.h, PB, zr, p0);
+#pragma omp simd
+          for (int64_t p = 0; p < PB; ++p) y[p] *= zr[p] * sigmoid_acc(zr[p]);
+        }
+        row_out(y, a.out, it.b, t, it.h, PB, p0);
       }
-      row_out(y, a.out, it.b, t, it.h, P);
+      if (a.final_state.p) {
+        for (int64_t p = 0; p < PB; ++p) {
+          for (int64_t n = 0; n < N; ++n) tmp[n] = s[n * PB + p];
+          row_out(tmp, a.final_state, it.b, it.h, p0 + p, N);
+        }
+      }
     }
-    if (a.final_state.p) state_out(s, a.final_state, it.b, it.h, P, N, tmp);
   }
 }
 
@@ -174,8 +191,8 @@ template <typename Acc>
 void bwd_items(const SsdScanArgs& a, int part, int64_t r0, int64_t r1, Acc* ws) {
   const int64_t L = a.L, P = a.P, N = a.N, GN = a.G * a.N, H = a.H, PN = P * N, nck = n_chunks(L);
   Acc *ck = ws, *sb = ck + nck * PN, *Hs = sb + kChunk * PN, *zero = Hs + PN, *gb = zero + PN;
-  Acc *xr = gb + kChunk * P, *dtx = xr + P, *y = dtx + P, *zr = y + P, *dor = zr + P, *hb = dor + P;
-  Acc *dxr = hb + P, *dzr = dxr + P, *Dr = dzr + P, *dDr = Dr + P, *tmp = dDr + P;  // tmp: 2P, or N (in Hs' way)
+  Acc *xr = gb + kChunk * P, *dtx = xr + P, *y = dtx + P, *zr = y + P, *hb = zr + P;
+  Acc *dxr = hb + P, *dzr = dxr + P, *Dr = dzr + P, *dDr = Dr + P;
   const int64_t part_off = int64_t(part) * a.batch * a.L * GN;
   for (int64_t i = 0; i < PN; ++i) zero[i] = 0;
   for (int64_t r = r0; r < r1; ++r) {
