@@ -10,7 +10,7 @@ a device-to-device copy measured the same way in the same run.
 The HybridNorm rows (gpu_table_hybridnorm.py) add qkv_norm_rope and swiglu GB/s, the QKV-norm
 attention against SDPA alone (target <= 1.15x) and the HybridNormBlock against the compiled reference;
 gpu_table_mla.py adds mla_decode (512+64 and Zebra's latent sizes; cuda and triton), selective_state_update
-and the selective_scan forward (cuda).
+and the selective_scan forward (cuda); gpu_table_ssd.py the ssd_scan (Mamba-2) forward with TFLOP/s.
 """
 import argparse
 import itertools
@@ -162,7 +162,8 @@ def main(argv=None):
             torch.cuda.empty_cache()
     from gpu_table_hybridnorm import hybridnorm_rows
     from gpu_table_mla import mla_rows, scan_rows, state_update_rows
-    for family in (hybridnorm_rows, mla_rows, state_update_rows, scan_rows):
+    from gpu_table_ssd import ssd_rows
+    for family in (hybridnorm_rows, mla_rows, state_update_rows, scan_rows, ssd_rows):
         rows += family(sys.modules[__name__], ceiling, l2, quick=a.quick, smoke=a.cpu_smoke)
     head = ("op", "shape", "dtype", "backend", "time_us", "GB/s", "% of copy / ratio")
     lines = [f"device: {name}; device-to-device copy ceiling {ceiling:.0f} GB/s; torch {torch.__version__}",

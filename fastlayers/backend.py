@@ -23,7 +23,7 @@ _override = contextvars.ContextVar("fastlayers_backend", default=None)
 # yet: triton stays its default until benchmarks/gpu_check.sh says otherwise. selective_scan has no
 # triton kernel: CUDA tensors run its CUDA forward (csrc/cuda/scan.cu; no backward yet).
 DEFAULT_CUDA = {"qkv_norm_rope": "triton", "swiglu": "triton", "selective_state_update": "triton",
-                "mla_decode": "triton", "causal_conv1d": "triton", "causal_conv1d_update": "triton"}
+                "mla_decode": "triton", "causal_conv1d": "triton", "causal_conv1d_update": "triton", "ssd_scan": "triton"}
 
 
 class BackendUnavailable(RuntimeError):

@@ -15,6 +15,7 @@
 #include "mla.h"
 #include "norm.h"
 #include "scan.h"
+#include "ssd.h"
 
 namespace py = pybind11;
 using namespace fastlayers;
@@ -284,6 +285,37 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("selective_scan_workspace", &cpu::selective_scan_workspace,
         "Accumulators per part of the selective_scan workspace: (L, N, backward).");
+
+  // ssd_scan (Mamba-2): forward when dout is absent (address 0), else backward (see SsdScanArgs).
+  m.def(
+      "ssd_scan",
+      [](const PyView& x, const PyView& D, const PyView& z, const PyView& init, const PyView& out,
+         const PyView& final_state, const PyView& dout, const PyView& dfinal, const PyView& dx, const PyView& dz,
+         const PyView& dinit, uintptr_t dt, uintptr_t A, uintptr_t B, uintptr_t C, uintptr_t reset, uintptr_t ddt,
+         uintptr_t dA, uintptr_t dD, uintptr_t dB_part, uintptr_t dC_part, int64_t batch, int64_t L, int64_t H,
+         int64_t Pd, int64_t N, int64_t G, uintptr_t workspace, int parts) {
+        if (parts < 1) throw std::invalid_argument("fastlayers: parts must be >= 1");
+        if (G < 1 || H % G) throw std::invalid_argument("fastlayers: ssd_scan ngroups must divide nheads");
+        if (!dt || !A || !B || !C) throw std::invalid_argument("fastlayers: ssd_scan needs dt, A, B and C");
+        const bool bwd = std::get<0>(dout) != 0;
+        SsdScanArgs a{view4(x, "x", true), view4(D, "D", false), view4(z, "z", false),
+                      view4(init, "initial_states", false), view4(out, "out", !bwd),
+                      view4(final_state, "final_states", false), view4(dout, "dout", false),
+                      view4(dfinal, "dfinal_states", false), view4(dx, "dx", bwd), view4(dz, "dz", false),
+                      view4(dinit, "dinitial_states", false), P(dt), P(A), P(B), P(C),
+                      reinterpret_cast<const uint8_t*>(reset), P(ddt), P(dA), P(dD), P(dB_part), P(dC_part),
+                      batch, L, H, Pd, N, G};
+        if (bwd && (!a.ddt || !a.dA || !a.dB_part || !a.dC_part || (a.D.p && !a.dD)))
+          throw std::invalid_argument("fastlayers: ssd_scan backward needs ddt, dA, dB, dC (and dD) buffers");
+        py::gil_scoped_release nogil;
+        if (bwd)
+          cpu::ssd_scan_bwd(a, P(workspace), parts);
+        else
+          cpu::ssd_scan_fwd(a, P(workspace), parts);
+      },
+      "Mamba-2 ssd_scan forward (dout absent) or backward (see SsdScanArgs).");
+  m.def("ssd_scan_workspace", &cpu::ssd_scan_workspace,
+        "Accumulators per part of the ssd_scan workspace: (L, P, N, backward).");
 
   m.def("max_threads", []() { return omp_get_max_threads(); });
 

@@ -164,6 +164,28 @@ Contract for the Mamba-1 scan (``selective_scan_*``)
     dA_part   (P, dim, N); dB_part, dC_part (P, *B.shape) / (P, *C.shape) laid out like the contiguous
               tensors B and C are views of; dD_part, dbias_part (P, dim) or None. All accumulator
               dtype, zeroed by the caller, which sums them over P.
+
+Contract for the Mamba-2 scan (``ssd_scan_*``; backends cpu and triton)
+------------------------------------------------------------------------
+``ssd_scan_fwd(x, dt, A, B, C, D, z, init, reset, out, final[, chunk_size])`` (chunk_size: triton only)
+    x, z      (b, l, h, p), any strides; z may be None; fp32/fp16/bf16 (fp64 on cpu)
+    dt        (b, l, h) accumulator dtype, contiguous: already dt_bias-added, softplus-ed and clamped
+    A         (h,); B, C (b, l, g, n): accumulator dtype, contiguous (head i reads group i // (h / g))
+    D         (h, p) view (any strides, a (h,) D expanded) or None; init (b, h, p, n) or None
+    reset     (b, l) uint8 or None: 1 where the state restarts from zero (never at step 0)
+    out       (b, l, h, p) output, dtype of x; final (b, h, p, n) accumulator-dtype output (the last state)
+  s_t = exp(dt_t A) s_{t-1} + dt_t x_t B_t^T (s_{-1} = init or 0); out_t = (s_t C_t + D x_t) * silu(z_t).
+  Requires b * h * p > 0 and l > 0.
+
+``ssd_scan_bwd_parts(b, h, l, p, n, device) -> int`` (cpu)  number P of dB/dC partial buffers
+``ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, dx, dz, dinit, ddt, dA_bh, dD_bh, dB_part,
+               dC_part)`` (cpu)
+    dout (b, l, h, p) any strides; dfinal (b, h, p, n) or None; dx, dz, dinit outputs in the dtypes of
+    x, z, init (None when absent); ddt (b, l, h), dA_bh (b, h), dD_bh (b, h, p) accumulator-dtype outputs,
+    written complete; dB_part, dC_part (P, b, l, g, n) zeroed by the caller, which sums them over P.
+``ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size)`` (triton) returns
+    [dx, ddt, dA, dB, dC, dD, dz, dinit] (None for absent inputs): autograd through a chunked
+    pure-PyTorch form, not a kernel.
 """
 import importlib
 

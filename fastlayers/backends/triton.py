@@ -497,8 +497,8 @@ def aot_compile(cc, full=False):
 
     target = GPUTarget("cuda", int(cc), 32)
     kernels = []
-    from . import triton_conv1d, triton_hybridnorm, triton_scan
-    families = (triton_hybridnorm, triton_scan, triton_conv1d)
+    from . import triton_conv1d, triton_hybridnorm, triton_scan, triton_ssd
+    families = (triton_hybridnorm, triton_scan, triton_conv1d, triton_ssd)
     kernel_of = {"fwd": _norm_fwd_kernel, "bwd": _norm_bwd_kernel}
     variants = _aot_variants(full)
     for fam in families:
@@ -545,6 +545,7 @@ def aot_compile(cc, full=False):
 from .triton_hybridnorm import (head_norm_rope_fwd, head_norm_rope_bwd_parts, head_norm_rope_bwd,  # noqa: E402,F401
                                 swiglu_fwd, swiglu_bwd)
 from .triton_scan import selective_state_update  # noqa: E402,F401
+from .triton_ssd import ssd_scan_fwd, ssd_scan_bwd  # noqa: E402,F401
 from .triton_mla import mla_decode, mla_decode_splits  # noqa: E402,F401
 
 # ----------------------------------------------------------------------------- causal conv1d kernels

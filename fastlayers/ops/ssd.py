@@ -1,13 +1,240 @@
-"""Mamba-2 chunked scan ``ssd_scan`` (``mamba_chunk_scan_combined``'s semantics).
+"""Mamba-2 scan ``ssd_scan`` (``mamba_chunk_scan_combined``'s semantics; forward and backward).
 
-Placeholder while the kernels are written: every backend runs the reference recurrence
-(:func:`fastlayers.reference.ssd_scan`), differentiable by autograd.
+The dt preprocessing (``+ dt_bias``, softplus, ``dt_limit`` clamp) and the fp32 copies of dt, A, B and C
+are plain torch ops (differentiated by autograd); the scan itself runs in one kernel call: the ``cpu``
+backend (C++/OpenMP recurrence, forward and backward) or ``triton`` (the chunked SSD forward; its
+backward differentiates a chunked pure-PyTorch implementation, see ``backends/triton_ssd.py``).
+
+In eager mode the kernels are called directly (through a torch.autograd.Function when a gradient is
+needed); while torch.compile traces, they run through the custom ops ``fastlayers::ssd_scan_fwd``/``_bwd``.
 """
+import math
+import numbers
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
 from .. import reference
+from .._alloc import empty
+from .._dtypes import stat_dtype
+from ..backend import BackendUnavailable, resolve
+from ..backends import load
+from ._common import check_same_device, check_shape, check_tensor
+
+_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_NO_LIMIT = (0.0, float("inf"))
+
+
+def _check_ssd(op, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_limit):
+    for name, t in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)):
+        check_tensor(op, name, t)
+    for name, t in (("D", D), ("z", z), ("dt_bias", dt_bias), ("initial_states", initial_states)):
+        if t is not None:
+            check_tensor(op, name, t)
+    if x.dim() != 4:
+        raise ValueError(f"fastlayers.{op}: x must be (batch, seqlen, nheads, headdim); got shape {tuple(x.shape)}")
+    b, L, h, p = x.shape
+    check_shape(op, "dt", dt, (b, L, h), " (batch, seqlen, nheads)")
+    check_shape(op, "A", A, (h,), " (nheads,): one scalar per head")
+    if B.dim() != 4 or tuple(B.shape[:2]) != (b, L) or B.shape[2] == 0 or h % B.shape[2]:
+        raise ValueError(f"fastlayers.{op}: B must be (batch, seqlen, ngroups, dstate) = ({b}, {L}, G, N) with G "
+                         f"dividing nheads {h}; got {tuple(B.shape)}")
+    check_shape(op, "C", C, B.shape, " (the shape of B)")
+    n = B.shape[3]
+    if D is not None and tuple(D.shape) not in ((h, p), (h,)):
+        raise ValueError(f"fastlayers.{op}: D must have shape ({h}, {p}) or ({h},); got {tuple(D.shape)}")
+    if z is not None:
+        check_shape(op, "z", z, x.shape, " (the shape of x)")
+    if dt_bias is not None:
+        check_shape(op, "dt_bias", dt_bias, (h,), " (nheads,)")
+    if initial_states is not None:
+        check_shape(op, "initial_states", initial_states, (b, h, p, n), " (batch, nheads, headdim, dstate)")
+    if seq_idx is not None:
+        if not isinstance(seq_idx, torch.Tensor) or seq_idx.dtype.is_floating_point or seq_idx.is_complex() \
+                or seq_idx.dtype == torch.bool:
+            raise TypeError(f"fastlayers.{op}: seq_idx must be an integer tensor; got "
+                            f"{getattr(seq_idx, 'dtype', type(seq_idx).__name__)}")
+        check_shape(op, "seq_idx", seq_idx, (b, L), " (batch, seqlen)")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size <= 0:
+        raise ValueError(f"fastlayers.{op}: chunk_size must be a positive int; got {chunk_size!r}")
+    try:
+        lo, hi = (float(v) for v in dt_limit)
+    except (TypeError, ValueError):
+        raise ValueError(f"fastlayers.{op}: dt_limit must be a pair (min, max) of numbers; got {dt_limit!r}") \
+            from None
+    if math.isnan(lo) or math.isnan(hi) or lo > hi:
+        raise ValueError(f"fastlayers.{op}: dt_limit must be (min, max) with min <= max; got {dt_limit!r}")
+    check_same_device(op, x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
+                      seq_idx=seq_idx)
+
+
+def _reset(seq_idx):
+    """(b, l) uint8: 1 where the state restarts (seq_idx changes), never at step 0; None without seq_idx."""
+    if seq_idx is None:
+        return None
+    r = torch.zeros(seq_idx.shape, dtype=torch.uint8, device=seq_idx.device)
+    if seq_idx.shape[1] > 1:
+        r[:, 1:] = (seq_idx[:, 1:] != seq_idx[:, :-1]).to(torch.uint8)
+    return r
+
+
+def _ssd_fwd(x, dt, A, B, C, D, z, init, reset, chunk_size, backend):
+    """(out, final_states); dt, A, B, C in the accumulator dtype, contiguous; D an (h, p) view or None."""
+    b, L, h, p = x.shape
+    acc = stat_dtype(x.dtype)
+    out = empty(x.shape, x.dtype, x.device)
+    final = torch.empty(b, h, p, B.shape[-1], dtype=acc, device=x.device)
+    be = load(backend)
+    if backend == "cpu":
+        be.ssd_scan_fwd(x, dt, A, B, C, D, z, init, reset, out, final)
+    else:
+        be.ssd_scan_fwd(x, dt, A, B, C, D, z, init, reset, out, final, chunk_size)
+    return out, final
+
+
+def _ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size, backend):
+    """[dx, ddt, dA, dB, dC, dD, dz, dinit]; None for absent inputs."""
+    if backend != "cpu":
+        return load(backend).ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size)
+    b, L, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    acc = stat_dtype(x.dtype)
+    be = load(backend)
+    parts = be.ssd_scan_bwd_parts(b, h, L, p, n, x.device)
+    dB_part = torch.zeros((parts, *B.shape), dtype=acc, device=x.device)
+    dC_part = torch.zeros((parts, *C.shape), dtype=acc, device=x.device)
+    ddt = torch.empty(dt.shape, dtype=acc, device=x.device)
+    dA_bh = torch.empty(b, h, dtype=acc, device=x.device)
+    dD_bh = None if D is None else torch.empty(b, h, p, dtype=acc, device=x.device)
+    dx = empty(x.shape, x.dtype, x.device)
+    dz = None if z is None else empty(z.shape, z.dtype, z.device)
+    dinit = None if init is None else torch.empty(init.shape, dtype=init.dtype, device=init.device)
+    be.ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, dx, dz, dinit, ddt, dA_bh, dD_bh, dB_part,
+                    dC_part)
+    return [dx, ddt, dA_bh.sum(0), dB_part.sum(0), dC_part.sum(0),
+            None if D is None else dD_bh.sum(0).to(D.dtype), dz, dinit]
+
+
+class _SsdScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, z, init, reset, chunk_size, backend):
+        ctx.set_materialize_grads(False)
+        out, final = _ssd_fwd(x, dt, A, B, C, D, z, init, reset, chunk_size, backend)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, init, reset)
+        ctx.cfg = (chunk_size, backend)
+        return out, final
+
+    @staticmethod
+    def backward(ctx, dout, dfinal):
+        x, dt, A, B, C, D, z, init, reset = ctx.saved_tensors
+        chunk_size, backend = ctx.cfg
+        if dout is None:
+            dout = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+        grads = _ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size, backend)
+        return (*grads, None, None, None)
+
+
+@torch.library.custom_op("fastlayers::ssd_scan_fwd", mutates_args=())
+def _ssd_fwd_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+                init: Optional[Tensor], reset: Optional[Tensor], chunk_size: int,
+                backend: str) -> Tuple[Tensor, Tensor]:
+    return _ssd_fwd(x, dt, A, B, C, D, z, init, reset, chunk_size, backend)
+
+
+@_ssd_fwd_op.register_fake
+def _(x, dt, A, B, C, D, z, init, reset, chunk_size, backend):
+    b, L, h, p = x.shape
+    return x.new_empty(x.shape), x.new_empty((b, h, p, B.shape[-1]), dtype=stat_dtype(x.dtype))
+
+
+@torch.library.custom_op("fastlayers::ssd_scan_bwd", mutates_args=())
+def _ssd_bwd_op(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                D: Optional[Tensor], z: Optional[Tensor], init: Optional[Tensor], reset: Optional[Tensor],
+                chunk_size: int, backend: str) -> List[Tensor]:
+    """[dx, ddt, dA, dB, dC, dD, dz, dinit]; entries for absent inputs are empty."""
+    res = _ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size, backend)
+    return [x.new_empty(0) if g is None else g.contiguous() for g in res]
+
+
+@_ssd_bwd_op.register_fake
+def _(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size, backend):
+    return [t.new_empty(t.shape) if t is not None else x.new_empty(0) for t in (x, dt, A, B, C, D, z, init)]
+
+
+def _ssd_setup(ctx, inputs, output):
+    x, dt, A, B, C, D, z, init, reset, chunk_size, backend = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, z, init, reset)
+    ctx.cfg = (chunk_size, backend, D is not None, z is not None, init is not None)
+
+
+def _ssd_op_backward(ctx, dout, dfinal):
+    x, dt, A, B, C, D, z, init, reset = ctx.saved_tensors
+    chunk_size, backend, has_D, has_z, has_init = ctx.cfg
+    if dout is None:
+        dout = torch.zeros_like(x)
+    g = torch.ops.fastlayers.ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size, backend)
+    return (g[0], g[1], g[2], g[3], g[4], g[5] if has_D else None, g[6] if has_z else None,
+            g[7] if has_init else None, None, None, None)
+
+
+torch.library.register_autograd("fastlayers::ssd_scan_fwd", _ssd_op_backward, setup_context=_ssd_setup)
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
-             dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False):
-    """See :func:`fastlayers.reference.ssd_scan`."""
-    return reference.ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus,
-                              dt_limit, return_final_states)
+             dt_softplus=False, dt_limit=_NO_LIMIT, return_final_states=False):
+    """The Mamba-2 scan, mamba_ssm's ``mamba_chunk_scan_combined`` semantics:
+
+        dt = clamp(softplus(dt + dt_bias), *dt_limit)      (each part optional)
+        s_t = exp(dt_t A_h) s_{t-1} + dt_t x_t B_t^T,   y_t = s_t C_t + D x_t,   out = y * silu(z)
+
+    x, z ``(batch, seqlen, nheads, headdim)``; dt ``(batch, seqlen, nheads)``; A ``(nheads,)``;
+    B, C ``(batch, seqlen, ngroups, dstate)`` (ngroups divides nheads: head i uses group
+    i // (nheads / ngroups)); D ``(nheads, headdim)`` or ``(nheads,)``; dt_bias ``(nheads,)``;
+    initial_states ``(batch, nheads, headdim, dstate)``. ``seq_idx`` ``(batch, seqlen)`` integer: where
+    it changes the state restarts from zero (packed sequences do not leak into each other;
+    ``initial_states`` seed position 0 only). Returns out (x's shape and dtype) and, with
+    ``return_final_states``, the state after the last step ``(batch, nheads, headdim, dstate)`` in fp32
+    (fp64 for fp64 x). Differentiable in every tensor input (the final state's gradient included).
+
+    Backends: ``cpu`` (the recurrence in C++/OpenMP, fp32/fp64 accumulation, fp32/fp16/bf16/fp64 inputs,
+    any strides; the result does not depend on ``chunk_size``), ``triton`` (the chunked SSD algorithm on
+    tiles of ``chunk_size`` rounded down to a power of two in [16, 64]; fp32/fp16/bf16; its backward
+    differentiates a chunked pure-PyTorch implementation, not a Triton kernel) and ``reference``
+    (:func:`fastlayers.reference.ssd_scan`, the plain recurrence). Math in fp32 (fp64 for fp64 x).
+    NaN in an input gives NaN out at the positions that depend on it (the chunked triton forward may also
+    spread it to earlier positions of the same chunk: a 0 * NaN in its matrix products).
+    """
+    op = "ssd_scan"
+    _check_ssd(op, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_limit)
+    backend = resolve(op, x.device)
+    b, L, h, p = x.shape
+    if backend == "reference" or b * L * h * p == 0:
+        return reference.ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus,
+                                  dt_limit, return_final_states)
+    if backend == "cuda":
+        raise BackendUnavailable(f"fastlayers.{op}: no 'cuda' kernel for this op; use the 'triton' backend "
+                                 f"(the default for CUDA tensors)")
+    if backend == "triton" and x.dtype not in _GPU_DTYPES:
+        raise TypeError(f"fastlayers.{op}: backend 'triton' takes float32, float16 or bfloat16 x; got {x.dtype}")
+    acc = stat_dtype(x.dtype)
+    dtp = dt.to(acc)
+    if dt_bias is not None:
+        dtp = dtp + dt_bias.to(acc)
+    if dt_softplus:
+        dtp = F.softplus(dtp)
+    if tuple(float(v) for v in dt_limit) != _NO_LIMIT:
+        dtp = dtp.clamp(min=float(dt_limit[0]), max=float(dt_limit[1]))
+    dtp = dtp.contiguous()
+    Af, Bf, Cf = A.to(acc).contiguous(), B.to(acc).contiguous(), C.to(acc).contiguous()
+    D2 = None if D is None else (D[:, None].expand(h, p) if D.dim() == 1 else D)
+    reset = _reset(seq_idx)
+    args = (x, dtp, Af, Bf, Cf, D2, z, initial_states, reset, int(chunk_size), backend)
+    if torch.compiler.is_compiling():
+        out, final = torch.ops.fastlayers.ssd_scan_fwd(*args)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:8]):
+        out, final = _SsdScan.apply(*args)
+    else:
+        out, final = _ssd_fwd(*args)
+    return (out, final) if return_final_states else out

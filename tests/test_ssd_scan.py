@@ -1,0 +1,337 @@
+"""ssd_scan (the Mamba-2 scan, mamba_chunk_scan_combined's semantics): every backend against the reference
+recurrence run in fp64 on upcast inputs, gradients, packed sequences, bad input."""
+import pytest
+import torch
+
+import fastlayers
+from fastlayers import reference
+
+from conftest import _case, assert_rel_err, seed_of
+
+REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-10}
+BACKENDS = [_case("cpu", "cpu"), _case("cpu", "triton"), _case("cpu", "reference")]
+NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
+
+
+def _gen(*key):
+    return torch.Generator().manual_seed(seed_of(*key))
+
+
+def _inputs(b, L, h, p, n, g, dtype, gen, opts=("D", "z", "dt_bias", "initial_states"), D_shape="hp",
+            softplus=True):
+    """Fresh random inputs (never zeros): x, dt, B, C, z in dtype; A, D, dt_bias, initial_states in fp32
+    (as Mamba-2 keeps them) unless dtype is fp64."""
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    param = torch.float64 if dtype == torch.float64 else torch.float32
+    x, z = r(b, L, h, p), r(b, L, h, p)
+    dt = r(b, L, h) * 0.5 - 1 if softplus else torch.rand(b, L, h, generator=gen) * 0.5 + 0.05
+    A = -(torch.rand(h, generator=gen) * 2 + 0.1)
+    B, C = r(b, L, g, n), r(b, L, g, n)
+    D = r(h, p) if D_shape == "hp" else r(h)
+    dtb, init = r(h) * 0.5, r(b, h, p, n)
+    return dict(x=x.to(dtype), dt=dt.to(dtype), A=A.to(param), B=B.to(dtype), C=C.to(dtype),
+                D=D.to(param) if "D" in opts else None, z=z.to(dtype) if "z" in opts else None,
+                dt_bias=dtb.to(param) if "dt_bias" in opts else None,
+                initial_states=init.to(param) if "initial_states" in opts else None)
+
+
+def _ref64(args, **kw):
+    hi = {k: None if v is None else v.double() for k, v in args.items()}
+    return reference.ssd_scan(**hi, **kw)
+
+
+def _run(backend, args, **kw):
+    with fastlayers.use_backend(backend):
+        return fastlayers.ssd_scan(**args, **kw)
+
+
+def _small(backend):
+    """Shapes: the triton interpreter is slow, keep it tiny."""
+    return backend == "triton"
+
+
+# ----------------------------------------------------------------------------- forward
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("L", [1, 37, 2049])
+def test_forward(device, backend, dtype, L):
+    if backend == "reference" and L == 2049:
+        pytest.skip("the reference is what we compare with; its long run only costs time")
+    h, p, n, g = (2, 3, 5, 1) if _small(backend) else (4, 6, 8, 2)
+    if _small(backend) and L == 2049:
+        if dtype != torch.float32:
+            pytest.skip("the triton interpreter runs the long case in fp32 only (it is slow)")
+        L = 90  # the interpreter walks 6 chunks of 16: still far past one chunk
+    args = _inputs(2, L, h, p, n, g, dtype, _gen("fwd", str(dtype), L, backend))
+    kw = dict(chunk_size=16, dt_softplus=True, return_final_states=True)
+    ref_out, ref_fin = _ref64(args, **kw)
+    with torch.no_grad():
+        out, fin = _run(backend, args, **kw)
+    assert out.dtype == dtype and out.shape == args["x"].shape
+    assert fin.dtype == torch.float32 and fin.shape == (2, h, p, n)
+    assert_rel_err(out, ref_out, REL_TOL[dtype], "out")
+    assert_rel_err(fin, ref_fin, REL_TOL[dtype] if dtype != torch.float32 else 1e-5, "final_states")
+
+
+OPTS = [(), ("D",), ("z",), ("dt_bias",), ("initial_states",), ("D", "z", "dt_bias", "initial_states")]
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("opts", OPTS, ids=lambda o: "+".join(o) or "none")
+@pytest.mark.parametrize("variant", ["softplus-final-Dhp", "nosoftplus-nofinal-Dh", "limit-final-Dh"])
+def test_forward_options(device, backend, opts, variant):
+    if backend == "triton" and not (len(opts) == 4 or (not opts and variant.startswith("nosoftplus"))):
+        pytest.skip("the triton interpreter runs the all-on cases and one all-off case (it is slow)")
+    softplus = "nosoftplus" not in variant
+    final = "nofinal" not in variant
+    args = _inputs(2, 41, 4, 3, 5, 2, torch.float32, _gen("opts", opts, variant, backend), opts,
+                   "hp" if variant.endswith("Dhp") else "h", softplus)
+    kw = dict(chunk_size=16, dt_softplus=softplus, return_final_states=final)
+    if variant.startswith("limit"):
+        kw["dt_limit"] = (0.2, 0.5)  # softplus(dt) straddles it: both clamps are reached
+    ref = _ref64(args, **kw)
+    with torch.no_grad():
+        res = _run(backend, args, **kw)
+    if final:
+        assert_rel_err(res[0], ref[0], 1e-5, "out")
+        assert_rel_err(res[1], ref[1], 1e-5, "final_states")
+    else:
+        assert isinstance(res, torch.Tensor)
+        assert_rel_err(res, ref, 1e-5, "out")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_forward_fp64(device, backend):
+    if backend == "triton":
+        with pytest.raises(TypeError, match="triton"):
+            _run(backend, _inputs(1, 5, 2, 3, 4, 1, torch.float64, _gen("f64t")))
+        return
+    args = _inputs(2, 77, 4, 3, 5, 2, torch.float64, _gen("f64", backend))
+    out, fin = _run(backend, args, dt_softplus=True, return_final_states=True)
+    ref_out, ref_fin = _ref64(args, dt_softplus=True, return_final_states=True)
+    assert out.dtype == torch.float64 and fin.dtype == torch.float64
+    assert_rel_err(out, ref_out, 1e-12, "out")
+    assert_rel_err(fin, ref_fin, 1e-12, "final_states")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_seq_idx_packed_sequences_do_not_leak(device, backend):
+    """Three packed sequences in row 0 (restarts inside a chunk and on a chunk boundary), one in row 1: each
+    sequence's outputs equal a separate run of it (the first one with the initial states, the others from 0)."""
+    gen = _gen("seq", backend)
+    lens = [21, 11, 16]  # restarts at 21 (mid-chunk) and 32 (a chunk boundary of 16)
+    L = sum(lens)
+    args = _inputs(2, L, 4, 3, 5, 2, torch.float32, gen)
+    seq_idx = torch.cat([torch.full((m,), i, dtype=torch.int32) for i, m in enumerate(lens)])
+    seq_idx = torch.stack([seq_idx, torch.zeros(L, dtype=torch.int32)])
+    kw = dict(chunk_size=16, dt_softplus=True)
+    out, fin = _run(backend, args, seq_idx=seq_idx, return_final_states=True, **kw)
+    ref_out, ref_fin = _ref64(args, seq_idx=seq_idx, return_final_states=True, **kw)
+    assert_rel_err(out, ref_out, 1e-5, "out")
+    assert_rel_err(fin, ref_fin, 1e-5, "final_states")
+    t0 = 0
+    for i, m in enumerate(lens):
+        part = {k: None if v is None else (v[:1, t0:t0 + m] if k in ("x", "dt", "B", "C", "z") else v)
+                for k, v in args.items()}
+        part["initial_states"] = args["initial_states"][:1] if i == 0 else None
+        alone, alone_fin = _ref64(part, return_final_states=True, **kw)
+        assert_rel_err(out[:1, t0:t0 + m], alone, 1e-5, f"sequence {i}")
+        t0 += m
+    assert_rel_err(fin[:1], alone_fin, 1e-5, "final state of the last sequence")
+    # Row 1 is one sequence: same as a run without seq_idx.
+    row1 = {k: None if v is None else (v[1:] if k in ("x", "dt", "B", "C", "z", "initial_states") else v)
+            for k, v in args.items()}
+    assert_rel_err(out[1:], _ref64(row1, **kw), 1e-5, "row 1")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_strided_inputs(device, backend):
+    """x, z as (b, h, l, p) memory seen as (b, l, h, p), B as a transposed view, a sliced D and dt."""
+    gen = _gen("strided", backend)
+    b, L, h, p, n = 2, 19, 4, 3, 5
+    x, z = (torch.randn(b, h, L, p, generator=gen).transpose(1, 2) for _ in range(2))
+    dt = torch.randn(b, L, 2 * h, generator=gen)[..., ::2]
+    A = -(torch.rand(h, generator=gen) + 0.1)
+    B = torch.randn(b, L, n, 2, generator=gen).transpose(2, 3)
+    C = torch.randn(b, L, 2, n, generator=gen)
+    D = torch.randn(h, 2 * p, generator=gen)[:, ::2]
+    init = torch.randn(b, h, n, p, generator=gen).transpose(2, 3)
+    args = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=None, initial_states=init)
+    kw = dict(chunk_size=16, dt_softplus=True, return_final_states=True)
+    ref_out, ref_fin = _ref64(args, **kw)
+    out, fin = _run(backend, args, **kw)
+    assert_rel_err(out, ref_out, 1e-5, "out")
+    assert_rel_err(fin, ref_fin, 1e-5, "final_states")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_nan_in_nan_out(device, backend):
+    """A NaN in x reaches its channel from its step on; a NaN in B (shared by a group's heads) every output
+    of the group from its step on."""
+    args = _inputs(1, 40, 2, 3, 4, 1, torch.float32, _gen("nan", backend))
+    args["x"][0, 25, 1, 2] = float("nan")
+    out = _run(backend, args, chunk_size=16, dt_softplus=True)
+    ref = _ref64(args, chunk_size=16, dt_softplus=True)
+    assert torch.isnan(ref[0, 25:, 1, 2]).all()
+    assert torch.isnan(out[0, 25:, 1, 2]).all(), "NaN in x must give NaN in its channel at its step and after"
+    assert not torch.isnan(out[0, :, :, :2]).any() and not torch.isnan(out[0, :, 0]).any(), \
+        "other channels and heads must not see the NaN"
+    if backend != "triton":  # the chunked form spreads a NaN inside its chunk (0 * NaN in the matmul)
+        assert not torch.isnan(out[0, :25]).any()
+    args["x"][0, 25, 1, 2] = 1.0
+    args["B"][0, 30, 0, 1] = float("nan")
+    out = _run(backend, args, chunk_size=16, dt_softplus=True)
+    assert torch.isnan(out[0, 30:]).all(), "NaN in B must reach every head of its group from its step on"
+    if backend != "triton":
+        assert not torch.isnan(out[0, :30]).any()
+
+
+def test_empty_and_zero_length():
+    for L in (0,):
+        args = _inputs(2, L, 4, 3, 5, 2, torch.float32, _gen("empty"))
+        out, fin = _run("cpu", args, return_final_states=True)
+        assert out.shape == (2, 0, 4, 3)
+        torch.testing.assert_close(fin, args["initial_states"])
+
+
+# ----------------------------------------------------------------------------- gradients
+def _grads(backend, args, gen, **kw):
+    leaves = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in args.items()}
+    out, fin = _run(backend, leaves, return_final_states=True, **kw)
+    g_out = torch.randn(out.shape, generator=gen).to(out.dtype)
+    g_fin = torch.randn(fin.shape, generator=gen).to(fin.dtype)
+    torch.autograd.backward((out, fin), (g_out, g_fin))
+    return {k: None if v is None else v.grad for k, v in leaves.items()}, g_out, g_fin
+
+
+def _ref_grads(args, g_out, g_fin, **kw):
+    leaves = {k: None if v is None else v.detach().double().requires_grad_() for k, v in args.items()}
+    out, fin = reference.ssd_scan(**leaves, return_final_states=True, **kw)
+    torch.autograd.backward((out, fin), (g_out.double(), g_fin.double()))
+    return {k: None if v is None else v.grad for k, v in leaves.items()}
+
+
+GRAD_CASES = [  # L, g, opts, D shape, softplus, dt_limit, packed
+    (1, 1, ("D", "z", "dt_bias", "initial_states"), "hp", True, None, False),
+    (37, 2, ("D", "z", "dt_bias", "initial_states"), "h", True, None, True),
+    (37, 1, (), "hp", False, None, False),
+    (70, 4, ("D", "dt_bias"), "hp", True, (0.15, 0.6), True),
+    (130, 2, ("z", "initial_states"), "h", False, None, False),
+]
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: f"L{c[0]}-g{c[1]}-{'+'.join(c[2]) or 'none'}-D{c[3]}"
+                                                          f"-sp{int(c[4])}-lim{int(bool(c[5]))}-pk{int(c[6])}")
+def test_gradients_match_reference(device, backend, dtype, case):
+    L, g, opts, dshape, softplus, limit, packed = case
+    if backend == "triton" and (L > 40 or (dtype != torch.float32 and L > 1) or not opts):
+        pytest.skip("the triton interpreter covers the short cases (its backward is torch code, not a kernel)")
+    gen = _gen("grad", str(dtype), case, backend)
+    args = _inputs(2, L, 4, 3, 5, g, dtype, gen, opts, dshape, softplus)
+    kw = dict(chunk_size=16, dt_softplus=softplus)
+    if limit:
+        kw["dt_limit"] = limit
+    if packed:
+        kw["seq_idx"] = (torch.arange(L)[None, :] * torch.tensor([[3], [1]]) // 40).to(torch.int64)
+    grads, g_out, g_fin = _grads(backend, args, gen, **kw)
+    ref = _ref_grads(args, g_out, g_fin, **kw)
+    for name in NAMES:
+        a = args[name]
+        if a is None:
+            assert grads[name] is None
+            continue
+        gr = grads[name]
+        assert gr is not None and gr.dtype == a.dtype and gr.shape == a.shape, name
+        assert_rel_err(gr, ref[name], REL_TOL[dtype], f"d{name}")
+
+
+@pytest.mark.parametrize("device,backend", [_case("cpu", "cpu")])
+def test_gradcheck(device, backend):
+    gen = _gen("gradcheck", backend)
+    args = _inputs(2, 7, 4, 2, 3, 2, torch.float64, gen, D_shape="h")
+    names = [k for k, v in args.items() if v is not None]
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0] * 7])
+
+    def f(*xs):
+        with fastlayers.use_backend(backend):
+            return fastlayers.ssd_scan(**dict(zip(names, xs)), chunk_size=4, dt_softplus=True, seq_idx=seq_idx,
+                                       dt_limit=(0.0, 0.9), return_final_states=True)
+
+    assert torch.autograd.gradcheck(f, [args[k].detach().clone().requires_grad_() for k in names])
+
+
+def test_no_grad_path_equals_autograd_path():
+    args = _inputs(2, 17, 4, 3, 5, 2, torch.float32, _gen("paths"))
+    with torch.no_grad():
+        a = fastlayers.ssd_scan(**args, dt_softplus=True)
+    b = fastlayers.ssd_scan(**{k: v.clone().requires_grad_() for k, v in args.items()}, dt_softplus=True)
+    assert torch.equal(a, b.detach())
+
+
+def test_opcheck_and_torch_compile():
+    """The custom ops pass opcheck; torch.compile(fullgraph=True) traces them and gives the eager results."""
+    gen = _gen("opcheck")
+    args = _inputs(2, 9, 4, 3, 5, 2, torch.float32, gen)
+    x, dt, A, B, C, D, z = (args[k] for k in ("x", "dt", "A", "B", "C", "D", "z"))
+    init = args["initial_states"]
+    reset = torch.zeros(2, 9, dtype=torch.uint8)
+    reset[0, 4] = 1
+    lv = [t.clone().requires_grad_() for t in (x, dt, A, B, C, D, z, init)]
+    # aot_dispatch is left to the torch.compile run below (it traces the forward and backward ops too).
+    torch.library.opcheck(torch.ops.fastlayers.ssd_scan_fwd, (*lv, reset, 16, "cpu"),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    # ssd_scan_bwd runs (traced, with its fake kernel) in the compiled backward below.
+    seq_idx = reset.cumsum(1)
+
+    def f(**kw):
+        out, fin = fastlayers.ssd_scan(**kw, dt_softplus=True, seq_idx=seq_idx, return_final_states=True)
+        return (out * out).sum() + fin.sum()
+
+    grads = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+        leaves = {k: v.clone().requires_grad_() for k, v in args.items()}
+        loss = fn(**leaves)
+        loss.backward()
+        grads.append([loss.detach()] + [leaves[k].grad for k in NAMES])
+    for name, a, b in zip(("loss",) + NAMES, *grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("bad,match", [
+    (dict(dt=torch.randn(2, 6, 4)), "dt must have shape"),
+    (dict(x=torch.randn(2, 7, 4)), "x must be"),
+    (dict(A=torch.randn(4, 3)), "A must have shape"),
+    (dict(A=torch.randn(3)), "A must have shape"),
+    (dict(B=torch.randn(2, 6, 2, 5)), "B must be"),
+    (dict(B=torch.randn(2, 7, 3, 5)), "G dividing nheads"),
+    (dict(C=torch.randn(2, 7, 2, 4)), "C must have shape"),
+    (dict(z=torch.randn(2, 7, 4, 2)), "z must have shape"),
+    (dict(D=torch.randn(4, 2)), "D must have shape"),
+    (dict(dt_bias=torch.randn(4, 1)), "dt_bias must have shape"),
+    (dict(initial_states=torch.randn(2, 4, 3, 4)), "initial_states must have shape"),
+    (dict(x=torch.ones(2, 7, 4, 3, dtype=torch.int64)), "x must be a floating"),
+    (dict(B=torch.ones(2, 7, 2, 5, dtype=torch.int32)), "B must be a floating"),
+    (dict(A=[1.0]), "A must be a torch.Tensor"),
+    (dict(seq_idx=torch.zeros(2, 7)), "seq_idx must be an integer"),
+    (dict(seq_idx=torch.zeros(2, 6, dtype=torch.int32)), "seq_idx must have shape"),
+    (dict(chunk_size=0), "chunk_size must be a positive int"),
+    (dict(chunk_size=2.5), "chunk_size must be a positive int"),
+    (dict(dt_limit=(1.0,)), "dt_limit must be a pair"),
+    (dict(dt_limit=(1.0, 0.5)), "dt_limit must be"),
+])
+def test_bad_input_raises_before_the_kernel(bad, match, monkeypatch):
+    from fastlayers.backends import cpu as cpu_backend
+    for k in ("ssd_scan_fwd", "ssd_scan_bwd"):
+        monkeypatch.setattr(cpu_backend, k, lambda *a: pytest.fail("kernel ran on bad input"))
+    args = _inputs(2, 7, 4, 3, 5, 2, torch.float32, _gen("bad"))
+    args.update(bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        fastlayers.ssd_scan(**args, dt_softplus=True)
+
+
+def test_default_backend_on_cuda_is_triton():
+    from fastlayers.backend import DEFAULT_CUDA
+    assert DEFAULT_CUDA["ssd_scan"] == "triton"
