@@ -409,6 +409,8 @@ def kv_cache_report(model, seq_len, batch, dtype=None):
     ``dtype`` (default: the model's) sets the element size. Works on meta-device models."""
     _positive_int("kv_cache_report", "seq_len", seq_len)
     _positive_int("kv_cache_report", "batch", batch)
+    if not isinstance(model, (ZebraLM, HybridNormLM, _ref.HybridNormLM)):
+        raise TypeError(f"kv_cache_report: expected a ZebraLM or HybridNormLM; got {type(model).__name__}")
     dtype = dtype or model.embed.weight.dtype
     isz = _itemsize(dtype)
     per_kind = {}
@@ -429,8 +431,6 @@ def kv_cache_report(model, seq_len, batch, dtype=None):
         e = sum(2 * a.n_kv_heads * a.head_dim for a in attn)
         per_kind["attention"] = dict(layers=len(attn), elements_per_token=e, bytes_per_token=e * isz,
                                      total_bytes=e * isz * seq_len * batch)
-    else:
-        raise TypeError(f"kv_cache_report: expected a ZebraLM or HybridNormLM; got {type(model).__name__}")
     n_layers = len(model.blocks)
     base_e = 2 * n_layers * n_kv * hd
     baseline = dict(layers=n_layers, elements_per_token=base_e, bytes_per_token=base_e * isz,

@@ -10,6 +10,15 @@ from fastlayers._convert_mla import attention_to_mla, mla_rope_channels
 from conftest import seed_of
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: one thread (on a busy 2-core machine, thread hand-offs cost 10-50 ms an op)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def llama_attention(x, w_q, w_k, w_v, w_o, n_heads, n_kv_heads, theta, rotated_pairs):
     """Plain-torch causal GQA attention, Llama/HF layout: RoPE rotate-half (channel i with i + hd/2, angle
     p * theta^(-2i/hd)) on the pairs ``rotated_pairs`` only (None: every pair, a real Llama)."""

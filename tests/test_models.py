@@ -14,6 +14,15 @@ except ImportError:
     HAVE_MAMBA = False
 needs_mamba = pytest.mark.skipif(not HAVE_MAMBA, reason="fastlayers.mamba (Mamba2) is not in this tree")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: one thread (on a busy 2-core machine, thread hand-offs cost 10-50 ms an op)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 # dim 32 = 4 heads x 8; MLA at layers 0 and 2 of 4 (mixed), or every layer (MLA-only).
 TINY = dict(vocab_size=61, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, mla_layers=[0, 2],
             kv_lora_rank=12, q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, ffn_hidden=40,
@@ -123,26 +132,37 @@ def _llama_params(c):
     return c["n_layers"] * layer + emb + d
 
 
+def _zebra_params(c):
+    """Parameter count of a Zebra preset, written out from the layer definitions."""
+    d, H, G, hd = c["dim"], c["n_heads"], c["n_kv_heads"], c["head_dim"]
+    qk = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
+    q = d * H * qk if c["q_lora_rank"] is None else (d + H * qk) * c["q_lora_rank"]
+    mla = (q + d * (c["kv_lora_rank"] + c["qk_rope_head_dim"])
+           + c["kv_lora_rank"] * G * (c["qk_nope_head_dim"] + c["v_head_dim"]) + H * c["v_head_dim"] * d)
+    d_inner, conv = H * hd, 2 * G * hd + H * hd           # expand 1; conv over [x (d_xb), B (d_xb), C]
+    mamba = d * (d_inner + conv + H) + conv * (4 + 1) + 3 * H + d_inner + d_inner * d
+    n_mla = len(c["mla_layers"])
+    return (c["n_layers"] * (3 * d * c["ffn_hidden"] + 2 * d) + n_mla * mla + (c["n_layers"] - n_mla) * mamba
+            + c["vocab_size"] * d * (1 if c["tie_embeddings"] else 2) + d)
+
+
+@needs_mamba
 def test_presets_on_meta_have_the_published_sizes():
-    """Every big preset builds on the meta device (no memory). With every layer MLA the hybrid is about as
-    big as its Llama base (Meta: 1.24B, 3.21B, 8.03B); Zebra-Llama's Mamba-2 layer is an attention layer
-    plus the gate projection z (dim x dim) and small per-head parameters, so each Mamba layer adds ~dim^2."""
+    """The big presets build on the meta device (no memory) with the parameter count written out from the
+    layer shapes. The paper gives no parameter counts; against the Llama bases (Meta: 1.24B, 3.21B, 8.03B)
+    a Zebra model is 2-6% bigger: its Mamba-2 layer is an attention layer plus the gate projection z
+    (dim x dim), and MLA is a little smaller than GQA attention."""
     assert _llama_params(models.PRESETS["zebra-1b"]) == 1_235_814_400       # Llama-3.2-1B's exact count
     assert _llama_params(models.PRESETS["zebra-3b"]) == 3_212_749_824       # Llama-3.2-3B
     assert _llama_params(models.PRESETS["zebra-8b"]) == 8_030_261_248       # Llama-3.1-8B
-    for name in BIG:
-        cfg = models.PRESETS[name]
+    for name in ("zebra-1b", "zebra-3b-14mla", "zebra-8b"):
         m = models.build(name, device="meta")
         assert all(p.is_meta for p in m.parameters())
-        n = models.count_parameters(m)
-        base = _llama_params(cfg)
-        n_mamba = cfg["n_layers"] - len(cfg["mla_layers"])
-        extra = n_mamba * cfg["dim"] ** 2
-        assert abs(n - (base + extra)) / base < 0.02, (name, n, base + extra)
-        assert 1.0 <= n / base < 1.12, (name, n / base)
-    for name, published in (("zebra-1b", 1.24e9), ("zebra-3b", 3.21e9), ("zebra-8b", 8.03e9)):
-        m = models.build(name, device="meta", mla_layers=list(range(models.PRESETS[name]["n_layers"])))
-        assert abs(models.count_parameters(m) / published - 1) < 0.05, name
+        assert models.count_parameters(m) == _zebra_params(models.PRESETS[name]), name
+    for name in BIG:
+        ratio = _zebra_params(models.PRESETS[name]) / _llama_params(models.PRESETS[name])
+        assert 1.01 < ratio < 1.06, (name, ratio)
+    assert _zebra_params(models.PRESETS["zebra-1b"]) == 1_285_700_736
     hn = models.build("hybridnorm-1.2b", device="meta")
     assert abs(models.count_parameters(hn) / 1.2e9 - 1) < 0.03
 
@@ -158,14 +178,14 @@ def test_small_presets_sizes_and_training_step():
     torch.manual_seed(seed_of("tiny-train"))
     m = models.build("hybridnorm-tiny") if not HAVE_MAMBA else models.build("zebra-tiny")
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    toks = torch.randint(0, 256, (2, 33))
+    toks = torch.randint(0, 256, (2, 17))
     losses = []
-    for _ in range(8):
+    for _ in range(6):
         _, loss = m(toks[:, :-1], labels=toks[:, 1:])
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5, losses          # memorises one batch
 
 
@@ -235,7 +255,7 @@ def test_kv_cache_report_mla_only_and_hybridnorm():
 ])
 def test_bad_configs_raise(change, match):
     with pytest.raises(ValueError, match=match):
-        models.ZebraLM(**dict(TINY, mla_layers=[0, 1, 2, 3], **change))
+        models.ZebraLM(**dict(dict(TINY, mla_layers=[0, 1, 2, 3]), **change))
 
 
 def test_bad_inputs_raise():
