@@ -8,8 +8,9 @@ Mamba: ``selective_state_update`` (the decode step) and ``selective_scan`` (the
 Mamba-1 scan, forward and backward; ``cpu`` and ``reference`` backends so far). MLA
 decoding: ``mla_decode``, ``PagedLatentCache``, ``MLA``. Every op has ``reference``
 and ``cpu`` backends, ``triton`` for all but ``selective_scan``, and ``cuda`` for the
-norms. Planned: the Mamba-2 chunked scan, the Mamba layers, hybrid models and a
-reference training loop.
+norms. The Mamba layers ``Mamba``, ``Mamba2`` (and Zebra-Llama's ``Mamba2.zebra``) with
+their inference cache (``MambaCache``); ``fastlayers.convert.attention_to_mamba2``. Planned:
+the Mamba-2 chunked scan kernels, hybrid models and a reference training loop.
 """
 from .backend import BackendUnavailable, available_backends, use_backend  # noqa: F401
 from .modules import LayerNorm, RMSNorm  # noqa: F401
@@ -19,11 +20,11 @@ from .mla import MLA, PagedLatentCache  # noqa: F401
 from .mamba import Mamba, Mamba2, MambaCache  # noqa: F401
 from .hybridnorm import (FeedForward, HybridNormBlock, HybridNormLM, KVCache, PostNormFFN,  # noqa: F401
                          QKVNormAttention)
-from . import reference  # noqa: F401
+from . import convert, reference  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = ["rms_norm", "layer_norm", "RMSNorm", "LayerNorm", "qkv_norm_rope", "qkv_norm_rope_packed", "swiglu",
            "selective_scan", "selective_state_update", "ssd_scan", "causal_conv1d", "causal_conv1d_update", "mla_decode",
            "MLA", "PagedLatentCache", "Mamba", "Mamba2", "MambaCache", "QKVNormAttention", "FeedForward",
            "PostNormFFN", "HybridNormBlock",
-           "HybridNormLM", "KVCache", "available_backends", "use_backend", "BackendUnavailable", "reference"]
+           "HybridNormLM", "KVCache", "available_backends", "use_backend", "BackendUnavailable", "reference", "convert"]

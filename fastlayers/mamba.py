@@ -43,7 +43,8 @@ def _conv(xc, weight, bias, cache):
     """silu(causal conv1d) of xc ``(b, C, T)``, continuing the cached inputs; updates the cache's conv state."""
     init = None
     if cache is not None and cache.seqlen > 0:
-        init = cache.conv_state[..., 1:].to(xc.dtype).contiguous()  # the last d_conv - 1 inputs
+        # the last d_conv - 1 inputs, copied: the cache is overwritten below while autograd may hold this
+        init = cache.conv_state[..., 1:].to(xc.dtype, memory_format=torch.contiguous_format, copy=True)
     out = ops.causal_conv1d(xc, weight, bias, "silu", initial_states=init)
     if cache is not None:
         _push_conv_state(cache, xc)
@@ -130,7 +131,7 @@ class Mamba(MambaBase):
         elif cache.seqlen == 0:
             y, last = ops.selective_scan(u, delta, A, B, C, D, z, dbias, True, return_last_state=True)
         else:
-            y, last = _scan_from(u, delta, A, B, C, D, z, dbias, cache.ssm_state)
+            y, last = _scan_from(u, delta, A, B, C, D, z, dbias, cache.ssm_state.clone())  # saved for backward
         if cache is not None:
             cache.ssm_state.copy_(last.detach())
         return F.linear(y.transpose(1, 2), self.out_proj.weight, self.out_proj.bias)
@@ -186,7 +187,7 @@ class Mamba2(Mamba2Base):
         xbc = _conv(xbc.transpose(1, 2), self._conv_weight(), self.conv1d.bias, cache).transpose(1, 2)
         xs, B, C = self._split_xbc(xbc)
         A = -torch.exp(self.A_log.float())
-        h0 = cache.ssm_state if cache is not None and cache.seqlen > 0 else None
+        h0 = cache.ssm_state.clone() if cache is not None and cache.seqlen > 0 else None  # may be saved for backward
         res = ops.ssd_scan(xs, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, initial_states=h0,
                            dt_softplus=True, dt_limit=self.dt_limit, return_final_states=cache is not None)
         if cache is not None:

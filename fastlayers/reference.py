@@ -566,10 +566,10 @@ class Mamba2(_mamba_layers.Mamba2Base):
         xbc_t = xbc.transpose(1, 2)
         init = None
         if cache is not None and cache.seqlen > 0:
-            init = cache.conv_state[..., 1:].to(x.dtype)
+            init = cache.conv_state[..., 1:].to(x.dtype, copy=True)
         conv = causal_conv1d(xbc_t, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu", init).transpose(1, 2)
         xs, B, C = self._heads(conv)
-        h0 = cache.ssm_state if cache is not None and cache.seqlen > 0 else None
+        h0 = cache.ssm_state.clone() if cache is not None and cache.seqlen > 0 else None
         y, last = ssd_scan(xs, dt, -torch.exp(self.A_log.float()), B, C, self.chunk_size, self.D, None,
                            self.dt_bias, h0, None, True, self.dt_limit, True)
         if cache is not None:
