@@ -27,7 +27,7 @@ except ImportError:  # the Mamba-2 layer is not in this tree: MLA-only
 if SMOKE:
     OVERRIDES = dict(OVERRIDES, dim=64, n_heads=4, head_dim=16, n_layers=4, ffn_hidden=96,
                      mla_layers=[0, 2] if "mla_layers" not in OVERRIDES else list(range(4)))
-PROMPT, STEPS = (8, 2) if SMOKE else (256, 16)
+PROMPT, STEPS = (8, 2) if SMOKE else (64, 8)
 BATCHES = [1, 2] if SMOKE else [1, 16]
 
 _models = {}
@@ -64,7 +64,7 @@ def test_zebra_decode(benchmark, batch, provider):
                 tok = logits[:, -1:].argmax(-1)
         sync()
 
-    benchmark.pedantic(decode, setup=setup, rounds=1 if SMOKE else 5, iterations=1, warmup_rounds=0 if SMOKE else 1)
+    benchmark.pedantic(decode, setup=setup, rounds=1 if SMOKE else 3, iterations=1, warmup_rounds=0 if SMOKE else 1)
     info = dict(op="ZebraLM decode", preset=PRESET, overrides=str(OVERRIDES), batch=batch, prompt=PROMPT,
                 steps=STEPS, provider=provider, device=DEVICE, threads=torch.get_num_threads(),
                 params=models.count_parameters(m))

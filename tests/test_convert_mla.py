@@ -5,7 +5,7 @@ import torch
 
 import fastlayers
 from fastlayers import reference
-from fastlayers._convert_mla import attention_to_mla, mla_rope_channels
+from fastlayers.convert import attention_to_mla, mla_rope_channels
 
 from conftest import seed_of
 
