@@ -57,6 +57,11 @@ class MambaCache:
                 f"ssm_state={tuple(self.ssm_state.shape)} {self.ssm_state.dtype}, seqlen={self.seqlen})")
 
 
+def f32(t):
+    """``t`` in fp32 (mamba_ssm's ``.float()`` of A_log, D, the dt bias), or kept in fp64 when it is fp64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _inv_softplus_dt(n, dt_min, dt_max, floor=1e-4, device=None, dtype=None):
     """mamba_ssm's dt initialisation: dt log-uniform in [dt_min, dt_max] (floored), returned as the
     inverse softplus of dt (so that softplus(bias) = dt)."""

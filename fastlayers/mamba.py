@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from . import ops
 from ._dtypes import stat_dtype
-from ._mamba_layers import NORM_EPS, Mamba2Base, MambaBase, MambaCache  # noqa: F401
+from ._mamba_layers import NORM_EPS, Mamba2Base, MambaBase, MambaCache, f32  # noqa: F401
 
 _CARRY_BLOCK = 256  # tokens per block when adding a cached state's contribution (bounds a (b, d, n, block) temp)
 
@@ -124,8 +124,8 @@ class Mamba(MambaBase):
         dt, B, C = self._dbc(u.transpose(1, 2))
         delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)             # (b, d, L)
         B, C = B.transpose(1, 2), C.transpose(1, 2)                           # (b, n, L)
-        A = -torch.exp(self.A_log.float())
-        D, dbias = self.D.float(), self.dt_proj.bias.float()
+        A = -torch.exp(f32(self.A_log))
+        D, dbias = f32(self.D), f32(self.dt_proj.bias)
         if cache is None:
             y = ops.selective_scan(u, delta, A, B, C, D, z, dbias, True)
         elif cache.seqlen == 0:
@@ -143,9 +143,9 @@ class Mamba(MambaBase):
         u = _conv_step(xc, self._conv_weight(), self.conv1d.bias, cache)      # (b, d)
         dt, B, C = self._dbc(u)
         delta = F.linear(dt, self.dt_proj.weight)
-        A = -torch.exp(self.A_log.float())
-        y = ops.selective_state_update(cache.ssm_state, u, delta, A, B, C, self.D.float(), z,
-                                       self.dt_proj.bias.float(), dt_softplus=True)
+        A = -torch.exp(f32(self.A_log))
+        y = ops.selective_state_update(cache.ssm_state, u, delta, A, B, C, f32(self.D), z,
+                                       f32(self.dt_proj.bias), dt_softplus=True)
         return F.linear(y, self.out_proj.weight, self.out_proj.bias)[:, None]
 
 
@@ -186,7 +186,7 @@ class Mamba2(Mamba2Base):
         z, xbc, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         xbc = _conv(xbc.transpose(1, 2), self._conv_weight(), self.conv1d.bias, cache).transpose(1, 2)
         xs, B, C = self._split_xbc(xbc)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(f32(self.A_log))
         h0 = cache.ssm_state.clone() if cache is not None and cache.seqlen > 0 else None  # may be saved for backward
         res = ops.ssd_scan(xs, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, initial_states=h0,
                            dt_softplus=True, dt_limit=self.dt_limit, return_final_states=cache is not None)
@@ -202,12 +202,12 @@ class Mamba2(Mamba2Base):
         xbc = _conv_step(xbc, self._conv_weight(), self.conv1d.bias, cache)
         xs, B, C = self._split_xbc(xbc)                                       # (b, h, p), (b, G, n), (b, G, n)
         h, p, n = self.nheads, self.headdim, self.d_state
-        A = (-torch.exp(self.A_log.float()))[:, None, None].expand(h, p, n)
+        A = (-torch.exp(f32(self.A_log)))[:, None, None].expand(h, p, n)
         D = self.D[:, None].expand(h, p)
         if self.dt_limit == (0.0, float("inf")):
             dt_e, dt_bias, softplus = dt[..., None].expand(-1, h, p), self.dt_bias[:, None].expand(h, p), True
         else:  # the state update has no dt_limit: apply softplus and the clamp here, in fp32
-            dtf = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
+            dtf = F.softplus(f32(dt) + f32(self.dt_bias)).clamp(*self.dt_limit)
             dt_e, dt_bias, softplus = dtf[..., None].expand(-1, h, p), None, False
         y = ops.selective_state_update(cache.ssm_state, xs, dt_e, A, B, C, D, None, dt_bias, dt_softplus=softplus)
         y = _gated_rms_norm(y.flatten(-2), z, self.norm.weight, self.ngroups)

@@ -6,6 +6,7 @@ import torch
 from torch.nn import functional as F
 
 from . import _layers, _mamba_layers
+from ._mamba_layers import f32
 from ._dtypes import stat_dtype
 
 
@@ -481,22 +482,34 @@ def _conv_state_after(conv_state, xc):
     return torch.cat([conv_state, xc.detach().to(conv_state.dtype)], dim=-1)[..., -conv_state.shape[-1]:]
 
 
-def _conv_update_cached(cache, xc, weight, bias):
-    """Decode step of the conv on a copy of the cache's conv state, written back detached."""
-    st = cache.conv_state.to(xc.dtype).clone()
-    out = causal_conv1d_update(xc, st, weight, bias, "silu")
-    cache.conv_state.copy_(st.detach())
-    return out
+def _conv_step(xc, conv_state, weight, bias):
+    """One decode step of the conv on a copy of ``conv_state``: (out, the new state); differentiable."""
+    st = conv_state.clone()
+    return causal_conv1d_update(xc, st, weight, bias, "silu"), st
+
+
+def _ssm_step(state, *args):
+    """One ``selective_state_update`` on a copy of ``state``: (out, the new state); differentiable."""
+    s = state.clone()
+    return selective_state_update(s, *args), s
 
 
 class Mamba(_mamba_layers.MambaBase):
     """Reference of :class:`fastlayers.Mamba`: reference conv and scan for whole sequences (a prompt on an
-    empty cache included); on a non-empty cache every token is one reference decode step."""
+    empty cache included); on a non-empty cache, token after token of reference decode steps (the states
+    carried through autograd within the call, written back detached)."""
 
     def forward(self, x, cache=None):
         self.check_input(x, cache)
         if cache is not None and cache.seqlen > 0:
-            out = torch.cat([self._step(x[:, t], cache) for t in range(x.shape[1])], dim=1)
+            conv, s = cache.conv_state.to(x.dtype), cache.ssm_state
+            outs = []
+            for t in range(x.shape[1]):
+                o, conv, s = self._step(x[:, t], conv, s)
+                outs.append(o)
+            cache.conv_state.copy_(conv.detach())
+            cache.ssm_state.copy_(s.detach())
+            out = torch.cat(outs, dim=1)
         else:
             out = self._sequence(x, cache)
         if cache is not None:
@@ -510,23 +523,21 @@ class Mamba(_mamba_layers.MambaBase):
         dt, B, C = F.linear(u.transpose(1, 2), self.x_proj.weight).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)
-        y, last = selective_scan(u, delta, -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
-                                 self.D.float(), z, self.dt_proj.bias.float(), True, True)
+        y, last = selective_scan(u, delta, -torch.exp(f32(self.A_log)), B.transpose(1, 2), C.transpose(1, 2),
+                                 f32(self.D), z, f32(self.dt_proj.bias), True, True)
         if cache is not None:
             cache.conv_state.copy_(_conv_state_after(cache.conv_state, xc))
             cache.ssm_state.copy_(last.detach())
         return F.linear(y.transpose(1, 2), self.out_proj.weight, self.out_proj.bias)
 
-    def _step(self, xt, cache):
-        """One token ``xt`` ``(b, d_model)`` -> ``(b, 1, d_model)``."""
+    def _step(self, xt, conv, s):
+        """One token ``xt`` ``(b, d_model)`` -> (``(b, 1, d_model)``, new conv state, new ssm state)."""
         xc, z = F.linear(xt, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)
-        u = _conv_update_cached(cache, xc, self.conv1d.weight.squeeze(1), self.conv1d.bias)
+        u, conv = _conv_step(xc, conv, self.conv1d.weight.squeeze(1), self.conv1d.bias)
         dt, B, C = F.linear(u, self.x_proj.weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        s = cache.ssm_state.clone()
-        y = selective_state_update(s, u, dt @ self.dt_proj.weight.t(), -torch.exp(self.A_log.float()), B, C,
-                                   self.D.float(), z, self.dt_proj.bias.float(), True)
-        cache.ssm_state.copy_(s.detach())
-        return F.linear(y, self.out_proj.weight, self.out_proj.bias)[:, None]
+        y, s = _ssm_step(s, u, dt @ self.dt_proj.weight.t(), -torch.exp(f32(self.A_log)), B, C, f32(self.D), z,
+                         f32(self.dt_proj.bias), True)
+        return F.linear(y, self.out_proj.weight, self.out_proj.bias)[:, None], conv, s
 
 
 class Mamba2(_mamba_layers.Mamba2Base):
@@ -570,7 +581,7 @@ class Mamba2(_mamba_layers.Mamba2Base):
         conv = causal_conv1d(xbc_t, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu", init).transpose(1, 2)
         xs, B, C = self._heads(conv)
         h0 = cache.ssm_state.clone() if cache is not None and cache.seqlen > 0 else None
-        y, last = ssd_scan(xs, dt, -torch.exp(self.A_log.float()), B, C, self.chunk_size, self.D, None,
+        y, last = ssd_scan(xs, dt, -torch.exp(f32(self.A_log)), B, C, self.chunk_size, self.D, None,
                            self.dt_bias, h0, None, True, self.dt_limit, True)
         if cache is not None:
             cache.conv_state.copy_(_conv_state_after(cache.conv_state, xbc_t))
@@ -581,14 +592,14 @@ class Mamba2(_mamba_layers.Mamba2Base):
     def _step(self, xt, cache):
         zxbcdt = F.linear(xt, self.in_proj.weight, self.in_proj.bias)
         z, xbc, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        conv = _conv_update_cached(cache, xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias)
+        conv, st = _conv_step(xbc, cache.conv_state.to(xt.dtype), self.conv1d.weight.squeeze(1), self.conv1d.bias)
         xs, B, C = self._heads(conv)
         h, p, n = self.nheads, self.headdim, self.d_state
-        dtf = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
-        s = cache.ssm_state.clone()
-        y = selective_state_update(s, xs, dtf[..., None].expand(-1, h, p),
-                                   (-torch.exp(self.A_log.float()))[:, None, None].expand(h, p, n), B, C,
-                                   self.D.float()[:, None].expand(h, p), None, None, False)
+        dtf = F.softplus(f32(dt) + f32(self.dt_bias)).clamp(*self.dt_limit)
+        y, s = _ssm_step(cache.ssm_state, xs, dtf[..., None].expand(-1, h, p),
+                         (-torch.exp(f32(self.A_log)))[:, None, None].expand(h, p, n), B, C,
+                         f32(self.D)[:, None].expand(h, p), None, None, False)
+        cache.conv_state.copy_(st.detach())
         cache.ssm_state.copy_(s.detach())
         y = gated_rms_norm(y.flatten(-2), z, self.norm.weight, self.d_inner // self.ngroups)
         return F.linear(y, self.out_proj.weight, self.out_proj.bias)[:, None]

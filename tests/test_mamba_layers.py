@@ -103,6 +103,43 @@ def test_forward_and_grads_match_reference(name, dtype):
         _assert_grad_close(gp, res["ref64"][2][n], res["ref"][2][n], f"{name} d{n}")
 
 
+GRADCHECK = {  # tiny fp64 layers: d_model 8
+    "mamba": lambda mod: mod.Mamba(8, d_state=3, expand=1, dt_rank=2),
+    "mamba2": lambda mod: mod.Mamba2(8, d_state=3, expand=1, headdim=2, ngroups=2, chunk_size=2),
+    "zebra": lambda mod: mod.Mamba2.zebra(8, 2, 1, 3, d_conv=3),
+}
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["full", "cached-chunk"])
+@pytest.mark.parametrize("module", ["fast", "reference"])
+@pytest.mark.parametrize("name", list(GRADCHECK))
+def test_gradcheck_fp64(name, module, chunked):
+    """torch.autograd.gradcheck (fast mode) in fp64 with respect to x and every parameter, for a whole sequence
+    and for a chunk continuing a filled cache (the cached states are inputs held fixed)."""
+    torch.manual_seed(seed_of("gradcheck", name))
+    m = GRADCHECK[name](fastlayers if module == "fast" else reference).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(2, 7, 8, dtype=torch.float64)
+    with torch.no_grad():
+        cache = m.new_cache(2)
+        m(x[:, :4], cache)
+    names = [n for n, _ in m.named_parameters()]
+
+    def f(xx, *params):
+        c = None
+        if chunked:
+            c = fastlayers.MambaCache(cache.conv_state.clone(), cache.ssm_state.clone())
+            c.seqlen = 4
+        return torch.func.functional_call(m, dict(zip(names, params)), (xx, c))
+
+    xin = (x[:, 4:] if chunked else x).clone().requires_grad_()
+    params = [p.detach().clone().requires_grad_() for p in m.parameters()]
+    assert torch.autograd.gradcheck(f, (xin, *params), fast_mode=True)
+
+
 # ----------------------------------------------------------------------------- caches
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("k", [0, 1, 5])
@@ -170,6 +207,22 @@ def test_cached_forward_is_differentiable(name):
     gfull, = torch.autograd.grad(full[:, 6:].sum(), x)
     torch.testing.assert_close(gx[:, 6:], gfull[:, 6:], rtol=1e-4, atol=1e-5)
     assert gx[:, :6].abs().max() == 0  # the cache is detached: no gradient into earlier chunks
+
+
+def test_prefill_overwrites_every_state_element():
+    """A prompt of >= d_conv tokens on an empty cache writes all of both states: a cache poisoned with NaN
+    (seqlen 0) gives the same prefill and decode as a fresh one."""
+    for name in ("mamba", "mamba2", "zebra"):
+        m, r = _pair(name)
+        x = _x(2, 9, torch.float32, name, "poison")
+        with torch.no_grad():
+            full = m(x)
+            for mod in (m, r):
+                cache = mod.new_cache(2)
+                cache.conv_state.fill_(float("nan"))
+                cache.ssm_state.fill_(float("nan"))
+                out = torch.cat([mod(x[:, :5], cache)] + [mod(x[:, t:t + 1], cache) for t in range(5, 9)], dim=1)
+                torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5, msg=f"{name} {type(mod).__module__}")
 
 
 def test_cache_layout_and_bytes():
