@@ -5,9 +5,12 @@ in_features)``, as in a Hugging Face Llama checkpoint) and returns a state_dict 
 layer; the parameters the attention does not provide keep that layer's own initialisation.
 
 - :func:`attention_to_mamba2`: Zebra-Llama's / MambaInLlama's Mamba-2 layer (``Mamba2.zebra``).
+- :func:`attention_to_mla`: Zebra-Llama's grouped MLA (X-EcoMLA's SVD initialisation; in
+  :mod:`fastlayers._convert_mla`, where the RoPE handling is documented).
 """
 import torch
 
+from ._convert_mla import attention_to_mla, mla_rope_channels  # noqa: F401
 from ._layers import _positive_int
 
 
@@ -77,4 +80,4 @@ def attention_to_mamba2(w_q, w_k, w_v, w_o, n_heads, n_kv_heads, head_dim=None, 
     return sd
 
 
-__all__ = ["attention_to_mamba2"]
+__all__ = ["attention_to_mamba2", "attention_to_mla", "mla_rope_channels"]

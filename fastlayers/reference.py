@@ -369,10 +369,13 @@ class MLA(_layers.MLABase):
         if self.q_lora_rank is None:
             q = F.linear(x, self.wq.weight)
         else:
-            q = F.linear(rms_norm(F.linear(x, self.wq_a.weight), self.q_norm.weight, self.eps), self.wq_b.weight)
+            q_lat = F.linear(x, self.wq_a.weight)
+            q = F.linear(rms_norm(q_lat, self.q_norm.weight, self.eps) if self.latent_norm else q_lat,
+                         self.wq_b.weight)
         q = q.view(b, t, self.n_heads, self.nope + self.rope_dim)
         c_kv, k_pe = F.linear(x, self.wkv_a.weight).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        c_kv = rms_norm(c_kv, self.kv_norm.weight, self.eps)
+        if self.latent_norm:
+            c_kv = rms_norm(c_kv, self.kv_norm.weight, self.eps)
         if self.rope_dim:
             q_pe, k_pe, _ = qkv_norm_rope(q[..., self.nope:], k_pe[:, :, None], k_pe[:, :, None], None, None, None,
                                           self.rope_cos, self.rope_sin, self.eps, offsets)
