@@ -420,10 +420,13 @@ class MLABase(nn.Module):
 
     ``wq`` (or ``wq_a``, ``q_norm``, ``wq_b`` with ``q_lora_rank``), ``wkv_a`` (dim -> kv_lora_rank +
     rope), ``kv_norm``, ``wkv_b`` (kv_lora_rank -> n_kv_groups * (nope + v)), ``wo``. The rope key is one
-    head shared by all; group g of ``wkv_b`` serves heads ``g * H/G .. (g+1) * H/G - 1``."""
+    head shared by all; group g of ``wkv_b`` serves heads ``g * H/G .. (g+1) * H/G - 1``.
+    ``latent_norm=False`` drops the RMSNorms of the latents (``q_norm``, ``kv_norm``): Zebra-Llama's MLA
+    (``use_lora_layer_norm: false``), linear in x up to RoPE, which an SVD initialisation reproduces."""
 
     def __init__(self, dim, n_heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim,
-                 n_kv_groups=None, rope_theta=10000.0, max_seq_len=4096, eps=1e-6, device=None, dtype=None):
+                 n_kv_groups=None, rope_theta=10000.0, max_seq_len=4096, eps=1e-6, latent_norm=True, device=None,
+                 dtype=None):
         super().__init__()
         cls = type(self).__name__
         for name, v in (("dim", dim), ("n_heads", n_heads), ("kv_lora_rank", kv_lora_rank),
@@ -442,6 +445,7 @@ class MLABase(nn.Module):
         self.q_lora_rank, self.kv_lora_rank = q_lora_rank, kv_lora_rank
         self.nope, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         self.rope_theta, self.max_seq_len, self.eps = float(rope_theta), max_seq_len, eps
+        self.latent_norm = bool(latent_norm)
         self.softmax_scale = (qk_nope_head_dim + qk_rope_head_dim) ** -0.5
         kw = dict(device=device, dtype=dtype)
         qk = qk_nope_head_dim + qk_rope_head_dim
@@ -449,10 +453,12 @@ class MLABase(nn.Module):
             self.wq = nn.Linear(dim, n_heads * qk, bias=False, **kw)
         else:
             self.wq_a = nn.Linear(dim, q_lora_rank, bias=False, **kw)
-            self.q_norm = Gain(q_lora_rank, **kw)
+            if self.latent_norm:
+                self.q_norm = Gain(q_lora_rank, **kw)
             self.wq_b = nn.Linear(q_lora_rank, n_heads * qk, bias=False, **kw)
         self.wkv_a = nn.Linear(dim, kv_lora_rank + qk_rope_head_dim, bias=False, **kw)
-        self.kv_norm = Gain(kv_lora_rank, **kw)
+        if self.latent_norm:
+            self.kv_norm = Gain(kv_lora_rank, **kw)
         self.wkv_b = nn.Linear(kv_lora_rank, g * (qk_nope_head_dim + v_head_dim), bias=False, **kw)
         self.wo = nn.Linear(n_heads * v_head_dim, dim, bias=False, **kw)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
@@ -497,4 +503,5 @@ class MLABase(nn.Module):
 
     def extra_repr(self):
         return (f"n_heads={self.n_heads}, n_kv_groups={self.n_kv_groups}, kv_lora_rank={self.kv_lora_rank}, "
-                f"rope={self.rope_dim}, nope={self.nope}, v={self.v_dim}, q_lora_rank={self.q_lora_rank}")
+                f"rope={self.rope_dim}, nope={self.nope}, v={self.v_dim}, q_lora_rank={self.q_lora_rank}"
+                + ("" if self.latent_norm else ", latent_norm=False"))

@@ -17,7 +17,7 @@ from .ops import mla_decode, qkv_norm_rope, rms_norm
 
 class MLA(_layers.MLABase):
     """``MLA(dim, n_heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim,
-    n_kv_groups=None, rope_theta=10000.0)``: ``q_lora_rank=None`` is a direct query projection;
+    n_kv_groups=None, rope_theta=10000.0, max_seq_len=4096, eps=1e-6, latent_norm=True)``: ``q_lora_rank=None`` is a direct query projection;
     ``n_kv_groups`` < n_heads gives Zebra-Llama's variant where ``wkv_b`` makes fewer KV groups, each
     shared by n_heads / n_kv_groups query heads. RoPE pairs channel i with i + rope/2.
 
@@ -32,10 +32,14 @@ class MLA(_layers.MLABase):
         if self.q_lora_rank is None:
             q = F.linear(x, self.wq.weight)
         else:
-            q = F.linear(rms_norm(F.linear(x, self.wq_a.weight), self.q_norm.weight, self.eps), self.wq_b.weight)
+            q_lat = F.linear(x, self.wq_a.weight)
+            if self.latent_norm:
+                q_lat = rms_norm(q_lat, self.q_norm.weight, self.eps)
+            q = F.linear(q_lat, self.wq_b.weight)
         q = q.view(b, t, self.n_heads, self.nope + self.rope_dim)
         c_kv, k_pe = F.linear(x, self.wkv_a.weight).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        c_kv = rms_norm(c_kv, self.kv_norm.weight, self.eps)
+        if self.latent_norm:
+            c_kv = rms_norm(c_kv, self.kv_norm.weight, self.eps)
         q_nope = q[..., : self.nope]
         if not self.rope_dim:
             return q_nope, q[..., self.nope:], c_kv, k_pe

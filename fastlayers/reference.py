@@ -5,7 +5,7 @@ They compute in float32 (float64 for float64 inputs) and round only the outputs.
 import torch
 from torch.nn import functional as F
 
-from . import _layers
+from . import _layers, _mamba_layers
 from ._dtypes import stat_dtype
 
 
@@ -368,10 +368,13 @@ class MLA(_layers.MLABase):
         if self.q_lora_rank is None:
             q = F.linear(x, self.wq.weight)
         else:
-            q = F.linear(rms_norm(F.linear(x, self.wq_a.weight), self.q_norm.weight, self.eps), self.wq_b.weight)
+            q_lat = F.linear(x, self.wq_a.weight)
+            q = F.linear(rms_norm(q_lat, self.q_norm.weight, self.eps) if self.latent_norm else q_lat,
+                         self.wq_b.weight)
         q = q.view(b, t, self.n_heads, self.nope + self.rope_dim)
         c_kv, k_pe = F.linear(x, self.wkv_a.weight).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        c_kv = rms_norm(c_kv, self.kv_norm.weight, self.eps)
+        if self.latent_norm:
+            c_kv = rms_norm(c_kv, self.kv_norm.weight, self.eps)
         if self.rope_dim:
             q_pe, k_pe, _ = qkv_norm_rope(q[..., self.nope:], k_pe[:, :, None], k_pe[:, :, None], None, None, None,
                                           self.rope_cos, self.rope_sin, self.eps, offsets)
@@ -460,3 +463,132 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     conv_state.copy_(xx[..., t:])
     out = out.to(x.dtype)
     return out[..., 0] if squeeze else out
+
+
+# ----------------------------------------------------------------------------- Mamba layers
+def gated_rms_norm(y, z, weight, group_size, eps=_mamba_layers.NORM_EPS):
+    """mamba_ssm's gated RMSNorm (norm_before_gate=False): ``g = y * silu(z)`` normalised over groups of
+    ``group_size`` channels, times weight; fp32, rounded once to y's dtype."""
+    acc = stat_dtype(y.dtype)
+    g = y.to(acc) * F.silu(z.to(acc))
+    gg = g.reshape(*g.shape[:-1], g.shape[-1] // group_size, group_size)
+    gg = gg * torch.rsqrt(gg.square().mean(-1, keepdim=True) + eps)
+    return (gg.reshape(g.shape) * weight.to(acc)).to(y.dtype)
+
+
+def _conv_state_after(conv_state, xc):
+    """The last d_conv inputs of ``[conv_state, xc]`` (xc ``(b, C, T)``), detached, in the state's dtype."""
+    return torch.cat([conv_state, xc.detach().to(conv_state.dtype)], dim=-1)[..., -conv_state.shape[-1]:]
+
+
+def _conv_update_cached(cache, xc, weight, bias):
+    """Decode step of the conv on a copy of the cache's conv state, written back detached."""
+    st = cache.conv_state.to(xc.dtype).clone()
+    out = causal_conv1d_update(xc, st, weight, bias, "silu")
+    cache.conv_state.copy_(st.detach())
+    return out
+
+
+class Mamba(_mamba_layers.MambaBase):
+    """Reference of :class:`fastlayers.Mamba`: reference conv and scan for whole sequences (a prompt on an
+    empty cache included); on a non-empty cache every token is one reference decode step."""
+
+    def forward(self, x, cache=None):
+        self.check_input(x, cache)
+        if cache is not None and cache.seqlen > 0:
+            out = torch.cat([self._step(x[:, t], cache) for t in range(x.shape[1])], dim=1)
+        else:
+            out = self._sequence(x, cache)
+        if cache is not None:
+            cache.seqlen += x.shape[1]
+        return out
+
+    def _sequence(self, x, cache):
+        xz = F.linear(x, self.in_proj.weight, self.in_proj.bias).transpose(1, 2)   # (b, 2d, L)
+        xc, z = xz.chunk(2, dim=1)
+        u = causal_conv1d(xc, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
+        dt, B, C = F.linear(u.transpose(1, 2), self.x_proj.weight).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)
+        y, last = selective_scan(u, delta, -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
+                                 self.D.float(), z, self.dt_proj.bias.float(), True, True)
+        if cache is not None:
+            cache.conv_state.copy_(_conv_state_after(cache.conv_state, xc))
+            cache.ssm_state.copy_(last.detach())
+        return F.linear(y.transpose(1, 2), self.out_proj.weight, self.out_proj.bias)
+
+    def _step(self, xt, cache):
+        """One token ``xt`` ``(b, d_model)`` -> ``(b, 1, d_model)``."""
+        xc, z = F.linear(xt, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)
+        u = _conv_update_cached(cache, xc, self.conv1d.weight.squeeze(1), self.conv1d.bias)
+        dt, B, C = F.linear(u, self.x_proj.weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        s = cache.ssm_state.clone()
+        y = selective_state_update(s, u, dt @ self.dt_proj.weight.t(), -torch.exp(self.A_log.float()), B, C,
+                                   self.D.float(), z, self.dt_proj.bias.float(), True)
+        cache.ssm_state.copy_(s.detach())
+        return F.linear(y, self.out_proj.weight, self.out_proj.bias)[:, None]
+
+
+class Mamba2(_mamba_layers.Mamba2Base):
+    """Reference of :class:`fastlayers.Mamba2`: reference conv (from the cached inputs) and reference SSD
+    recurrence (from the cached state); a single token on a non-empty cache is one reference decode step."""
+
+    def forward(self, x, cache=None):
+        self.check_input(x, cache)
+        if cache is not None and cache.seqlen > 0 and x.shape[1] == 1:
+            out = self._step(x[:, 0], cache)
+        else:
+            out = self._sequence(x, cache)
+        if cache is not None:
+            cache.seqlen += x.shape[1]
+        return out
+
+    def _heads(self, xbc):
+        """x ``(..., nheads, headdim)``, B, C ``(..., G, d_state)`` (Zebra: KV groups expanded to the heads)."""
+        _, nx, nb, nc, _ = self.split_sizes()
+        xs, B, C = xbc.split([nx, nb, nc], dim=-1)
+        lead = xbc.shape[:-1]
+        if self.d_xb is None:
+            g = self.ngroups
+            return (xs.reshape(*lead, self.nheads, self.headdim), B.reshape(*lead, g, self.d_state),
+                    C.reshape(*lead, g, self.d_state))
+        kv, rep = self.n_kv_groups, self.nheads // self.n_kv_groups
+
+        def expand(t):  # (..., kv * D) -> (..., kv, rep, D) -> (..., nheads, D)
+            t = t.reshape(*lead, kv, 1, t.shape[-1] // kv)
+            return t.expand(*lead, kv, rep, t.shape[-1]).reshape(*lead, kv * rep, t.shape[-1])
+
+        return expand(xs), expand(B), C.reshape(*lead, self.nheads, self.d_state)
+
+    def _sequence(self, x, cache):
+        zxbcdt = F.linear(x, self.in_proj.weight, self.in_proj.bias)
+        z, xbc, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        xbc_t = xbc.transpose(1, 2)
+        init = None
+        if cache is not None and cache.seqlen > 0:
+            init = cache.conv_state[..., 1:].to(x.dtype)
+        conv = causal_conv1d(xbc_t, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu", init).transpose(1, 2)
+        xs, B, C = self._heads(conv)
+        h0 = cache.ssm_state if cache is not None and cache.seqlen > 0 else None
+        y, last = ssd_scan(xs, dt, -torch.exp(self.A_log.float()), B, C, self.chunk_size, self.D, None,
+                           self.dt_bias, h0, None, True, self.dt_limit, True)
+        if cache is not None:
+            cache.conv_state.copy_(_conv_state_after(cache.conv_state, xbc_t))
+            cache.ssm_state.copy_(last.detach())
+        y = gated_rms_norm(y.flatten(-2), z, self.norm.weight, self.d_inner // self.ngroups)
+        return F.linear(y, self.out_proj.weight, self.out_proj.bias)
+
+    def _step(self, xt, cache):
+        zxbcdt = F.linear(xt, self.in_proj.weight, self.in_proj.bias)
+        z, xbc, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        conv = _conv_update_cached(cache, xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias)
+        xs, B, C = self._heads(conv)
+        h, p, n = self.nheads, self.headdim, self.d_state
+        dtf = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
+        s = cache.ssm_state.clone()
+        y = selective_state_update(s, xs, dtf[..., None].expand(-1, h, p),
+                                   (-torch.exp(self.A_log.float()))[:, None, None].expand(h, p, n), B, C,
+                                   self.D.float()[:, None].expand(h, p), None, None, False)
+        cache.ssm_state.copy_(s.detach())
+        y = gated_rms_norm(y.flatten(-2), z, self.norm.weight, self.d_inner // self.ngroups)
+        return F.linear(y, self.out_proj.weight, self.out_proj.bias)[:, None]
