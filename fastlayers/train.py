@@ -50,42 +50,25 @@ import torch
 from torch import nn
 
 from . import data as _data
-from . import scaling
+from . import models, scaling
 from .backend import use_backend
 
-# Used until fastlayers.models (PRESETS, build) exists: the HybridNorm presets this loop needs.
-_LOCAL_PRESETS = {
-    "hybridnorm-tiny": dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=160,
-                            max_seq_len=1024),
-    "hybridnorm-small": dict(vocab_size=256, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=688,
-                             max_seq_len=1024),
-}
 CHECK_TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}
 NORMS = ("pre", "post", "hybrid", "hybrid_star")
 
 
 def presets():
-    """Names of the presets :func:`build_model` knows."""
-    try:
-        from . import models
-        return sorted(models.PRESETS)
-    except (ImportError, AttributeError):
-        return sorted(_LOCAL_PRESETS)
+    """Names of the model presets (:data:`fastlayers.models.PRESETS`)."""
+    return sorted(models.PRESETS)
 
 
-def build_model(preset, **overrides):
-    """The model of ``preset`` (``fastlayers.models.build`` when available), with ``overrides``."""
-    try:
-        from . import models
-        build = models.build
-    except (ImportError, AttributeError):
-        build = None
-    if build is not None:
-        return build(preset, **overrides)
-    if preset not in _LOCAL_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(sorted(_LOCAL_PRESETS))}")
-    from .hybridnorm import HybridNormLM
-    return HybridNormLM(**{**_LOCAL_PRESETS[preset], **overrides})
+def build_model(preset, seq_len=None, **overrides):
+    """``fastlayers.models.build(preset, **overrides)``; ``max_seq_len`` raised to ``seq_len`` when shorter."""
+    if preset not in models.PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(presets())}")
+    if seq_len is not None and models.PRESETS[preset].get("max_seq_len", 0) < seq_len:
+        overrides["max_seq_len"] = seq_len
+    return models.build(preset, **overrides)
 
 
 def embedding_params(model):
@@ -145,6 +128,7 @@ class Config:
     dtype: str = "auto"
     backend: str = ""
     norm: str = ""
+    model_args: dict = field(default_factory=dict)
     eval_every: int = -1  # -1: steps // 4
     eval_batches: int = 4
     data_bytes: int = 0
@@ -201,6 +185,22 @@ def _device(cfg, dist):
             torch.cuda.set_device(dist.local_rank)
             return f"cuda:{dist.local_rank}"
     return cfg.device
+
+
+def _overrides(cfg):
+    return {**cfg.model_args, **({"norm": cfg.norm} if cfg.norm else {})}
+
+
+def _model_arg(text):
+    """``KEY=VALUE`` of ``--model-arg``: the value parsed as JSON (numbers, true/false, lists), else a string."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    try:
+        v = json.loads(v)
+    except ValueError:
+        pass
+    return k.strip(), v
 
 
 _CORPUS = {}
@@ -284,7 +284,7 @@ def load_checkpoint(path):
 
 
 _RESUME_KEYS = ("preset", "steps", "batch", "seq_len", "lr", "min_lr_ratio", "warmup", "weight_decay", "clip", "seed",
-                "norm", "data_bytes")
+                "norm", "model_args", "data_bytes")
 
 
 def _restore(meta, tensors, cfg, model, opt, result):
@@ -331,10 +331,7 @@ def train(cfg, backend=None, save=None, save_every=0, resume=None, progress=True
     backend = backend or cfg.backend or None
     train_data = corpus(cfg.data_bytes).train
     torch.manual_seed(cfg.seed)
-    overrides = {"max_seq_len": max(cfg.seq_len, 1)}
-    if cfg.norm:
-        overrides["norm"] = cfg.norm
-    model = build_model(cfg.preset, **overrides).to(device)
+    model = build_model(cfg.preset, cfg.seq_len, **_overrides(cfg)).to(device)
     total_params, n_params = count_params(model)
     net = model
     if dist.active:
@@ -398,7 +395,7 @@ def train(cfg, backend=None, save=None, save_every=0, resume=None, progress=True
     flops = scaling.flops(n_params, tokens) if tokens else 0.0
     run_flops = 6.0 * n_params * done * tokens_per_step
     result.summary = dict(
-        preset=cfg.preset, norm=cfg.norm or getattr(model, "norm_placement", ""), backend=backend or "default",
+        preset=cfg.preset, model=type(model).__name__ + (f", norm {model.norm_placement}" if hasattr(model, "norm_placement") else ""), backend=backend or "default",
         device=device, dtype=cfg.dtype, world_size=dist.world, steps=cfg.steps,
         train_loss=result.losses[-1] if result.losses else float("nan"),
         val_loss=result.evals[-1][1] if result.evals else float("nan"),
@@ -418,7 +415,7 @@ class _null:
 
 
 def format_summary(s):
-    return (f"{s['preset']} ({s['norm']}, backend {s['backend']}, {s['device']} {s['dtype']}, world {s['world_size']}): "
+    return (f"{s['preset']} ({s['model']}, backend {s['backend']}, {s['device']} {s['dtype']}, world {s['world_size']}): "
             f"{s['steps']} steps\n"
             f"  train loss {s['train_loss']:.4f} | val loss {s['val_loss']:.4f} (nats/byte)\n"
             f"  tokens D {s['tokens']:,} | non-embedding params N {s['non_embedding_params']:,} "
@@ -523,6 +520,8 @@ def parser():
     p.add_argument("--backend", default="", choices=["", "reference", "cpu", "triton", "cuda"],
                    help="run every op on this fastlayers backend (default: the per-device default)")
     p.add_argument("--norm", default="", choices=["", *NORMS], help="override the preset's norm placement (HybridNorm presets)")
+    p.add_argument("--model-arg", action="append", default=[], type=_model_arg, metavar="KEY=VALUE",
+                   help="override a preset's model argument (repeatable), e.g. --model-arg n_layers=2")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="validation every K steps and at the end (default: steps // 4)")
     p.add_argument("--eval-batches", type=int, default=d.eval_batches, help="validation batches (default %(default)s)")
     p.add_argument("--data-bytes", type=int, default=0, help="use at most this many bytes of each split (0: all)")
@@ -571,10 +570,15 @@ def _validate(p, a):
         p.error(f"--batch {a.batch} must be divisible by the number of processes ({world})")
     if a.compare_norms and a.norm:
         p.error("--compare-norms trains every norm placement: drop --norm")
-    if a.compare_norms and not a.preset.startswith("hybridnorm"):
-        p.error(f"--compare-norms needs a HybridNorm preset; got {a.preset!r}")
+    if (a.compare_norms or a.norm) and models.PRESETS[a.preset].get("kind") != "hybridnorm":
+        p.error(f"--compare-norms and --norm need a HybridNorm preset; got {a.preset!r}")
     if a.fsdp and world == 1:
         p.error("--fsdp shards over processes: launch with torchrun --nproc_per_node=N (N >= 2)")
+    if a.model_arg:
+        try:
+            build_model(a.preset, a.seq_len, device="meta", **dict(a.model_arg))
+        except (TypeError, ValueError) as e:
+            p.error(f"--model-arg: {e}")
     if a.resume and (a.check_reference or a.compare_norms):
         p.error("--resume continues one run; it does not combine with --check-reference or --compare-norms")
 
@@ -595,7 +599,7 @@ def main(argv=None):
 def _main(p, a):
     cfg = Config(preset=a.preset, steps=a.steps, batch=a.batch, seq_len=a.seq_len, lr=a.lr, min_lr_ratio=a.min_lr_ratio,
                  warmup=a.warmup, weight_decay=a.weight_decay, clip=a.clip, seed=a.seed, device=a.device, dtype=a.dtype,
-                 backend=a.backend, norm=a.norm, eval_every=a.eval_every, eval_batches=a.eval_batches,
+                 backend=a.backend, norm=a.norm, model_args=dict(a.model_arg), eval_every=a.eval_every, eval_batches=a.eval_batches,
                  data_bytes=a.data_bytes, compile=a.compile, fsdp=a.fsdp)
     try:
         corpus_ = corpus(a.data_bytes)
@@ -606,7 +610,7 @@ def _main(p, a):
     rank0 = Dist().rank == 0
     say = print if rank0 else (lambda *x, **k: None)
     if a.budget == "chinchilla":
-        _, n = count_params(build_model(a.preset, **({"norm": a.norm} if a.norm else {})))
+        _, n = count_params(build_model(a.preset, a.seq_len, **_overrides(cfg)))
         want = scaling.chinchilla_tokens(n)
         cfg.steps = max(1, math.ceil(want / (a.batch * a.seq_len)))
         say(f"budget chinchilla: N = {n:,} non-embedding parameters -> D = 20 N = {want:,.0f} tokens = "
@@ -637,5 +641,10 @@ def _write_json(path, obj, rank0):
         json.dump(conv, f, indent=1)
 
 
-if __name__ == "__main__":
+def cli():
+    """Console entry point (``fastlayers-train``)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -18,7 +18,10 @@ from fastlayers import data, scaling, train
 
 from conftest import seed_of
 
-TINY = ["--preset", "hybridnorm-tiny", "--seq-len", "32", "--data-bytes", str(256 << 10), "--threads", "1", "--quiet"]
+# hybridnorm-tiny cut to 2 layers of width 64 (--model-arg) to keep the file well under a minute.
+SMALL = ["--model-arg", "n_layers=2", "--model-arg", "dim=64", "--model-arg", "ffn_hidden=160"]
+TINY = ["--preset", "hybridnorm-tiny", *SMALL, "--seq-len", "32", "--data-bytes", str(256 << 10), "--threads", "1",
+        "--quiet"]
 
 
 def _usable(name):
@@ -228,7 +231,7 @@ def test_chinchilla_budget_sets_steps(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train, "train", fake_train)
     with pytest.raises(SystemExit):
         train.main([*TINY, "--batch", "4", "--budget", "chinchilla"])
-    _, n = train.count_params(train.build_model("hybridnorm-tiny"))
+    _, n = train.count_params(train.build_model("hybridnorm-tiny", n_layers=2, dim=64, ffn_hidden=160))
     assert seen["steps"] == math.ceil(20 * n / (4 * 32))
     assert "20 N" in capsys.readouterr().out
 
@@ -244,9 +247,22 @@ def test_chinchilla_budget_sets_steps(tmp_path, capsys, monkeypatch):
     (["--fsdp"], "--fsdp"),
     (["--tolerance", "-1", "--check-reference", "2"], "--tolerance"),
     (["--device", "tpu"], "--device"),
+    (["--model-arg", "n_layers"], "KEY=VALUE"),
+    (["--model-arg", "no_such_arg=3"], "--model-arg"),
 ])
 def test_cli_errors(args, msg, capsys):
     with pytest.raises(SystemExit) as e:
         train.main([*TINY, *args])
     assert e.value.code == 2
     assert msg in capsys.readouterr().err
+
+
+@needs_cpu
+def test_zebra_preset_trains_and_matches_reference(capsys):
+    # zebra-tiny cut to 2 layers (one MLA, one Mamba-2): the kernels against the reference on the hybrid.
+    args = ["--preset", "zebra-tiny", "--model-arg", "n_layers=2", "--model-arg", "mla_layers=[0]", "--seq-len", "32",
+            "--data-bytes", str(256 << 10), "--threads", "1", "--quiet", "--batch", "2", "--eval-batches", "1",
+            "--seed", str(seed_of("zebra"))]
+    assert train.main([*args, "--check-reference", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "ZebraLM" in out
