@@ -574,6 +574,8 @@ def _validate(p, a):
         p.error(f"--compare-norms and --norm need a HybridNorm preset; got {a.preset!r}")
     if a.fsdp and world == 1:
         p.error("--fsdp shards over processes: launch with torchrun --nproc_per_node=N (N >= 2)")
+    if a.fsdp and (a.save or a.resume):
+        p.error("--fsdp: checkpoints of sharded runs (--save/--resume) are not supported yet; use DDP")
     if a.model_arg:
         try:
             build_model(a.preset, a.seq_len, device="meta", **dict(a.model_arg))

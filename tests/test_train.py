@@ -188,21 +188,27 @@ def test_resume_is_exact(tmp_path):
 
 
 @needs_cpu
-def test_ddp_matches_single_process(tmp_path):
-    seed = str(seed_of("ddp"))
-    common = [*TINY, "--steps", "3", "--batch", "4", "--seed", seed, "--eval-batches", "2", "--eval-every", "3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def test_ddp_and_fsdp_match_single_process(tmp_path):
+    # Two CPU processes (gloo) at the same global batch as one process: DDP, then FSDP2 (fully_shard).
+    seed = seed_of("ddp")
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(fastlayers.__file__)))  # the fastlayers under test
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([pkg_root, *filter(None, [os.environ.get("PYTHONPATH")])])}
     env.pop("FASTLAYERS_BACKEND", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastlayers.train",
-           *common, "--json", str(tmp_path / "ddp.json")]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=os.getcwd())
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(here, "_dist_train.py"), str(tmp_path / "dist.json"), str(seed)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=os.path.dirname(here))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    ddp = json.loads((tmp_path / "ddp.json").read_text())["run"]
-    single = run_json(tmp_path, *common[len(TINY):], name="single.json")["run"]
-    assert ddp["summary"]["world_size"] == 2 and single["summary"]["world_size"] == 1
-    for a, b in zip(ddp["losses"] + [ddp["evals"][-1][1]], single["losses"] + [single["evals"][-1][1]]):
-        assert a == pytest.approx(b, rel=1e-5)
-    assert len(ddp["losses"]) == 3
+    dist = json.loads((tmp_path / "dist.json").read_text())
+    single = run_json(tmp_path, "--steps", "3", "--batch", "4", "--seed", str(seed), "--eval-batches", "2",
+                      "--eval-every", "3", name="single.json")["run"]
+    assert single["summary"]["world_size"] == 1 and len(single["losses"]) == 3
+    for name in ("ddp", "fsdp"):
+        r = dist[name]
+        assert r["world"] == 2 and len(r["losses"]) == 3, name
+        for a, b in zip(r["losses"] + [r["evals"][-1][1]], single["losses"] + [single["evals"][-1][1]]):
+            assert a == pytest.approx(b, rel=1e-5), name
 
 
 @needs_cpu
