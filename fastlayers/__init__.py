@@ -8,8 +8,9 @@ Mamba: ``selective_state_update`` (the decode step) and ``selective_scan`` (the
 Mamba-1 scan, forward and backward; ``cpu`` and ``reference`` backends so far). MLA
 decoding: ``mla_decode``, ``PagedLatentCache``, ``MLA``. Every op has ``reference``
 and ``cpu`` backends, ``triton`` for all but ``selective_scan``, and ``cuda`` for the
-norms. Planned: the Mamba-2 chunked scan, the Mamba layers, hybrid models and a
-reference training loop.
+norms. Training: ``python -m fastlayers.train`` (byte-level LM training that checks the kernels
+against the reference backend, ``fastlayers.train``), Chinchilla arithmetic in ``fastlayers.scaling``.
+Planned: the Mamba-2 chunked scan kernels.
 """
 from .backend import BackendUnavailable, available_backends, use_backend  # noqa: F401
 from .modules import LayerNorm, RMSNorm  # noqa: F401
