@@ -5,12 +5,13 @@ Built so far: fused residual + RMSNorm / LayerNorm (``rms_norm``, ``layer_norm``
 ``QKVNormAttention``, ``PostNormFFN``, ``HybridNormBlock``, ``HybridNormLM``); Mamba's
 causal depthwise conv1d (``causal_conv1d``, ``causal_conv1d_update``).
 Mamba: ``selective_state_update`` (the decode step) and ``selective_scan`` (the
-Mamba-1 scan, forward and backward; ``cpu`` and ``reference`` backends so far). MLA
-decoding: ``mla_decode``, ``PagedLatentCache``, ``MLA``. Every op has ``reference``
-and ``cpu`` backends, ``triton`` for all but ``selective_scan``, and ``cuda`` for the
-norms. The Mamba layers ``Mamba``, ``Mamba2`` (and Zebra-Llama's ``Mamba2.zebra``) with
-their inference cache (``MambaCache``); ``fastlayers.convert.attention_to_mamba2``. Planned:
-the Mamba-2 chunked scan kernels, hybrid models and a reference training loop.
+Mamba-1 scan, forward and backward). MLA decoding: ``mla_decode``, ``PagedLatentCache``,
+``MLA``. Every op has ``reference`` and ``cpu`` backends, ``triton`` for all but
+``selective_scan``, and ``cuda`` for the norms, ``mla_decode`` and the ``selective_scan`` forward. The Mamba layers ``Mamba``, ``Mamba2`` (and Zebra-Llama's ``Mamba2.zebra``) with
+their inference cache (``MambaCache``); ``ssd_scan`` (the Mamba-2 chunked scan); hybrid models in
+``fastlayers.models`` (``ZebraLM``, presets, ``kv_cache_report``); ``fastlayers.convert`` (attention ->
+MLA / Mamba-2). Training: ``python -m fastlayers.train`` (byte-level LM training that checks the
+kernels against the reference backend), Chinchilla arithmetic in ``fastlayers.scaling``.
 """
 from .backend import BackendUnavailable, available_backends, use_backend  # noqa: F401
 from .modules import LayerNorm, RMSNorm  # noqa: F401
