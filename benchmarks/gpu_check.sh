@@ -3,7 +3,8 @@
 # builds fastlayers (CPU and CUDA modules), runs every test on CUDA tensors, runs the GPU
 # benchmarks and ends with one short table (op, shape, dtype, backend, time, GB/s, % of the
 # measured device-to-device copy; HybridNorm rows: attention vs SDPA, block vs compiled reference).
-# Budget (estimate, not yet timed): under 9 minutes on one H100.
+# Budget (estimate, not yet timed): build ~2 min, tests <= 5 min, table <= 5 min, training <= 2 min
+# (each step has a timeout); with GPU_CHECK_QUICK=1 the table is short. Not yet run on a GPU.
 #
 #   bash benchmarks/gpu_check.sh            # results land in $OUT (or ./gpu_check_out)
 #   GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh   # one shape per op in the table
@@ -35,5 +36,11 @@ timeout 300 $PY -m pytest tests/ -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/tes
 step "benchmark table"
 timeout 300 $PY benchmarks/gpu_table.py ${GPU_CHECK_QUICK:+--quick} --md "$OUT/gpu_table.md" 2>&1 | tee "$OUT/bench.log" | tail -60
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "BENCHMARK FAILED"; status=1; }
+step "training on the GPU: tokens/s, fastlayers vs reference (bf16 autocast), zebra-small (MLA + Mamba-2)"
+for preset in zebra-small; do
+  timeout 120 $PY -m fastlayers.train --preset $preset --device cuda --steps 20 --batch 16 --seq-len 256 \
+    --check-reference 20 --quiet --json "$OUT/train-$preset.json" 2>&1 | tail -12
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "TRAINING CHECK FAILED ($preset)"; status=1; }
+done
 step "done (status $status)"
 exit $status
