@@ -281,27 +281,34 @@ class LMBase(nn.Module):
         """One :class:`KVCache` per block."""
         return [b.attn.new_cache(batch, max_len or self.max_seq_len) for b in self.blocks]
 
-    @torch.no_grad()
     def generate(self, tokens, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Prefill ``tokens`` ``(batch, T)`` into a KV cache, then decode ``max_new_tokens`` one at a time.
+        """Prefill ``tokens`` ``(batch, T)`` into a KV cache, then decode ``max_new_tokens`` one at a time
+        (:func:`generate`)."""
+        return generate(self, tokens, max_new_tokens, temperature, top_k, generator)
 
-        ``temperature`` 0 (or None) is greedy; otherwise sample from softmax(logits / temperature),
-        restricted to the ``top_k`` most likely tokens when given. Returns ``(batch, T + max_new_tokens)``."""
-        self.check_tokens(tokens)
-        if max_new_tokens <= 0:
-            return tokens
-        total = tokens.shape[1] + max_new_tokens
-        if total > self.max_seq_len:
-            raise ValueError(f"{type(self).__name__}: {total} tokens exceed max_seq_len {self.max_seq_len}")
-        cache = self.new_cache(tokens.shape[0], total)
-        logits, _ = self(tokens, cache=cache)
-        out = [tokens]
-        for i in range(max_new_tokens):
-            nxt = sample(logits[:, -1], temperature, top_k, generator)
-            out.append(nxt)
-            if i + 1 < max_new_tokens:
-                logits, _ = self(nxt, cache=cache)
-        return torch.cat(out, dim=1)
+
+@torch.no_grad()
+def generate(model, tokens, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+    """Prefill ``tokens`` ``(batch, T)`` into ``model.new_cache(batch, T + max_new_tokens)``, then decode
+    ``max_new_tokens`` one at a time; ``model(tokens, cache=cache)`` returns ``(logits, loss)``.
+
+    ``temperature`` 0 (or None) is greedy; otherwise sample from softmax(logits / temperature),
+    restricted to the ``top_k`` most likely tokens when given. Returns ``(batch, T + max_new_tokens)``."""
+    model.check_tokens(tokens)
+    if max_new_tokens <= 0:
+        return tokens
+    total = tokens.shape[1] + max_new_tokens
+    if total > model.max_seq_len:
+        raise ValueError(f"{type(model).__name__}: {total} tokens exceed max_seq_len {model.max_seq_len}")
+    cache = model.new_cache(tokens.shape[0], total)
+    logits, _ = model(tokens, cache=cache)
+    out = [tokens]
+    for i in range(max_new_tokens):
+        nxt = sample(logits[:, -1], temperature, top_k, generator)
+        out.append(nxt)
+        if i + 1 < max_new_tokens:
+            logits, _ = model(nxt, cache=cache)
+    return torch.cat(out, dim=1)
 
 
 def sample(logits, temperature=1.0, top_k=None, generator=None):

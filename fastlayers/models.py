@@ -26,7 +26,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import reference as _ref
-from ._layers import FFNBase, Gain, _positive_int, sample, trunc_normal_
+from . import _layers
+from ._layers import FFNBase, Gain, _positive_int, trunc_normal_
 from .hybridnorm import FeedForward, HybridNormLM  # noqa: F401  (HybridNormLM re-exported)
 from .mla import MLA
 from .ops import rms_norm
@@ -258,27 +259,11 @@ class ZebraLM(nn.Module):
                 layers.append(blk.mixer.new_cache(batch, dtype=dtype, device=w.device))
         return ZebraCache(layers, ids if ids is not None else list(range(batch)), batch, max_len)
 
-    @torch.no_grad()
     def generate(self, tokens, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Prefill ``tokens`` ``(batch, T)`` into the caches, then decode ``max_new_tokens`` one at a time.
-
-        ``temperature`` 0 (or None) is greedy; otherwise sample from softmax(logits / temperature),
-        restricted to the ``top_k`` most likely tokens when given. Returns ``(batch, T + max_new_tokens)``."""
-        self.check_tokens(tokens)
-        if max_new_tokens <= 0:
-            return tokens
-        total = tokens.shape[1] + max_new_tokens
-        if total > self.max_seq_len:
-            raise ValueError(f"{type(self).__name__}: {total} tokens exceed max_seq_len {self.max_seq_len}")
-        cache = self.new_cache(tokens.shape[0], total)
-        logits, _ = self(tokens, cache=cache)
-        out = [tokens]
-        for i in range(max_new_tokens):
-            nxt = sample(logits[:, -1], temperature, top_k, generator)
-            out.append(nxt)
-            if i + 1 < max_new_tokens:
-                logits, _ = self(nxt, cache=cache)
-        return torch.cat(out, dim=1)
+        """Prefill ``tokens`` ``(batch, T)`` into the caches (a paged latent cache per MLA layer, a
+        :class:`MambaCache` per Mamba layer), then decode ``max_new_tokens`` one at a time (see
+        :func:`fastlayers._layers.generate`: ``temperature`` 0 is greedy, ``top_k`` restricts sampling)."""
+        return _layers.generate(self, tokens, max_new_tokens, temperature, top_k, generator)
 
 
 # ============================================================================= presets
