@@ -8,6 +8,7 @@
 Sources come from ``csrc/sources.txt``, the list CMakeLists.txt reads too.
 Neither module includes torch headers or links libtorch.
 """
+import concurrent.futures
 import os
 import shutil
 import subprocess
@@ -53,11 +54,15 @@ def cuda_archs():
 class BuildExt(build_ext):
     def build_extensions(self):
         self._build_info = {}
-        for ext in list(self.extensions):
-            if ext.name.endswith("._cuda"):
-                self.build_cuda(ext)
-            else:
-                self.build_extension(ext)
+        exts = list(self.extensions)
+        # _cuda (nvcc) builds in a thread while the C++ module compiles.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            cuda = [pool.submit(self.build_cuda, e) for e in exts if e.name.endswith("._cuda")]
+            for ext in exts:
+                if not ext.name.endswith("._cuda"):
+                    self.build_extension(ext)
+            for f in cuda:
+                f.result()
         d = os.path.join(self.build_lib, "fastlayers")
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, "_build_info.py"), "w") as f:
@@ -92,7 +97,7 @@ class BuildExt(build_ext):
             gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
         # PTX of the newest arch too, so newer GPUs can JIT it.
         gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
-        objs = []
+        objs, cmds = [], []
         for src in ext.sources:
             obj = tmp / (Path(src).name + ".o")
             if src.endswith(".cu"):
@@ -102,9 +107,13 @@ class BuildExt(build_ext):
                 cxx = os.environ.get("CXX", "c++")
                 cmd = [cxx, "-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", *inc_flags, "-c", src,
                        "-o", str(obj)]
-            print(" ".join(cmd), flush=True)
-            subprocess.check_call(cmd, cwd=ROOT)
+            cmds.append(cmd)
             objs.append(str(obj))
+        # nvcc is slow (two archs + PTX a file): compile the sources concurrently, one job per core.
+        with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+            for cmd in cmds:
+                print(" ".join(cmd), flush=True)
+            list(pool.map(lambda c: subprocess.check_call(c, cwd=ROOT), cmds))
         link = [nvcc, "-shared", "-cudart", "static", *gencode, "-o", str(out), *objs]
         print(" ".join(link), flush=True)
         subprocess.check_call(link, cwd=ROOT)
@@ -112,7 +121,9 @@ class BuildExt(build_ext):
 
 
 def extensions():
-    from pybind11.setup_helpers import Pybind11Extension
+    from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
+
+    ParallelCompile("FASTLAYERS_BUILD_JOBS").install()  # the C++ sources in parallel (default: all cores)
 
     mods = read_sources()
     openmp = ["-fopenmp"] if sys.platform != "darwin" else []
