@@ -97,11 +97,9 @@ def _scan_from(u, delta, A, B, C, D, z, delta_bias, h0):
     return y.to(u.dtype), last
 
 
-class Mamba(MambaBase):
-    """``Mamba(d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1, conv_bias=True,
-    bias=False, device=None, dtype=None)``: the Mamba-1 block (mamba_ssm's parameters, see
-    :mod:`fastlayers._mamba_layers`). ``forward(x, cache=None)`` and ``new_cache(batch)``: see :mod:`fastlayers.mamba`.
-    """
+class _CachedForward:
+    """``forward(x, cache=None)`` of both layers: a one-token step without gradients takes the decode
+    kernels (``_step``); everything else the scan (``_scan``), from the cached states when given."""
 
     def forward(self, x, cache=None):
         self.check_input(x, cache)
@@ -112,6 +110,13 @@ class Mamba(MambaBase):
         if cache is not None:
             cache.seqlen += x.shape[1]
         return out
+
+
+class Mamba(_CachedForward, MambaBase):
+    """``Mamba(d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1, conv_bias=True,
+    bias=False, device=None, dtype=None)``: the Mamba-1 block (mamba_ssm's parameters, see
+    :mod:`fastlayers._mamba_layers`). ``forward(x, cache=None)`` and ``new_cache(batch)``: see :mod:`fastlayers.mamba`.
+    """
 
     def _dbc(self, u):
         return F.linear(u, self.x_proj.weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -149,7 +154,7 @@ class Mamba(MambaBase):
         return F.linear(y, self.out_proj.weight, self.out_proj.bias)[:, None]
 
 
-class Mamba2(Mamba2Base):
+class Mamba2(_CachedForward, Mamba2Base):
     """``Mamba2(d_model, d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=256, d_xb=None,
     A_init_range=(1, 16), dt_min=0.001, dt_max=0.1, dt_limit=(0.0, inf), conv_bias=True, bias=False,
     norm_before_gate=False, device=None, dtype=None, *, d_inner=None)``: the Mamba-2 block (mamba_ssm's
@@ -157,16 +162,6 @@ class Mamba2(Mamba2Base):
     heads after the conv). ``Mamba2.zebra(d_model, n_heads, n_kv_heads, head_dim)`` builds that layout.
     ``forward(x, cache=None)`` and ``new_cache(batch)``: see :mod:`fastlayers.mamba`.
     """
-
-    def forward(self, x, cache=None):
-        self.check_input(x, cache)
-        if cache is not None and x.shape[1] == 1 and not _grad_needed(x, self):
-            out = self._step(x, cache)
-        else:
-            out = self._scan(x, cache)
-        if cache is not None:
-            cache.seqlen += x.shape[1]
-        return out
 
     def _split_xbc(self, xbc):
         """[x, B, C] channels ``(..., conv_dim)`` -> x ``(..., nheads, headdim)``, B, C ``(..., G, d_state)``
