@@ -17,9 +17,12 @@
 //           rows: 6 cached rows x 16 query rows (12 ymm) per block, each K element broadcast
 //           once from the cache row read in place (no gather copy; fp16/bf16 rows are
 //           converted to fp32 once per tile), no horizontal sums;
-//   softmax on S^T vectorised over query rows (fp32 running max / sum, flash-decoding);
-//   values  O (R x dv) = alpha * O + P (R x tile) . V_tile (tile x dv): 4 rows x 24 columns
-//           (12 ymm) per block, V rows read in place, the rescale by alpha folded in.
+//   softmax on S^T vectorised over query rows, the running max / sum of 8 rows in registers;
+//   values  O^T (dv x R) = alpha * O^T + V_tile^T . P^T: the scores' blocking with D and the
+//           tile swapped (6 value channels x 16 query rows per block, each V element broadcast
+//           once from its cache row read in place), the rescale by alpha folded in.
+// While a tile is computed, the scores kernel prefetches the next tile's rows, a cache line of
+// each per 16 (fp32) or 32 (fp16/bf16) steps of its loop, so the DRAM reads overlap the FMAs.
 #include "mla.h"
 
 #include <algorithm>
@@ -44,13 +47,14 @@ namespace cpu {
 constexpr int64_t kTok = 32;  // cached rows per block
 
 constexpr int64_t kTile = 64;  // cached rows per tile of the vectorised kernel
+constexpr int64_t kPfDist = 1;  // tiles ahead that the scores kernel prefetches (2-4: no faster)
 
 static int64_t round8(int64_t n) { return (n + 7) / 8 * 8; }
 
 // Floats one thread of the vectorised kernel needs (see mla_task_avx2 for the layout).
 static int64_t mla_vec_workspace(int64_t rows, int64_t D, int64_t dv) {
   const int64_t Rp = round8(rows);
-  return D * Rp + kTile * Rp + rows * round8(dv) + 6 * Rp + kTile * D + round8(D) + 64;
+  return D * Rp + kTile * Rp + dv * Rp + 5 * Rp + kTile * D + round8(D) + 64;
 }
 
 int64_t mla_decode_workspace(int64_t rows, int64_t D, int64_t dv) {
@@ -142,10 +146,14 @@ FL_INLINE void mla_task(const MlaDecodeArgs& a, int64_t b, int64_t sp, Acc* ws) 
 // The vectorised kernel (AVX2 + FMA, fp32 accumulators).
 
 // S^T rows 0..NT-1 (Rp apart), query lanes [0, 8 NV): sum_c K[t][c] * Q^T[c][r]. Every cache
-// element is broadcast once and used for 8 NV query rows.
-template <int NV, int NT>
+// element is broadcast once and used for 8 NV query rows. With PF, the rows pf[0..NT) of the
+// next tile (`es` bytes an element) are prefetched a cache line of each per line of K consumed:
+// spread through the FMAs, so the loads of the next tile overlap this one's arithmetic (a burst
+// of prefetches at the start of a block stalls on the miss buffers instead).
+template <int NV, int NT, bool PF>
 FL_AVX2 __attribute__((noinline)) static void mla_scores_block(const float* qt, int64_t Rp, const float* const* k,
-                                                                int64_t D, float* st) {
+                                                                int64_t D, float* st, const char* const* pf,
+                                                                int64_t es) {
   __m256 acc[NT][NV];
 #pragma GCC unroll 16
   for (int t = 0; t < NT; ++t)
@@ -154,15 +162,23 @@ FL_AVX2 __attribute__((noinline)) static void mla_scores_block(const float* qt, 
   const float* kp[NT];
 #pragma GCC unroll 16
   for (int t = 0; t < NT; ++t) kp[t] = k[t];
-  for (int64_t c = 0; c < D; ++c) {
-    __m256 qv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) qv[v] = _mm256_loadu_ps(qt + c * Rp + 8 * v);
+  const int64_t step = PF ? 64 / es : D;  // elements per cache line of a prefetched row
+  for (int64_t c0 = 0; c0 < D; c0 += step) {
+    if constexpr (PF) {
 #pragma GCC unroll 16
-    for (int t = 0; t < NT; ++t) {
-      const __m256 kv = _mm256_broadcast_ss(kp[t] + c);
+      for (int t = 0; t < NT; ++t) _mm_prefetch(pf[t] + c0 * es, _MM_HINT_T0);
+    }
+    const int64_t c1 = std::min(D, c0 + step);
+    for (int64_t c = c0; c < c1; ++c) {
+      __m256 qv[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[t][v] = _mm256_fmadd_ps(kv, qv[v], acc[t][v]);
+      for (int v = 0; v < NV; ++v) qv[v] = _mm256_loadu_ps(qt + c * Rp + 8 * v);
+#pragma GCC unroll 16
+      for (int t = 0; t < NT; ++t) {
+        const __m256 kv = _mm256_broadcast_ss(kp[t] + c);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[t][v] = _mm256_fmadd_ps(kv, qv[v], acc[t][v]);
+      }
     }
   }
 #pragma GCC unroll 16
@@ -171,47 +187,68 @@ FL_AVX2 __attribute__((noinline)) static void mla_scores_block(const float* qt, 
     for (int v = 0; v < NV; ++v) _mm256_storeu_ps(st + t * Rp + 8 * v, acc[t][v]);
 }
 
-// n (1..NT) cached rows: the block of exactly n rows.
+// n (1..NT) cached rows: the block of exactly n rows (prefetching pf[0..n) when pf).
 template <int NV, int NT>
-FL_AVX2_INLINE void mla_scores_n(int n, const float* qt, int64_t Rp, const float* const* k, int64_t D, float* st) {
+FL_AVX2_INLINE void mla_scores_n(int n, const float* qt, int64_t Rp, const float* const* k, int64_t D, float* st,
+                                 const char* const* pf, int64_t es) {
   if constexpr (NT > 1) {
-    if (n < NT) return mla_scores_n<NV, NT - 1>(n, qt, Rp, k, D, st);
+    if (n < NT) return mla_scores_n<NV, NT - 1>(n, qt, Rp, k, D, st, pf, es);
   }
-  mla_scores_block<NV, NT>(qt, Rp, k, D, st);
+  if (pf)
+    mla_scores_block<NV, NT, true>(qt, Rp, k, D, st, pf, es);
+  else
+    mla_scores_block<NV, NT, false>(qt, Rp, k, D, st, pf, es);
 }
 
-// Prefetch rows [i0, i1) (of `bytes` each) of the next tile while this one is computed.
-FL_AVX2_INLINE void mla_prefetch_rows(const void* const* pf, int i0, int i1, int64_t bytes) {
-  for (int i = i0; i < i1; ++i) {
-    const char* p = static_cast<const char*>(pf[i]);
-    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
-  }
-}
-
-// S^T (nt x Rp) = K (nt rows at k[0..nt)) . Q^T (D x Rp). Rows pf[0..npf) (the next tile's
-// cache rows, `pf_bytes` each) are prefetched along the way, a block's worth per block.
+// S^T (nt x Rp) = K (nt rows at k[0..nt)) . Q^T (D x Rp). pf (kTile entries, or null): rows of
+// the next tile to prefetch, the entries past its end repeating its last row.
 FL_AVX2 static void mla_scores_tile(const float* qt, int64_t Rp, const float* const* k, int nt, int64_t D,
-                                    float* st, const void* const* pf, int npf, int64_t pf_bytes) {
+                                    float* st, const char* const* pf, int64_t es) {
   const int64_t nvec = Rp / 8;
   const int bt = nvec == 1 ? 12 : 6;  // cached rows per block
   for (int t = 0; t < nt; t += bt) {
     const int n = std::min(bt, nt - t);
-    mla_prefetch_rows(pf, std::min(t, npf), t + bt >= nt ? npf : std::min(t + bt, npf), pf_bytes);
+    const char* const* bpf = pf ? pf + t : nullptr;
     if (nvec == 1) {  // up to 8 query rows: 12 cached rows x 8 lanes per block
-      mla_scores_n<1, 12>(n, qt, Rp, k + t, D, st + t * Rp);
+      mla_scores_n<1, 12>(n, qt, Rp, k + t, D, st + t * Rp, bpf, es);
       continue;
     }
-    int64_t v = 0;  // 6 cached rows x 16 query rows per block
-    for (; v + 2 <= nvec; v += 2) mla_scores_n<2, 6>(n, qt + 8 * v, Rp, k + t, D, st + t * Rp + 8 * v);
-    if (v < nvec) mla_scores_n<1, 6>(n, qt + 8 * v, Rp, k + t, D, st + t * Rp + 8 * v);
+    int64_t v = 0;  // 6 cached rows x 16 query rows per block; the first prefetches
+    for (; v + 2 <= nvec; v += 2)
+      mla_scores_n<2, 6>(n, qt + 8 * v, Rp, k + t, D, st + t * Rp + 8 * v, v == 0 ? bpf : nullptr, es);
+    if (v < nvec) mla_scores_n<1, 6>(n, qt + 8 * v, Rp, k + t, D, st + t * Rp + 8 * v, v == 0 ? bpf : nullptr, es);
   }
 }
 
-// Online softmax of one tile, vectorised over the query rows. st holds the scores (nt x Rp) and
-// gets the probabilities exp(s - m_new); m, l are the running max / sum; alpha = exp(m_old - m_new)
-// rescales the rows of O. Keys after last[r] are masked (causal) when `mask`. A NaN score is
-// skipped by the max and makes p, hence l and the row of O, NaN (NaN in, NaN out).
-FL_AVX2 static void mla_softmax_tile(float* st, int64_t Rp, int nt, float* m, float* l, float* alpha, float* mu,
+// exp_f32 (convert.h) on 8 lanes, the same reduction and polynomial: inf above 88.72, 0 below
+// -87.3, NaN stays NaN.
+FL_AVX2_INLINE __m256 exp256(__m256 x) {
+  const __m256 xc = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3f)), _mm256_set1_ps(-87.3f));
+  const __m256i ni = _mm256_sub_epi32(
+      _mm256_cvttps_epi32(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(200.5f))),
+      _mm256_set1_epi32(200));
+  const __m256 n = _mm256_cvtepi32_ps(ni);
+  const __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f),
+                                   _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc));
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(_mm256_mul_ps(y, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256 res = _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23)));
+  res = _mm256_blendv_ps(res, _mm256_set1_ps(__builtin_inff()), _mm256_cmp_ps(x, _mm256_set1_ps(88.72f), _CMP_GT_OQ));
+  res = _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ), res);
+  return _mm256_blendv_ps(res, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+// Online softmax of one tile, vectorised over the query rows (8 at a time, running state in
+// registers). st holds the scores (nt x Rp) and gets the probabilities exp(s - m_new); m, l are
+// the running max / sum; alpha = exp(m_old - m_new) rescales the rows of O. Keys after last[r]
+// are masked (causal) when `mask`. A NaN score is skipped by the max and makes p, hence l and
+// the row of O, NaN (NaN in, NaN out).
+FL_AVX2 static void mla_softmax_tile(float* st, int64_t Rp, int nt, float* m, float* l, float* alpha,
                                      const int32_t* last, int64_t tb, bool mask) {
   const float ninf = -std::numeric_limits<float>::infinity();
   if (mask) {
@@ -222,115 +259,116 @@ FL_AVX2 static void mla_softmax_tile(float* st, int64_t Rp, int nt, float* m, fl
       for (int64_t r = 0; r < Rp; ++r) s[r] = pos <= last[r] ? s[r] : ninf;
     }
   }
-#pragma omp simd
-  for (int64_t r = 0; r < Rp; ++r) alpha[r] = m[r];
-  for (int t = 0; t < nt; ++t) {
-    const float* s = st + t * Rp;
-#pragma omp simd
-    for (int64_t r = 0; r < Rp; ++r) alpha[r] = s[r] > alpha[r] ? s[r] : alpha[r];
-  }
-#pragma omp simd
-  for (int64_t r = 0; r < Rp; ++r) {
-    const float mn = alpha[r];
-    mu[r] = mn == ninf ? 0.0f : mn;  // nothing visible yet: p = exp(-inf) = 0, alpha = 0
-    alpha[r] = exp_f32(m[r] - mu[r]);
-    l[r] *= alpha[r];
-    m[r] = mn;
-  }
-  for (int t = 0; t < nt; ++t) {
-    float* s = st + t * Rp;
-#pragma omp simd
-    for (int64_t r = 0; r < Rp; ++r) {
-      const float p = exp_f32(s[r] - mu[r]);
-      s[r] = p;
-      l[r] += p;
+  const __m256 vninf = _mm256_set1_ps(ninf), zero = _mm256_setzero_ps();
+  for (int64_t r = 0; r < Rp; r += 8) {
+    float* s = st + r;
+    const __m256 m_old = _mm256_loadu_ps(m + r);
+    __m256 mx0 = m_old, mx1 = m_old;  // max(s, mx) keeps mx where s is NaN
+    int t = 0;
+    for (; t + 2 <= nt; t += 2) {
+      mx0 = _mm256_max_ps(_mm256_loadu_ps(s + t * Rp), mx0);
+      mx1 = _mm256_max_ps(_mm256_loadu_ps(s + (t + 1) * Rp), mx1);
     }
+    if (t < nt) mx0 = _mm256_max_ps(_mm256_loadu_ps(s + t * Rp), mx0);
+    const __m256 mx = _mm256_max_ps(mx0, mx1);
+    // Nothing visible yet: subtract 0 (p = exp(-inf) = 0, alpha = 0).
+    const __m256 mu = _mm256_blendv_ps(mx, zero, _mm256_cmp_ps(mx, vninf, _CMP_EQ_OQ));
+    const __m256 a = exp256(_mm256_sub_ps(m_old, mu));
+    _mm256_storeu_ps(alpha + r, a);
+    _mm256_storeu_ps(m + r, mx);
+    __m256 l0 = _mm256_mul_ps(_mm256_loadu_ps(l + r), a), l1 = zero;
+    for (t = 0; t + 2 <= nt; t += 2) {
+      const __m256 p0 = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t * Rp), mu));
+      const __m256 p1 = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + (t + 1) * Rp), mu));
+      _mm256_storeu_ps(s + t * Rp, p0);
+      _mm256_storeu_ps(s + (t + 1) * Rp, p1);
+      l0 = _mm256_add_ps(l0, p0);
+      l1 = _mm256_add_ps(l1, p1);
+    }
+    if (t < nt) {
+      const __m256 p0 = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t * Rp), mu));
+      _mm256_storeu_ps(s + t * Rp, p0);
+      l0 = _mm256_add_ps(l0, p0);
+    }
+    _mm256_storeu_ps(l + r, _mm256_add_ps(l0, l1));
   }
 }
 
-// O rows 0..MR-1 (dvp apart), columns [c0, c0 + 8 NV): O = alpha * O + P . V, P read from
-// P^T (Rp apart per cached row). The last 8 columns are loaded under `mask` when MASK (dv % 8).
-template <int MR, int NV, bool MASK>
-FL_AVX2 __attribute__((noinline)) static void mla_pv_block(float* o, int64_t dvp, const float* pt, int64_t Rp,
+// O^T (columns c0..c0+MC-1 of O, Rp apart; query lanes [0, 8 NV)) = alpha * O^T + V^T . P^T:
+// the same register blocking as the scores, with the roles of D and the tile swapped. Each V
+// element is broadcast once from its cache row (read in place) for 8 NV query rows.
+template <int NV, int MC>
+FL_AVX2 __attribute__((noinline)) static void mla_pv_block(float* ot, int64_t Rp, const float* pt,
                                                             const float* alpha, const float* const* v, int nt,
-                                                            int64_t c0, __m256i mask) {
-  __m256 acc[MR][NV];
+                                                            int64_t c0) {
+  __m256 acc[MC][NV];
+  {
+    __m256 al[NV];
 #pragma GCC unroll 4
-  for (int i = 0; i < MR; ++i) {
-    const __m256 a = _mm256_broadcast_ss(alpha + i);
+    for (int j = 0; j < NV; ++j) al[j] = _mm256_loadu_ps(alpha + 8 * j);
+#pragma GCC unroll 16
+    for (int c = 0; c < MC; ++c)
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) acc[i][j] = _mm256_mul_ps(_mm256_loadu_ps(o + i * dvp + c0 + 8 * j), a);
+      for (int j = 0; j < NV; ++j) acc[c][j] = _mm256_mul_ps(_mm256_loadu_ps(ot + c * Rp + 8 * j), al[j]);
   }
   for (int t = 0; t < nt; ++t) {
     const float* vr = v[t] + c0;
-    __m256 vv[NV];
+    __m256 pv[NV];
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j)
-      vv[j] = (MASK && j == NV - 1) ? _mm256_maskload_ps(vr + 8 * j, mask) : _mm256_loadu_ps(vr + 8 * j);
-    const float* p = pt + t * Rp;
+    for (int j = 0; j < NV; ++j) pv[j] = _mm256_loadu_ps(pt + t * Rp + 8 * j);
+#pragma GCC unroll 16
+    for (int c = 0; c < MC; ++c) {
+      const __m256 b = _mm256_broadcast_ss(vr + c);
 #pragma GCC unroll 4
-    for (int i = 0; i < MR; ++i) {
-      const __m256 pi = _mm256_broadcast_ss(p + i);
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[i][j] = _mm256_fmadd_ps(pi, vv[j], acc[i][j]);
+      for (int j = 0; j < NV; ++j) acc[c][j] = _mm256_fmadd_ps(b, pv[j], acc[c][j]);
     }
   }
+#pragma GCC unroll 16
+  for (int c = 0; c < MC; ++c)
 #pragma GCC unroll 4
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) _mm256_storeu_ps(o + i * dvp + c0 + 8 * j, acc[i][j]);
+    for (int j = 0; j < NV; ++j) _mm256_storeu_ps(ot + c * Rp + 8 * j, acc[c][j]);
 }
 
-template <int NV, bool MASK>
-FL_AVX2_INLINE void mla_pv_cols(float* o, int64_t dvp, const float* pt, int64_t Rp, const float* alpha,
-                                const float* const* v, int nt, int64_t R, int64_t c0, __m256i mask) {
-  for (int64_t r = 0; r < R; r += 4) {
-    float* orow = o + r * dvp;
-    switch (std::min<int64_t>(4, R - r)) {
-      case 1: mla_pv_block<1, NV, MASK>(orow, dvp, pt + r, Rp, alpha + r, v, nt, c0, mask); break;
-      case 2: mla_pv_block<2, NV, MASK>(orow, dvp, pt + r, Rp, alpha + r, v, nt, c0, mask); break;
-      case 3: mla_pv_block<3, NV, MASK>(orow, dvp, pt + r, Rp, alpha + r, v, nt, c0, mask); break;
-      default: mla_pv_block<4, NV, MASK>(orow, dvp, pt + r, Rp, alpha + r, v, nt, c0, mask); break;
-    }
+// n (1..MC) columns: the block of exactly n columns.
+template <int NV, int MC>
+FL_AVX2_INLINE void mla_pv_n(int n, float* ot, int64_t Rp, const float* pt, const float* alpha,
+                             const float* const* v, int nt, int64_t c0) {
+  if constexpr (MC > 1) {
+    if (n < MC) return mla_pv_n<NV, MC - 1>(n, ot, Rp, pt, alpha, v, nt, c0);
   }
+  mla_pv_block<NV, MC>(ot, Rp, pt, alpha, v, nt, c0);
 }
 
-// O (R x dvp) = alpha * O + P (R x nt, given as P^T) . V (nt rows at v[0..nt), first dv channels).
-// Column blocks outside, row blocks inside: a block of V (nt x 24 floats) stays in L1 for all rows.
-FL_AVX2 static void mla_pv_tile(float* o, int64_t dvp, const float* pt, int64_t Rp, const float* alpha,
-                                const float* const* v, int nt, int64_t R, int64_t dv) {
-  const int64_t rem = dv % 8, nvec = (dv + 7) / 8;
-  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rem)),
-                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  for (int64_t j = 0; j < nvec;) {
-    // Blocks of 3 vectors; the last ones 2 + 2 rather than 3 + 1 (a 1-vector block does a third
-    // of the work per load).
-    const int64_t left = nvec - j, n = left >= 5 || left == 3 ? 3 : std::min<int64_t>(2, left);
-    const bool masked = rem != 0 && j + n == nvec;
-    switch (n * 2 + masked) {
-      case 2: mla_pv_cols<1, false>(o, dvp, pt, Rp, alpha, v, nt, R, 8 * j, mask); break;
-      case 3: mla_pv_cols<1, true>(o, dvp, pt, Rp, alpha, v, nt, R, 8 * j, mask); break;
-      case 4: mla_pv_cols<2, false>(o, dvp, pt, Rp, alpha, v, nt, R, 8 * j, mask); break;
-      case 5: mla_pv_cols<2, true>(o, dvp, pt, Rp, alpha, v, nt, R, 8 * j, mask); break;
-      case 6: mla_pv_cols<3, false>(o, dvp, pt, Rp, alpha, v, nt, R, 8 * j, mask); break;
-      default: mla_pv_cols<3, true>(o, dvp, pt, Rp, alpha, v, nt, R, 8 * j, mask); break;
+// O^T (dv x Rp) = alpha * O^T + V^T (dv x nt; rows v[0..nt), first dv channels) . P^T (nt x Rp).
+// Column blocks outside, query lanes inside: a block of V (nt x MC floats) stays in L1 for all rows.
+FL_AVX2 static void mla_pv_tile(float* ot, int64_t Rp, const float* pt, const float* alpha, const float* const* v,
+                                int nt, int64_t dv) {
+  const int64_t nvec = Rp / 8;
+  const int mc = nvec == 1 ? 12 : 6;
+  for (int64_t c = 0; c < dv; c += mc) {
+    const int n = static_cast<int>(std::min<int64_t>(mc, dv - c));
+    float* oc = ot + c * Rp;
+    if (nvec == 1) {
+      mla_pv_n<1, 12>(n, oc, Rp, pt, alpha, v, nt, c);
+      continue;
     }
-    j += n;
+    int64_t j = 0;
+    for (; j + 2 <= nvec; j += 2) mla_pv_n<2, 6>(n, oc + 8 * j, Rp, pt + 8 * j, alpha + 8 * j, v, nt, c);
+    if (j < nvec) mla_pv_n<1, 6>(n, oc + 8 * j, Rp, pt + 8 * j, alpha + 8 * j, v, nt, c);
   }
 }
 
 // One (sequence, split) task; fp32/fp16/bf16 q and cache, fp32 workspace (mla_vec_workspace).
 FL_AVX2 static void mla_task_avx2(const MlaDecodeArgs& a, int64_t b, int64_t sp, float* ws) {
-  const int64_t D = a.D, dv = a.dv, R = a.s_q * a.H, Rp = round8(R), dvp = round8(dv);
+  const int64_t D = a.D, dv = a.dv, R = a.s_q * a.H, Rp = round8(R);
   float* qt = ws;                 // D x Rp: scaled queries, transposed, rows R..Rp-1 zero
   float* st = qt + D * Rp;        // kTile x Rp: scores, then probabilities (P^T)
-  float* o = st + kTile * Rp;     // R x dvp: unnormalised outputs
-  float* m = o + R * dvp;         // Rp each: running max, running sum, rescale, max used
+  float* ot = st + kTile * Rp;    // dv x Rp: unnormalised outputs, transposed
+  float* m = ot + dv * Rp;        // Rp each: running max, running sum, rescale
   float* l = m + Rp;
   float* alpha = l + Rp;
-  float* mu = alpha + Rp;
-  int32_t* last = reinterpret_cast<int32_t*>(mu + Rp);  // Rp: last visible key per query row
-  float* kb = mu + 2 * Rp;        // kTile x D: fp16/bf16 cache rows converted to fp32
+  int32_t* last = reinterpret_cast<int32_t*>(alpha + Rp);  // Rp: last visible key per query row
+  float* kb = alpha + 2 * Rp;     // kTile x D: fp16/bf16 cache rows converted to fp32
   float* qrow = kb + kTile * D;   // D: one query row
   const float ninf = -std::numeric_limits<float>::infinity();
   const int64_t n = a.seqlens[b];
@@ -350,10 +388,9 @@ FL_AVX2 static void mla_task_avx2(const MlaDecodeArgs& a, int64_t b, int64_t sp,
     last[r] = static_cast<int32_t>(n - 1);
   }
   for (int64_t r = 0; r < Rp; ++r) m[r] = ninf, l[r] = 0.0f;
-  for (int64_t i = 0; i < R * dvp; ++i) o[i] = 0.0f;
+  for (int64_t i = 0; i < dv * Rp; ++i) ot[i] = 0.0f;
   const int32_t* table = a.block_table + b * a.bt_stride;
   const bool in_place = a.kv_dt == kF32;
-  const int64_t row_bytes = D * dtype_size(a.kv_dt);
   int page_shift = 0;  // page is a power of two (checked in Python)
   while ((int64_t(1) << page_shift) < a.page) ++page_shift;
   // Cache rows of the tile starting at token tb (nt of them), in place.
@@ -366,31 +403,32 @@ FL_AVX2 static void mla_task_avx2(const MlaDecodeArgs& a, int64_t b, int64_t sp,
       for (int64_t i = row; i < a.page && j < nt; ++i, ++j, p += stride) src[j] = p;
     }
   };
-  const void* src[2][kTile];
+  const void* src[kTile];
   const float* rows[kTile];
-  int cur = 0;
-  tile_rows(t0, static_cast<int>(std::min<int64_t>(kTile, t1 - t0)), src[0]);
-  for (int64_t tb = t0; tb < t1; tb += kTile, cur ^= 1) {
+  const char* pf[kTile];  // rows of the tile kPfDist ahead, its last one repeated to kTile
+  for (int64_t tb = t0; tb < t1; tb += kTile) {
     const int nt = static_cast<int>(std::min<int64_t>(kTile, t1 - tb));
-    const int nnext = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kTile, t1 - tb - kTile)));
-    tile_rows(tb + kTile, nnext, src[cur ^ 1]);
+    tile_rows(tb, nt, src);
     for (int j = 0; j < nt; ++j) {
       if (in_place) {
-        rows[j] = static_cast<const float*>(src[cur][j]);
+        rows[j] = static_cast<const float*>(src[j]);
       } else {
-        load_row(src[cur][j], a.kv_dt, kb + j * D, D);
+        load_row(src[j], a.kv_dt, kb + j * D, D);
         rows[j] = kb + j * D;
       }
     }
-    mla_scores_tile(qt, Rp, rows, nt, D, st, src[cur ^ 1], nnext, row_bytes);
-    mla_softmax_tile(st, Rp, nt, m, l, alpha, mu, last, tb, a.causal && tb + nt - 1 > n - a.s_q);
-    mla_pv_tile(o, dvp, st, Rp, alpha, rows, nt, R, dv);
+    const int64_t pb = tb + kPfDist * kTile;
+    const int npf = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kTile, t1 - pb)));
+    tile_rows(pb, npf, reinterpret_cast<const void**>(pf));
+    for (int j = npf; j < kTile && npf > 0; ++j) pf[j] = pf[npf - 1];
+    mla_scores_tile(qt, Rp, rows, nt, D, st, npf > 0 ? pf : nullptr, dtype_size(a.kv_dt));
+    mla_softmax_tile(st, Rp, nt, m, l, alpha, last, tb, a.causal && tb + nt - 1 > n - a.s_q);
+    mla_pv_tile(ot, Rp, st, alpha, rows, nt, dv);
   }
   for (int64_t r = 0; r < R; ++r) {
     const bool empty = !(l[r] > 0) && !(l[r] != l[r]);  // no visible key (NaN stays NaN)
     const float inv = empty ? 0.0f : 1.0f / l[r];
-#pragma omp simd
-    for (int64_t c = 0; c < dv; ++c) o_part[r * dv + c] = o[r * dvp + c] * inv;
+    for (int64_t c = 0; c < dv; ++c) o_part[r * dv + c] = ot[c * Rp + r] * inv;
     lse_part[r] = empty ? ninf : m[r] + std::log(l[r]);
   }
 }
