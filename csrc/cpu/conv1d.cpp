@@ -352,18 +352,8 @@ FL_CONV_ENTRY(conv_bwd_f64, bwd_part, double, )
 
 template <typename F32, typename F64>
 static void run_items(const Conv1dArgs& a, int64_t items, void* workspace, int parts, F32 f32, F64 f64) {
-  const int64_t per = conv1d_workspace_per_part(a.W);
-  const bool d = a.x_dt == kF64;
   parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(parts, items)));
-#pragma omp parallel for num_threads(parts) schedule(static, 1)
-  for (int p = 0; p < parts; ++p) {
-    int64_t i0, i1;
-    split_rows(items, parts, p, &i0, &i1);
-    if (d)
-      f64(a, i0, i1, static_cast<double*>(workspace) + per * p);
-    else
-      f32(a, i0, i1, static_cast<float*>(workspace) + per * p);
-  }
+  run_rows(a, items, a.x_dt == kF64, workspace, conv1d_workspace_per_part(a.W), parts, f32, f64);
 }
 
 template <typename Acc>
@@ -490,17 +480,14 @@ void causal_conv1d_update(const Conv1dUpdateArgs& a, int parts) {
   const int64_t rows = a.B * ((a.C + kUpdBlock - 1) / kUpdBlock);  // (sequence, channel block) items
   if (rows == 0) return;
   parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(parts, rows)));
-#pragma omp parallel for num_threads(parts) schedule(static, 1)
-  for (int p = 0; p < parts; ++p) {
-    int64_t r0, r1;
-    split_rows(rows, parts, p, &r0, &r1);
+  parallel_parts(rows, parts, [&](int, int64_t r0, int64_t r1) {
     switch (a.x_dt) {
       case kF32: update_f32(a, r0, r1); break;
       case kF64: update_f64(a, r0, r1); break;
       case kF16: update_f16(a, r0, r1); break;
       default: update_bf16(a, r0, r1); break;
     }
-  }
+  });
 }
 
 }  // namespace cpu

@@ -199,6 +199,32 @@ FL_INLINE void split_rows(int64_t M, int parts, int t, int64_t* r0, int64_t* r1)
   *r1 = *r0 + base + (t < rem ? 1 : 0);
 }
 
+// Splits `rows` into `parts` contiguous blocks, one per OpenMP thread (a runtime that grants
+// fewer threads than asked still covers every part), and calls fn(part, r0, r1) for each
+// non-empty block, or for every block when `empty_too` (a part that must write its row of
+// per-part partial sums even when it has no rows).
+template <typename F>
+void parallel_parts(int64_t rows, int parts, F&& fn, bool empty_too = false) {
+#pragma omp parallel for num_threads(parts) schedule(static, 1)
+  for (int p = 0; p < parts; ++p) {
+    int64_t r0, r1;
+    split_rows(rows, parts, p, &r0, &r1);
+    if (r0 < r1 || empty_too) fn(p, r0, r1);
+  }
+}
+
+// parallel_parts over a kernel pair kern(args, r0, r1, ws): the double one when f64, else the
+// float one; part p's workspace is `per` accumulators from p * per.
+template <typename Args, typename F32, typename F64>
+void run_rows(const Args& a, int64_t rows, bool f64, void* workspace, int64_t per, int parts, F32 f32, F64 f64fn) {
+  parallel_parts(rows, parts, [&](int p, int64_t r0, int64_t r1) {
+    if (f64)
+      f64fn(a, r0, r1, static_cast<double*>(workspace) + per * p);
+    else
+      f32(a, r0, r1, static_cast<float*>(workspace) + per * p);
+  });
+}
+
 // exp(x) in float from arithmetic and bit operations only, so that `omp simd`
 // loops vectorise (libm's expf does not without -ffast-math; the selects need
 // -fno-trapping-math, set for the whole module): Cody-Waite range reduction and

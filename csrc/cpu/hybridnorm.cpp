@@ -160,17 +160,14 @@ FL_ENTRY(swi_bwd, SwigluArgs, FL_SWI_BWD(float), FL_SWI_BWD(double))
 template <typename Args, typename F32, typename F64>
 static void run_parts(const Args& a, int64_t rows, int64_t width, bool f64, void* workspace, void* dw_part,
                       int parts, F32 f32, F64 f64fn) {
-#pragma omp parallel for num_threads(parts) schedule(static, 1)
-  for (int p = 0; p < parts; ++p) {
-    int64_t r0, r1;
-    split_rows(rows, parts, p, &r0, &r1);
+  parallel_parts(rows, parts, [&](int p, int64_t r0, int64_t r1) {
     if (f64)
       f64fn(a, r0, r1, static_cast<double*>(workspace) + 4 * width * p,
             dw_part ? static_cast<double*>(dw_part) + width * p : nullptr);
     else
       f32(a, r0, r1, static_cast<float*>(workspace) + 4 * width * p,
           dw_part ? static_cast<float*>(dw_part) + width * p : nullptr);
-  }
+  }, /*empty_too=*/true);
 }
 
 void head_norm_rope_fwd(const HeadNormRopeArgs& a, void* workspace, int parts) {

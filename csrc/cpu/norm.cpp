@@ -128,27 +128,14 @@ FL_CLONES void bwd_rows_f64(const NormBwdArgs& a, int64_t r0, int64_t r1, double
 // than asked still covers every part.
 void norm_fwd(const NormFwdArgs& a, void* workspace, int parts) {
   if (a.M == 0 || a.N == 0) return;
-  const bool f64 = a.x_dt == kF64;
-#pragma omp parallel for num_threads(parts) schedule(static, 1)
-  for (int p = 0; p < parts; ++p) {
-    int64_t r0, r1;
-    split_rows(a.M, parts, p, &r0, &r1);
-    if (r0 == r1) continue;
-    if (f64)
-      fwd_rows_f64(a, r0, r1, static_cast<double*>(workspace) + 4 * a.N * p);
-    else
-      fwd_rows_f32(a, r0, r1, static_cast<float*>(workspace) + 4 * a.N * p);
-  }
+  run_rows(a, a.M, a.x_dt == kF64, workspace, 4 * a.N, parts, fwd_rows_f32, fwd_rows_f64);
 }
 
 // Every part writes its row of dw_part/db_part (zeros for an empty block).
 void norm_bwd(const NormBwdArgs& a, void* workspace, int parts) {
   if (a.N == 0) return;
   const bool f64 = a.x_dt == kF64;
-#pragma omp parallel for num_threads(parts) schedule(static, 1)
-  for (int p = 0; p < parts; ++p) {
-    int64_t r0, r1;
-    split_rows(a.M, parts, p, &r0, &r1);
+  parallel_parts(a.M, parts, [&](int p, int64_t r0, int64_t r1) {
     if (f64) {
       double* db = a.db_part ? static_cast<double*>(a.db_part) + a.N * p : nullptr;
       bwd_rows_f64(a, r0, r1, static_cast<double*>(workspace) + 4 * a.N * p,
@@ -158,7 +145,7 @@ void norm_bwd(const NormBwdArgs& a, void* workspace, int parts) {
       bwd_rows_f32(a, r0, r1, static_cast<float*>(workspace) + 4 * a.N * p,
                    static_cast<float*>(a.dw_part) + a.N * p, db);
     }
-  }
+  }, /*empty_too=*/true);
 }
 
 }  // namespace cpu

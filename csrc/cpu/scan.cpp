@@ -89,17 +89,7 @@ FL_CLONES void state_update_f64(const StateUpdateArgs& a, int64_t r0, int64_t r1
 void selective_state_update(const StateUpdateArgs& a, void* workspace, int parts) {
   const int64_t rows = a.batch * a.H * a.P;
   if (rows == 0) return;
-  const bool f64 = a.state.dt == kF64;
-#pragma omp parallel for num_threads(parts) schedule(static, 1)
-  for (int t = 0; t < parts; ++t) {
-    int64_t r0, r1;
-    split_rows(rows, parts, t, &r0, &r1);
-    if (r0 == r1) continue;
-    if (f64)
-      state_update_f64(a, r0, r1, static_cast<double*>(workspace) + 4 * a.N * t);
-    else
-      state_update_f32(a, r0, r1, static_cast<float*>(workspace) + 4 * a.N * t);
-  }
+  run_rows(a, rows, a.state.dt == kF64, workspace, 4 * a.N, parts, state_update_f32, state_update_f64);
 }
 
 // ============================================================================ selective scan
@@ -359,33 +349,19 @@ int64_t selective_scan_workspace(int64_t L, int64_t N, bool backward) {
 void selective_scan_fwd(const SelectiveScanArgs& a, void* workspace, int parts) {
   const int64_t rows = a.batch * a.dim, per = scan_fwd_ws(a.L, a.N);
   if (rows == 0 || a.L == 0) return;
-  const bool f64 = a.u.dt == kF64;
-#pragma omp parallel for num_threads(parts) schedule(static, 1)
-  for (int t = 0; t < parts; ++t) {
-    int64_t r0, r1;
-    split_rows(rows, parts, t, &r0, &r1);
-    if (r0 == r1) continue;
-    if (f64)
-      scan_fwd_f64(a, r0, r1, static_cast<double*>(workspace) + per * t);
-    else
-      scan_fwd_f32(a, r0, r1, static_cast<float*>(workspace) + per * t);
-  }
+  run_rows(a, rows, a.u.dt == kF64, workspace, per, parts, scan_fwd_f32, scan_fwd_f64);
 }
 
 void selective_scan_bwd(const SelectiveScanArgs& a, void* workspace, int parts) {
   const int64_t rows = a.batch * a.dim, per = scan_bwd_ws(a.L, a.N);
   if (rows == 0 || a.L == 0) return;
   const bool f64 = a.u.dt == kF64;
-#pragma omp parallel for num_threads(parts) schedule(static, 1)
-  for (int t = 0; t < parts; ++t) {
-    int64_t r0, r1;
-    split_rows(rows, parts, t, &r0, &r1);
-    if (r0 == r1) continue;
+  parallel_parts(rows, parts, [&](int t, int64_t r0, int64_t r1) {
     if (f64)
       scan_bwd_f64(a, t, r0, r1, static_cast<double*>(workspace) + per * t);
     else
       scan_bwd_f32(a, t, r0, r1, static_cast<float*>(workspace) + per * t);
-  }
+  });
 }
 
 }  // namespace cpu

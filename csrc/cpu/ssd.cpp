@@ -337,33 +337,19 @@ int64_t ssd_scan_workspace(int64_t L, int64_t P, int64_t N, bool backward) {
 void ssd_scan_fwd(const SsdScanArgs& a, void* workspace, int parts) {
   const int64_t items = a.batch * a.H, per = ssd_scan_workspace(a.L, a.P, a.N, false);
   if (items == 0 || a.P == 0) return;
-  const bool f64 = a.x.dt == kF64;
-#pragma omp parallel for num_threads(parts) schedule(static, 1)
-  for (int t = 0; t < parts; ++t) {
-    int64_t r0, r1;
-    split_rows(items, parts, t, &r0, &r1);
-    if (r0 == r1) continue;
-    if (f64)
-      fwd_f64(a, r0, r1, static_cast<double*>(workspace) + per * t);
-    else
-      fwd_f32(a, r0, r1, static_cast<float*>(workspace) + per * t);
-  }
+  run_rows(a, items, a.x.dt == kF64, workspace, per, parts, fwd_f32, fwd_f64);
 }
 
 void ssd_scan_bwd(const SsdScanArgs& a, void* workspace, int parts) {
   const int64_t items = a.batch * a.H, per = ssd_scan_workspace(a.L, a.P, a.N, true);
   if (items == 0 || a.P == 0) return;
   const bool f64 = a.x.dt == kF64;
-#pragma omp parallel for num_threads(parts) schedule(static, 1)
-  for (int t = 0; t < parts; ++t) {
-    int64_t r0, r1;
-    split_rows(items, parts, t, &r0, &r1);
-    if (r0 == r1) continue;
+  parallel_parts(items, parts, [&](int t, int64_t r0, int64_t r1) {
     if (f64)
       bwd_f64(a, t, r0, r1, static_cast<double*>(workspace) + per * t);
     else
       bwd_f32(a, t, r0, r1, static_cast<float*>(workspace) + per * t);
-  }
+  });
 }
 
 }  // namespace cpu
