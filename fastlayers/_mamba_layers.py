@@ -114,6 +114,16 @@ class _CacheMixin:
             raise ValueError(f"{cls}: cache is on {cache.conv_state.device} but x is on {x.device}")
 
 
+def _set_sizes(layer, cls, d_model, d_state, d_conv, expand):
+    """The sizes both blocks share, checked: d_model, d_state, d_conv (2-4, the conv kernels' widths), expand."""
+    layer.d_model = _positive_int(cls, "d_model", d_model)
+    layer.d_state = _positive_int(cls, "d_state", d_state)
+    layer.d_conv = _positive_int(cls, "d_conv", d_conv)
+    if not 2 <= d_conv <= 4:
+        raise ValueError(f"{cls}: d_conv must be 2, 3 or 4 (the causal_conv1d kernels); got {d_conv}")
+    layer.expand = _positive_int(cls, "expand", expand)
+
+
 class MambaBase(_CacheMixin, nn.Module):
     """Mamba-1 block parameters (mamba_ssm names and shapes, see the module docstring)."""
 
@@ -121,12 +131,7 @@ class MambaBase(_CacheMixin, nn.Module):
                  conv_bias=True, bias=False, device=None, dtype=None):
         super().__init__()
         cls = type(self).__name__
-        self.d_model = _positive_int(cls, "d_model", d_model)
-        self.d_state = _positive_int(cls, "d_state", d_state)
-        self.d_conv = _positive_int(cls, "d_conv", d_conv)
-        if not 2 <= d_conv <= 4:
-            raise ValueError(f"{cls}: d_conv must be 2, 3 or 4 (the causal_conv1d kernels); got {d_conv}")
-        self.expand = _positive_int(cls, "expand", expand)
+        _set_sizes(self, cls, d_model, d_state, d_conv, expand)
         self.d_inner = expand * d_model
         if dt_rank == "auto":
             dt_rank = math.ceil(d_model / 16)
@@ -183,12 +188,7 @@ class Mamba2Base(_CacheMixin, nn.Module):
                  bias=False, norm_before_gate=False, device=None, dtype=None, *, d_inner=None):
         super().__init__()
         cls = type(self).__name__
-        self.d_model = _positive_int(cls, "d_model", d_model)
-        self.d_state = _positive_int(cls, "d_state", d_state)
-        self.d_conv = _positive_int(cls, "d_conv", d_conv)
-        if not 2 <= d_conv <= 4:
-            raise ValueError(f"{cls}: d_conv must be 2, 3 or 4 (the causal_conv1d kernels); got {d_conv}")
-        self.expand = _positive_int(cls, "expand", expand)
+        _set_sizes(self, cls, d_model, d_state, d_conv, expand)
         self.d_inner = expand * d_model if d_inner is None else _positive_int(cls, "d_inner", d_inner)
         self.headdim = _positive_int(cls, "headdim", headdim)
         self.ngroups = _positive_int(cls, "ngroups", ngroups)
