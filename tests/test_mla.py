@@ -126,6 +126,22 @@ def test_mla_decode_bad_input(mutate, match, monkeypatch):
         fastlayers.mla_decode(**args)
 
 
+def test_mla_decode_block_table_bounds():
+    """Only the blocks a sequence uses are checked: unused entries may hold anything (-1 padding), a bad
+    used entry is named by its row."""
+    q, kv, bt, lens = _case(2, 1, 4, 64, 32, 16, [40, 17], torch.float32, "cpu", 9)
+    with torch.no_grad(), fastlayers.use_backend("reference"):
+        want, _ = fastlayers.mla_decode(q, kv, bt, lens, 64)
+    padded = torch.cat([bt, torch.full((2, 3), -1, dtype=torch.int32)], 1)
+    padded[1, 2:] = 10 ** 6  # row 1 uses 2 blocks of 16 for 17 tokens
+    with torch.no_grad():
+        out, _ = fastlayers.mla_decode(q, kv, padded, lens, 64)
+    torch.testing.assert_close(out, want)
+    padded[1, 1] = -3
+    with pytest.raises(ValueError, match="block_table row 1 points outside"):
+        fastlayers.mla_decode(q, kv, padded, lens, 64)
+
+
 # ----------------------------------------------------------------------------- the CPU kernels
 def _cpu_kernels():
     from fastlayers.backends import cpu as cpu_backend

@@ -65,11 +65,12 @@ def _check(op, q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scal
         raise ValueError(f"fastlayers.{op}: sequence {i} has {hi} cached tokens but block_table holds "
                          f"{block_table.shape[1]} blocks x {page} = {cap} tokens")
     if block_table.device.type == "cpu":  # on a GPU this would cost a copy per call; the cache checks it
-        for i in range(b):
-            used = block_table[i, : (int(lens[i]) + page - 1) // page]
-            if used.numel() and (int(used.min()) < 0 or int(used.max()) >= kv_cache.shape[0]):
-                raise ValueError(f"fastlayers.{op}: block_table row {i} points outside the cache's "
-                                 f"{kv_cache.shape[0]} blocks")
+        # The entries each sequence uses (its first ceil(len / page) blocks), all rows at once.
+        used = torch.arange(block_table.shape[1])[None, :] < ((lens + page - 1) // page)[:, None]
+        bad = used & ((block_table < 0) | (block_table >= kv_cache.shape[0]))
+        if bad.any():
+            raise ValueError(f"fastlayers.{op}: block_table row {int(bad.any(1).nonzero()[0])} points outside "
+                             f"the cache's {kv_cache.shape[0]} blocks")
     return hi
 
 
