@@ -32,12 +32,13 @@ except ImportError as e:  # pragma: no cover - reported by available_backends()
 
 if IMPORT_ERROR is None:
     @triton.jit
-    def _ssd_fwd_kernel(X, DT, A, B, C, D, Z, INIT, RESET, OUT, FINAL,
+    def _ssd_fwd_kernel(X, DT, A, B, C, D, Z, INIT, RESET, OUT, FINAL, STATES,
                         x_s0, x_s1, x_s2, x_s3, z_s0, z_s1, z_s2, z_s3, o_s0, o_s1, o_s2, o_s3,
                         d_s0, d_s1, i_s0, i_s1, i_s2, i_s3,
                         L, H, P, N, G, heads_per_group,
                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_INIT: tl.constexpr, HAS_RESET: tl.constexpr,
-                        PREC: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                        STORE_STATES: tl.constexpr, PREC: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         b = pid // H
         h = pid % H
@@ -56,7 +57,11 @@ if IMPORT_ERROR is None:
         if HAS_D:
             Dv = tl.load(D + h * d_s0 + pp * d_s1, mask=p_ok, other=0.0).to(tl.float32)
         causal = qq[:, None] >= qq[None, :]
+        NC = (L + CHUNK - 1) // CHUNK
         for t0 in range(0, L, CHUNK):
+            if STORE_STATES:  # the state entering each chunk, (b, h, chunk, p, n) fp32, for the backward
+                st_off = ((pid * NC + t0 // CHUNK) * P + pp[:, None]) * N + nn[None, :]
+                tl.store(STATES + st_off, S, mask=pn_ok)
             t = t0 + qq
             t_ok = t < L
             dt = tl.load(DT + (b * L + t) * H + h, mask=t_ok, other=0.0).to(tl.float32)
@@ -103,6 +108,130 @@ if IMPORT_ERROR is None:
         tl.store(FINAL + ((b * H + h) * P + pp[:, None]) * N + nn[None, :], S, mask=pn_ok)
 
 
+    @triton.jit
+    def _ssd_bwd_kernel(X, DT, A, B, C, D, Z, DOUT, YPRE, STATES, DFINAL, RESET,
+                        DX, DZ, DDT, DB, DC, DD, DA, DINIT,
+                        x_s0, x_s1, x_s2, x_s3, z_s0, z_s1, z_s2, z_s3, g_s0, g_s1, g_s2, g_s3, d_s0, d_s1,
+                        NB, L, H, P, N, G, heads_per_group,
+                        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DFINAL: tl.constexpr,
+                        HAS_INIT: tl.constexpr, HAS_RESET: tl.constexpr, PREC: tl.constexpr, CHUNK: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One program per (batch, head, block of BLOCK_P channels), walking the chunks in reverse with the
+        state gradient dS (BLOCK_P x N, the gradient of the state leaving the chunk) in registers."""
+        pid = tl.program_id(0).to(tl.int64)
+        pb = tl.program_id(1).to(tl.int64)
+        b = pid // H
+        h = pid % H
+        g = h // heads_per_group
+        pp = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+        nn = tl.arange(0, BLOCK_N)
+        qq = tl.arange(0, CHUNK)
+        p_ok, n_ok = pp < P, nn < N
+        pn_ok = p_ok[:, None] & n_ok[None, :]
+        a_h = tl.load(A + h).to(tl.float32)
+        if HAS_DFINAL:
+            dS = tl.load(DFINAL + ((b * H + h) * P + pp[:, None]) * N + nn[None, :], mask=pn_ok,
+                         other=0.0).to(tl.float32)
+        else:
+            dS = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+        if HAS_D:
+            Dv = tl.load(D + h * d_s0 + pp * d_s1, mask=p_ok, other=0.0).to(tl.float32)
+            dD = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        dA_acc = tl.sum(tl.zeros((CHUNK,), dtype=tl.float32), axis=0)
+        causal = qq[:, None] >= qq[None, :]
+        NC = (L + CHUNK - 1) // CHUNK
+        for ci in range(0, NC):
+            c = NC - 1 - ci
+            t = c * CHUNK + qq
+            t_ok = t < L
+            dt = tl.load(DT + (b * L + t) * H + h, mask=t_ok, other=0.0).to(tl.float32)
+            cs = tl.cumsum(dt * a_h, axis=0)
+            cs_last = tl.sum(dt * a_h, axis=0)
+            if HAS_RESET:
+                rs = tl.load(RESET + b * L + t, mask=t_ok, other=0).to(tl.int32)
+                r = tl.cumsum(rs, axis=0)
+                r_last = tl.sum(rs, axis=0)
+                pair_ok = causal & (r[:, None] == r[None, :])
+                carry_in = r == 0
+                to_last = r == r_last
+                carry_out = r_last == 0
+            else:
+                pair_ok = causal
+                carry_in = qq >= 0
+                to_last = qq >= 0
+                carry_out = True
+            tp_ok = t_ok[:, None] & p_ok[None, :]
+            tn_ok = t_ok[:, None] & n_ok[None, :]
+            x = tl.load(X + b * x_s0 + t[:, None] * x_s1 + h * x_s2 + pp[None, :] * x_s3, mask=tp_ok,
+                        other=0.0).to(tl.float32)                                              # (Q, BP)
+            dy = tl.load(DOUT + b * g_s0 + t[:, None] * g_s1 + h * g_s2 + pp[None, :] * g_s3, mask=tp_ok,
+                         other=0.0).to(tl.float32)
+            # dx, dz, y_pre: (b, l, h, p) contiguous
+            o_off = ((b * L + t[:, None]) * H + h) * P + pp[None, :]
+            if HAS_Z:
+                zv = tl.load(Z + b * z_s0 + t[:, None] * z_s1 + h * z_s2 + pp[None, :] * z_s3, mask=tp_ok,
+                             other=0.0).to(tl.float32)
+                sig = 1.0 / (1.0 + tl.exp(-zv))
+                yp = tl.load(YPRE + o_off, mask=tp_ok, other=0.0)
+                _store_out(DZ + o_off, dy * yp * sig * (1.0 + zv * (1.0 - sig)), tp_ok)
+                dy = dy * zv * sig
+            bc_off = ((b * L + t[:, None]) * G + g) * N + nn[None, :]
+            Bm = tl.load(B + bc_off, mask=tn_ok, other=0.0).to(tl.float32)                     # (Q, BN)
+            Cm = tl.load(C + bc_off, mask=tn_ok, other=0.0).to(tl.float32)
+            S = tl.load(STATES + ((pid * NC + c) * P + pp[:, None]) * N + nn[None, :], mask=pn_ok,
+                        other=0.0)                                                             # (BP, BN)
+            # intra-chunk: y_i = sum_j Lm_ij CB_ij dt_j x_j
+            CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)                                # (Q, Q)
+            Lm = tl.where(pair_ok, tl.exp(tl.where(pair_ok, cs[:, None] - cs[None, :], 0.0)), 0.0)
+            LCB = Lm * CB
+            dM = tl.dot(dy, tl.trans(x), input_precision=PREC)                                 # (Q, Q)
+            dx = tl.dot(tl.trans(LCB * dt[None, :]), dy, input_precision=PREC)                 # (Q, BP)
+            dCB = dM * Lm * dt[None, :]
+            dC = tl.dot(dCB, Bm, input_precision=PREC)                                         # (Q, BN)
+            dB = tl.dot(tl.trans(dCB), Cm, input_precision=PREC)
+            dMLCB = dM * LCB
+            ddt = tl.sum(dMLCB, axis=0)
+            dseg = dMLCB * dt[None, :]
+            dcs = tl.sum(dseg, axis=1) - tl.sum(dseg, axis=0)
+            # carried state: y_i += w_in_i C_i S^T
+            w_in = tl.where(carry_in, tl.exp(cs), 0.0)
+            dyS = tl.dot(dy, S, input_precision=PREC)                                          # (Q, BN)
+            dC += w_in[:, None] * dyS
+            dcs += w_in * tl.sum(dyS * Cm, axis=1)
+            # chunk state: S_out = decay S + sum_j w_out_j dt_j x_j B_j^T
+            w_out = tl.where(to_last, tl.exp(cs_last - cs), 0.0)
+            decay = tl.where(carry_out, tl.exp(cs_last), 0.0)
+            BdS = tl.dot(Bm, tl.trans(dS), input_precision=PREC)                               # (Q, BP)
+            xdS = tl.dot(x, dS, input_precision=PREC)                                          # (Q, BN)
+            dx += (w_out * dt)[:, None] * BdS
+            dB += (w_out * dt)[:, None] * xdS
+            xdSB = tl.sum(xdS * Bm, axis=1)                                                    # (Q,)
+            ddt += w_out * xdSB
+            dwo = w_out * dt * xdSB
+            dcs -= dwo
+            dcs_last = tl.sum(dwo, axis=0) + decay * tl.sum(tl.sum(dS * S, axis=1), axis=0)
+            dS = decay * dS + tl.dot(tl.trans(dy * w_in[:, None]), Cm, input_precision=PREC)
+            # cs = cumsum(dt a): d(dt_k a) = sum_{i >= k} dcs_i (+ dcs_last for every k)
+            ddA = tl.sum(dcs, axis=0) - tl.cumsum(dcs, axis=0) + dcs + dcs_last
+            ddt += a_h * ddA
+            dA_acc += tl.sum(tl.where(t_ok, ddA * dt, 0.0), axis=0)
+            if HAS_D:
+                dx += Dv[None, :] * dy
+                dD += tl.sum(dy * x, axis=0)
+            _store_out(DX + o_off, dx, tp_ok)
+            # per-(p block, head) partial sums, (n_pb, b, l, h[, n]) fp32
+            part = (pb * NB + b) * L + t
+            tl.store(DDT + part * H + h, ddt, mask=t_ok)
+            bn_off = ((part[:, None]) * H + h) * N + nn[None, :]
+            tl.store(DB + bn_off, dB, mask=tn_ok)
+            tl.store(DC + bn_off, dC, mask=tn_ok)
+        tl.store(DA + (pb * NB + b) * H + h, dA_acc)
+        if HAS_D:
+            tl.store(DD + (b * H + h) * P + pp, dD, mask=p_ok)
+        if HAS_INIT:
+            tl.store(DINIT + ((b * H + h) * P + pp[:, None]) * N + nn[None, :], dS, mask=pn_ok)
+
+
 def _st(t, k):
     return (0,) * k if t is None else tuple(t.stride())[:k]
 
@@ -123,24 +252,25 @@ def _ssd_config(P, N, chunk_size, dtype):
     return chunk, block_p, block_n, num_warps, prec
 
 
-def ssd_scan_fwd(x, dt, A, B, C, D, z, init, reset, out, final, chunk_size):
+def ssd_scan_fwd(x, dt, A, B, C, D, z, init, reset, out, final, chunk_size, states=None, config=None):
     """Contract as the cpu backend's (ops/ssd.py): dt, A, B, C fp32 contiguous; final (b, h, p, n) fp32
-    contiguous (always written)."""
+    contiguous (always written). ``states`` (b, h, n_chunks, p, n) fp32 contiguous or None: where given, the
+    state entering each chunk is stored there (the backward's recompute; ``config`` is then its tiling)."""
     assert x.dtype != torch.float64, "the triton backend does not support float64"
     b, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     if b * H * P == 0:
         return
-    chunk, block_p, block_n, num_warps, prec = _ssd_config(P, N, chunk_size, x.dtype)
+    chunk, block_p, block_n, num_warps, prec = config or _ssd_config(P, N, chunk_size, x.dtype)
     rst = None if reset is None else reset.to(torch.int64).contiguous()
-    args = (x, dt, A, B, C, D, z, init, rst, out, final, *_st(x, 4), *_st(z, 4), *_st(out, 4), *_st(D, 2),
-            *_st(init, 4), L, H, P, N, G, H // G)
+    args = (x, dt, A, B, C, D, z, init, rst, out, final, states, *_st(x, 4), *_st(z, 4), *_st(out, 4),
+            *_st(D, 2), *_st(init, 4), L, H, P, N, G, H // G)
     meta = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_INIT=init is not None, HAS_RESET=rst is not None,
-                PREC=prec, CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=block_n)
+                STORE_STATES=states is not None, PREC=prec, CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=block_n)
     _launch(_ssd_fwd_kernel, (b * H, triton.cdiv(P, block_p)), x.device, args, meta, num_warps)
 
 
-# ----------------------------------------------------------------------------- backward (pure PyTorch)
+# ----------------------------------------------------------------------------- backward fallback (PyTorch)
 def chunked_torch(x, dt, A, B, C, D, z, init, reset, chunk):
     """The chunked SSD algorithm in PyTorch (fp32), differentiable: (out in fp32, final state).
 
@@ -194,8 +324,9 @@ def chunked_torch(x, dt, A, B, C, D, z, init, reset, chunk):
     return y, S
 
 
-def ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size):
-    """[dx, ddt, dA, dB, dC, dD, dz, dinit] (None for absent inputs), by autograd through chunked_torch."""
+def ssd_scan_bwd_torch(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size):
+    """[dx, ddt, dA, dB, dC, dD, dz, dinit] (None for absent inputs), by autograd through chunked_torch (the
+    fallback, ``SSD_BWD = "torch"``)."""
     ins = [x, dt, A, B, C, D, z, init]
     leaves = [None if t is None else t.detach().requires_grad_(True) for t in ins]
     with torch.enable_grad():
@@ -215,6 +346,68 @@ def ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size):
             gr = next(it)
             res.append(torch.zeros_like(t) if gr is None else gr.to(t.dtype))
     return res
+
+
+# ----------------------------------------------------------------------------- backward (Triton)
+# The backward of the triton ssd_scan: "triton" (the kernels below) or "torch" (autograd through
+# chunked_torch; tests set this to compare the two).
+SSD_BWD = "triton"
+
+
+def _ssd_bwd_config(P, N, chunk_size, dtype):
+    """(CHUNK, BLOCK_P, BLOCK_N, num_warps, precision) of the backward: CHUNK <= 32 (it holds six
+    CHUNK x CHUNK and six CHUNK x BLOCK_N fp32 tiles)."""
+    block_n = max(16, _next_pow2(N))
+    block_p = max(16, min(_next_pow2(P), 32))
+    chunk = _chunk(chunk_size, 32)
+    num_warps = 4 if block_n * max(block_p, chunk) <= 2048 else 8
+    prec = "ieee" if dtype == torch.float32 else "tf32"
+    return chunk, block_p, block_n, num_warps, prec
+
+
+def ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size):
+    """[dx, ddt, dA, dB, dC, dD, dz, dinit] (None for absent inputs): gradients of the Function's inputs
+    (dt the processed fp32 dt; D the (h, p) view; dt_bias / softplus / dt_limit / D (h,) are differentiated
+    by autograd outside, in ops/ssd.py).
+
+    Two Triton launches: the forward kernel again (``STORE_STATES``: the state entering each chunk, and
+    the output before the z gate, both fp32), then ``_ssd_bwd_kernel`` (the reverse chunk walk: every
+    gradient, in fp32). The only PyTorch left is summing fp32 partials: over blocks of head channels (dt,
+    A, B, C), over the heads of a group (B, C) and over the batch (A, D).
+    """
+    if SSD_BWD == "torch":
+        return ssd_scan_bwd_torch(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size)
+    assert x.dtype != torch.float64, "the triton backend does not support float64"
+    f32, dev = torch.float32, x.device
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    cfg = _ssd_bwd_config(P, N, chunk_size, x.dtype)
+    chunk, block_p, block_n, num_warps, prec = cfg
+    nc, npb = triton.cdiv(L, chunk), triton.cdiv(P, block_p)
+    states = torch.empty(b, H, nc, P, N, dtype=f32, device=dev)
+    ypre = torch.empty(b, L, H, P, dtype=f32, device=dev)
+    final = torch.empty(b, H, P, N, dtype=f32, device=dev)
+    ssd_scan_fwd(x, dt, A, B, C, D, None, init, reset, ypre, final, chunk_size, states=states, config=cfg)
+    dx = torch.empty(b, L, H, P, dtype=x.dtype, device=dev)
+    dz = None if z is None else torch.empty(b, L, H, P, dtype=z.dtype, device=dev)
+    ddt_p = torch.empty(npb, b, L, H, dtype=f32, device=dev)
+    dB_p = torch.empty(npb, b, L, H, N, dtype=f32, device=dev)
+    dC_p = torch.empty(npb, b, L, H, N, dtype=f32, device=dev)
+    dA_p = torch.empty(npb, b, H, dtype=f32, device=dev)
+    dD_p = None if D is None else torch.empty(b, H, P, dtype=f32, device=dev)
+    dinit = None if init is None else torch.empty(b, H, P, N, dtype=f32, device=dev)
+    dfin = None if dfinal is None else dfinal.to(f32).contiguous()
+    rst = None if reset is None else reset.to(torch.int64).contiguous()
+    args = (x, dt, A, B, C, D, z, dout, ypre, states, dfin, rst, dx, dz, ddt_p, dB_p, dC_p, dD_p, dA_p, dinit,
+            *_st(x, 4), *_st(z, 4), *_st(dout, 4), *_st(D, 2), b, L, H, P, N, G, H // G)
+    meta = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DFINAL=dfin is not None, HAS_INIT=init is not None,
+                HAS_RESET=rst is not None, PREC=prec, CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=block_n)
+    _launch(_ssd_bwd_kernel, (b * H, npb), dev, args, meta, num_warps)
+    per = H // G
+    dB = dB_p.sum(0).view(b, L, G, per, N).sum(3)
+    dC = dC_p.sum(0).view(b, L, G, per, N).sum(3)
+    return [dx, ddt_p.sum(0), dA_p.sum((0, 1)).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+            None if D is None else dD_p.sum(0).to(D.dtype), dz, None if init is None else dinit.to(init.dtype)]
 
 
 from .triton import _launch, _next_pow2  # noqa: E402,F401
