@@ -14,10 +14,33 @@ in [16, 64] (registers); dt, A, B, C arrive as fp32 (ops/ssd.py makes the copies
 initial_states any float dtype and strides. Every load is upcast to fp32; matrix products run in IEEE
 fp32 for fp32 x, TF32 for fp16/bf16 x (within their tolerance).
 
-Backward: **not a Triton kernel**. ``ssd_scan_bwd`` differentiates ``chunked_torch``, the same chunked
-algorithm written in pure PyTorch (vectorised over chunks, a Python loop over chunks for the state
-passing), with torch.autograd. It is correct (tested against the reference) but slow and memory-hungry
-(O(L * CHUNK * nheads) for the decay matrices).
+Backward (``ssd_scan_bwd``), two Triton launches and a few PyTorch sums:
+
+1. the forward kernel again with ``STORE_STATES``: the state entering each chunk, (b, h, n_chunks, p, n)
+   fp32 (O(L / CHUNK) memory), and the output before the z gate (fp32, for dz);
+2. ``_ssd_bwd_kernel``, one program per (batch, head, block of BLOCK_P channels), walking the chunks in
+   REVERSE with dS (the gradient of the state leaving the chunk, BLOCK_P x N) in registers. Per chunk,
+   with dy = dout silu(z) (dz = dout y silu'(z)), M = [j <= i, same segment] exp(cs_i - cs_j) C_i.B_j dt_j:
+
+     intra-chunk:   dx = M^T dy,  dM = dy x^T,  dC = (dM ∘ L dt) B,  dB = (dM ∘ L dt)^T C,
+                    ddt_j += sum_i dM_ij L_ij C_i.B_j,  dcs from dM ∘ M (row sums - column sums)
+     carried state: dC += exp(cs_i) dy S,  dS_in = decay dS + (exp(cs) dy)^T C,  dcs_i from dy.(C S^T)
+     chunk state:   dx += exp(cs_last - cs) dt (B dS^T),  dB += exp(cs_last - cs) dt (x dS),
+                    ddt, dcs and dcs_last from x dS B^T; dcs_last += decay <dS, S>
+     then d(dt A) = reverse cumsum of dcs + dcs_last:  ddt += A d(dt A),  dA += sum dt d(dt A);
+     plus dx += D dy, dD += sum dy x; dinit = dS after the first chunk.
+
+   ``seq_idx`` restarts use the forward's masks (no gradient crosses a restart). Nine tl.dot per chunk,
+   all fp32 accumulation (IEEE for fp32 x, TF32 for 16-bit x). CHUNK <= 32 (register tiles).
+3. PyTorch sums of the kernel's fp32 partials: ddt, dA, dB, dC per block of head channels, dB, dC per
+   head (summed over the heads of a group: (n_pblocks, b, l, h, n) fp32 scratch, h/g times dB's size;
+   a known cost for g << h), dA, dD per batch row.
+
+The gradients of dt_bias, softplus, the dt_limit clamp, D of shape (h,) and the fp32 copies of dt, A,
+B, C are autograd on the torch ops in ops/ssd.py, exactly as for the cpu backend.
+
+Fallback: ``SSD_BWD = "torch"`` differentiates ``chunked_torch``, the same chunked algorithm in pure
+PyTorch, with torch.autograd (correct, slow, O(L * CHUNK * nheads) memory); the tests compare the two.
 """
 import torch
 
@@ -416,34 +439,64 @@ if IMPORT_ERROR is None:
 
 
 # ----------------------------------------------------------------------------- ahead-of-time compile
-_SSD_ARGS = ("X", "DT", "A", "B", "C", "D", "Z", "INIT", "RESET", "OUT", "FINAL",
+_SSD_ARGS = ("X", "DT", "A", "B", "C", "D", "Z", "INIT", "RESET", "OUT", "FINAL", "STATES",
              "x_s0", "x_s1", "x_s2", "x_s3", "z_s0", "z_s1", "z_s2", "z_s3", "o_s0", "o_s1", "o_s2", "o_s3",
              "d_s0", "d_s1", "i_s0", "i_s1", "i_s2", "i_s3", "L", "H", "P", "N", "G", "heads_per_group")
 
 
-def _ssd_variant(xdt, batch, L, H, P, N, G, chunk_size=256, opts=True):
-    chunk, bp, bn, nw, prec = _ssd_config(P, N, chunk_size, xdt)
+def _ssd_variant(xdt, batch, L, H, P, N, G, chunk_size=256, opts=True, states=False):
+    """``states``: the backward's recompute (STORE_STATES, fp32 out, no z, the backward's tiling)."""
+    chunk, bp, bn, nw, prec = (_ssd_bwd_config if states else _ssd_config)(P, N, chunk_size, xdt)
     f32 = torch.float32
-    tensors = dict(X=xdt, DT=f32, A=f32, B=f32, C=f32, D=f32 if opts else None, Z=xdt if opts else None,
-                   INIT=f32 if opts else None, RESET=torch.int64 if opts else None, OUT=xdt, FINAL=f32)
+    tensors = dict(X=xdt, DT=f32, A=f32, B=f32, C=f32, D=f32 if opts else None,
+                   Z=xdt if opts and not states else None, INIT=f32 if opts else None,
+                   RESET=torch.int64 if opts else None, OUT=f32 if states else xdt, FINAL=f32,
+                   STATES=f32 if states else None)
     xs = dict(zip(("s0", "s1", "s2", "s3"), (L * H * P, H * P, P, 1)))
     ints = {**{f"x_{k}": v for k, v in xs.items()}, **{f"z_{k}": v for k, v in xs.items()},
             **{f"o_{k}": v for k, v in xs.items()}, "d_s0": 1, "d_s1": 0,
             "i_s0": H * P * N, "i_s1": P * N, "i_s2": N, "i_s3": 1, "L": L, "H": H, "P": P, "N": N, "G": G,
             "heads_per_group": H // G}
-    meta = dict(HAS_D=opts, HAS_Z=opts, HAS_INIT=opts, HAS_RESET=opts, PREC=prec, CHUNK=chunk, BLOCK_P=bp,
-                BLOCK_N=bn)
+    meta = dict(HAS_D=opts, HAS_Z=opts and not states, HAS_INIT=opts, HAS_RESET=opts, STORE_STATES=states,
+                PREC=prec, CHUNK=chunk, BLOCK_P=bp, BLOCK_N=bn)
     what = (f"ssd_fwd x={str(xdt)[6:]} batch={batch} L={L} H={H} P={P} N={N} G={G} opts={opts} "
-            f"CHUNK={chunk} BLOCK={bp}x{bn} {prec} warps={nw}" + (" novec" if P * 2 < 16 else ""))
+            f"states={states} CHUNK={chunk} BLOCK={bp}x{bn} {prec} warps={nw}" + (" novec" if P * 2 < 16 else ""))
     return "ssd_fwd", _SSD_ARGS, tensors, ints, meta, nw, what
 
 
+_SSD_BWD_ARGS = ("X", "DT", "A", "B", "C", "D", "Z", "DOUT", "YPRE", "STATES", "DFINAL", "RESET",
+                 "DX", "DZ", "DDT", "DB", "DC", "DD", "DA", "DINIT",
+                 "x_s0", "x_s1", "x_s2", "x_s3", "z_s0", "z_s1", "z_s2", "z_s3", "g_s0", "g_s1", "g_s2", "g_s3",
+                 "d_s0", "d_s1", "NB", "L", "H", "P", "N", "G", "heads_per_group")
+
+
+def _ssd_bwd_variant(xdt, batch, L, H, P, N, G, chunk_size=256, opts=True):
+    chunk, bp, bn, nw, prec = _ssd_bwd_config(P, N, chunk_size, xdt)
+    f32, o = torch.float32, (lambda d: d if opts else None)  # noqa: E731
+    tensors = dict(X=xdt, DT=f32, A=f32, B=f32, C=f32, D=o(f32), Z=o(xdt), DOUT=xdt, YPRE=f32, STATES=f32,
+                   DFINAL=o(f32), RESET=o(torch.int64), DX=xdt, DZ=o(xdt), DDT=f32, DB=f32, DC=f32, DD=o(f32),
+                   DA=f32, DINIT=o(f32))
+    xs = (L * H * P, H * P, P, 1)
+    ints = {**{f"{a}_s{i}": v for a in "xzg" for i, v in enumerate(xs)}, "d_s0": 1, "d_s1": 0, "NB": batch,
+            "L": L, "H": H, "P": P, "N": N, "G": G, "heads_per_group": H // G}
+    meta = dict(HAS_D=opts, HAS_Z=opts, HAS_DFINAL=opts, HAS_INIT=opts, HAS_RESET=opts, PREC=prec, CHUNK=chunk,
+                BLOCK_P=bp, BLOCK_N=bn)
+    what = (f"ssd_bwd x={str(xdt)[6:]} batch={batch} L={L} H={H} P={P} N={N} G={G} opts={opts} "
+            f"CHUNK={chunk} BLOCK={bp}x{bn} {prec} warps={nw}" + (" novec" if P * 2 < 16 else ""))
+    return "ssd_bwd", _SSD_BWD_ARGS, tensors, ints, meta, nw, what
+
+
 def aot_variants(full=False):
-    """Representative launches of the ssd_scan kernel (format of ``triton._aot_variants``)."""
+    """Representative launches of the ssd_scan kernels (format of ``triton._aot_variants``): the forward,
+    the backward's recompute of the forward (STORE_STATES) and the backward, each flag on and off."""
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     return [_ssd_variant(bf16, 8, 4096, 32, 64, 128, 1),           # Mamba-2 2.7B-like, the GPU table row
             _ssd_variant(f32, 2, 2048, 24, 64, 128, 8),                # the cpu benchmark's shape, fp32
-            _ssd_variant(f16, 1, 1000, 8, 3, 7, 8, chunk_size=16, opts=False)]  # tiny head: flags off
+            _ssd_variant(f16, 1, 1000, 8, 3, 7, 8, chunk_size=16, opts=False),  # tiny head: flags off
+            _ssd_variant(bf16, 8, 4096, 32, 64, 128, 1, states=True),  # the backward's recompute
+            _ssd_bwd_variant(bf16, 8, 4096, 32, 64, 128, 1),
+            _ssd_bwd_variant(f32, 2, 2048, 24, 64, 128, 8),
+            _ssd_bwd_variant(f16, 1, 1000, 8, 3, 7, 8, chunk_size=16, opts=False)]
 
 
-AOT_KERNELS = {} if IMPORT_ERROR is not None else {"ssd_fwd": _ssd_fwd_kernel}
+AOT_KERNELS = {} if IMPORT_ERROR is not None else {"ssd_fwd": _ssd_fwd_kernel, "ssd_bwd": _ssd_bwd_kernel}
