@@ -253,8 +253,8 @@ def test_triton_backward_kernel(device, backend, dtype, monkeypatch):
     """The Triton backward kernels against the fp64 reference and against their fallback (autograd through
     chunked_torch, ``SSD_BWD = "torch"``): two blocks of head channels (headdim 40 > BLOCK_P 32), dstate 20
     (not a power of two), 3 chunks (one partial), restarts mid-chunk and on a chunk boundary, no final-state
-    gradient (return_final_states=False), a non-contiguous dout. fp16: the 1e-2 of every fp16 case here
-    (x, dt, B, C, z and dout rounded to fp16; fp32 accumulation)."""
+    gradient (return_final_states=False), a non-contiguous dout, every output and scratch buffer poisoned.
+    fp16: the 1e-2 of every fp16 case here (x, dt, B, C, z and dout rounded to fp16; fp32 accumulation)."""
     from fastlayers.backends import triton_ssd
     gen = _gen("triton-bwd", str(dtype))
     L, h, p, n, g = 40, 2, 40, 20, 1
@@ -266,6 +266,11 @@ def test_triton_backward_kernel(device, backend, dtype, monkeypatch):
     g_out = torch.randn(2, h, L, p, generator=gen).to(dtype).transpose(1, 2)  # (b, l, h, p), strided
     dev = {k: None if v is None else v.to(device) for k, v in args.items()}
     grads = {}
+    # Every buffer the kernels write starts as NaN: an element left unwritten shows.
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(triton_ssd, "_scratch", poisoned)
     for mode in ("triton", "torch"):
         monkeypatch.setattr(triton_ssd, "SSD_BWD", mode)
         leaves = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in dev.items()}

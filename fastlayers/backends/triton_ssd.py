@@ -17,7 +17,7 @@ fp32 for fp32 x, TF32 for fp16/bf16 x (within their tolerance).
 Backward (``ssd_scan_bwd``), two Triton launches and a few PyTorch sums:
 
 1. the forward kernel again with ``STORE_STATES``: the state entering each chunk, (b, h, n_chunks, p, n)
-   fp32 (O(L / CHUNK) memory), and the output before the z gate (fp32, for dz);
+   fp32 (O(L / CHUNK) memory), and, with z, the output before the z gate (fp32, for dz);
 2. ``_ssd_bwd_kernel``, one program per (batch, head, block of BLOCK_P channels), walking the chunks in
    REVERSE with dS (the gradient of the state leaving the chunk, BLOCK_P x N) in registers. Per chunk,
    with dy = dout silu(z) (dz = dout y silu'(z)), M = [j <= i, same segment] exp(cs_i - cs_j) C_i.B_j dt_j:
@@ -60,8 +60,8 @@ if IMPORT_ERROR is None:
                         d_s0, d_s1, i_s0, i_s1, i_s2, i_s3,
                         L, H, P, N, G, heads_per_group,
                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_INIT: tl.constexpr, HAS_RESET: tl.constexpr,
-                        STORE_STATES: tl.constexpr, PREC: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+                        STORE_STATES: tl.constexpr, STORE_OUT: tl.constexpr, PREC: tl.constexpr,
+                        CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         b = pid // H
         h = pid % H
@@ -109,24 +109,25 @@ if IMPORT_ERROR is None:
             tn_ok = t_ok[:, None] & n_ok[None, :]
             bc_off = ((b * L + t[:, None]) * G + g) * N + nn[None, :]
             Bm = tl.load(B + bc_off, mask=tn_ok, other=0.0).to(tl.float32)                     # (Q, BN)
-            Cm = tl.load(C + bc_off, mask=tn_ok, other=0.0).to(tl.float32)
-            CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)                                # (Q, Q)
-            seg = cs[:, None] - cs[None, :]
-            M = tl.where(pair_ok, tl.exp(tl.where(pair_ok, seg, 0.0)), 0.0) * CB * dt[None, :]
-            y = tl.dot(M, x, input_precision=PREC)                                            # (Q, BP)
-            w_in = tl.where(carry_in, tl.exp(cs), 0.0)
-            y += w_in[:, None] * tl.dot(Cm, tl.trans(S), input_precision=PREC)
+            if STORE_OUT:  # off in the backward's recompute without z: only the states are needed
+                Cm = tl.load(C + bc_off, mask=tn_ok, other=0.0).to(tl.float32)
+                CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)                            # (Q, Q)
+                seg = cs[:, None] - cs[None, :]
+                M = tl.where(pair_ok, tl.exp(tl.where(pair_ok, seg, 0.0)), 0.0) * CB * dt[None, :]
+                y = tl.dot(M, x, input_precision=PREC)                                        # (Q, BP)
+                w_in = tl.where(carry_in, tl.exp(cs), 0.0)
+                y += w_in[:, None] * tl.dot(Cm, tl.trans(S), input_precision=PREC)
+                if HAS_D:
+                    y += Dv[None, :] * x
+                tp_ok = t_ok[:, None] & p_ok[None, :]
+                if HAS_Z:
+                    zv = tl.load(Z + b * z_s0 + t[:, None] * z_s1 + h * z_s2 + pp[None, :] * z_s3, mask=tp_ok,
+                                 other=0.0).to(tl.float32)
+                    y = y * zv / (1.0 + tl.exp(-zv))
+                _store_out(OUT + b * o_s0 + t[:, None] * o_s1 + h * o_s2 + pp[None, :] * o_s3, y, tp_ok)
             w_out = tl.where(to_last, tl.exp(cs_last - cs), 0.0) * dt
             decay = tl.where(carry_out, tl.exp(cs_last), 0.0)
             S = decay * S + tl.dot(tl.trans(x * w_out[:, None]), Bm, input_precision=PREC)    # (BP, BN)
-            if HAS_D:
-                y += Dv[None, :] * x
-            tp_ok = t_ok[:, None] & p_ok[None, :]
-            if HAS_Z:
-                zv = tl.load(Z + b * z_s0 + t[:, None] * z_s1 + h * z_s2 + pp[None, :] * z_s3, mask=tp_ok,
-                             other=0.0).to(tl.float32)
-                y = y * zv / (1.0 + tl.exp(-zv))
-            _store_out(OUT + b * o_s0 + t[:, None] * o_s1 + h * o_s2 + pp[None, :] * o_s3, y, tp_ok)
         # FINAL: (b, h, p, n) contiguous, fp32.
         tl.store(FINAL + ((b * H + h) * P + pp[:, None]) * N + nn[None, :], S, mask=pn_ok)
 
@@ -278,7 +279,8 @@ def _ssd_config(P, N, chunk_size, dtype):
 def ssd_scan_fwd(x, dt, A, B, C, D, z, init, reset, out, final, chunk_size, states=None, config=None):
     """Contract as the cpu backend's (ops/ssd.py): dt, A, B, C fp32 contiguous; final (b, h, p, n) fp32
     contiguous (always written). ``states`` (b, h, n_chunks, p, n) fp32 contiguous or None: where given, the
-    state entering each chunk is stored there (the backward's recompute; ``config`` is then its tiling)."""
+    state entering each chunk is stored there (the backward's recompute; ``config`` is then its tiling);
+    ``out`` None: the output is not computed (the backward's recompute without z)."""
     assert x.dtype != torch.float64, "the triton backend does not support float64"
     b, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
@@ -289,7 +291,8 @@ def ssd_scan_fwd(x, dt, A, B, C, D, z, init, reset, out, final, chunk_size, stat
     args = (x, dt, A, B, C, D, z, init, rst, out, final, states, *_st(x, 4), *_st(z, 4), *_st(out, 4),
             *_st(D, 2), *_st(init, 4), L, H, P, N, G, H // G)
     meta = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_INIT=init is not None, HAS_RESET=rst is not None,
-                STORE_STATES=states is not None, PREC=prec, CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=block_n)
+                STORE_STATES=states is not None, STORE_OUT=out is not None, PREC=prec, CHUNK=chunk, BLOCK_P=block_p,
+                BLOCK_N=block_n)
     _launch(_ssd_fwd_kernel, (b * H, triton.cdiv(P, block_p)), x.device, args, meta, num_warps)
 
 
@@ -388,6 +391,11 @@ def _ssd_bwd_config(P, N, chunk_size, dtype):
     return chunk, block_p, block_n, num_warps, prec
 
 
+def _scratch(shape, dtype, device):
+    """Every buffer of the backward (outputs and scratch); the tests poison them (NaN fill)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size):
     """[dx, ddt, dA, dB, dC, dD, dz, dinit] (None for absent inputs): gradients of the Function's inputs
     (dt the processed fp32 dt; D the (h, p) view; dt_bias / softplus / dt_limit / D (h,) are differentiated
@@ -407,18 +415,18 @@ def ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size):
     cfg = _ssd_bwd_config(P, N, chunk_size, x.dtype)
     chunk, block_p, block_n, num_warps, prec = cfg
     nc, npb = triton.cdiv(L, chunk), triton.cdiv(P, block_p)
-    states = torch.empty(b, H, nc, P, N, dtype=f32, device=dev)
-    ypre = torch.empty(b, L, H, P, dtype=f32, device=dev)
-    final = torch.empty(b, H, P, N, dtype=f32, device=dev)
+    states = _scratch((b, H, nc, P, N), f32, dev)
+    ypre = None if z is None else _scratch((b, L, H, P), f32, dev)  # the output before the z gate
+    final = _scratch((b, H, P, N), f32, dev)
     ssd_scan_fwd(x, dt, A, B, C, D, None, init, reset, ypre, final, chunk_size, states=states, config=cfg)
-    dx = torch.empty(b, L, H, P, dtype=x.dtype, device=dev)
-    dz = None if z is None else torch.empty(b, L, H, P, dtype=z.dtype, device=dev)
-    ddt_p = torch.empty(npb, b, L, H, dtype=f32, device=dev)
-    dB_p = torch.empty(npb, b, L, H, N, dtype=f32, device=dev)
-    dC_p = torch.empty(npb, b, L, H, N, dtype=f32, device=dev)
-    dA_p = torch.empty(npb, b, H, dtype=f32, device=dev)
-    dD_p = None if D is None else torch.empty(b, H, P, dtype=f32, device=dev)
-    dinit = None if init is None else torch.empty(b, H, P, N, dtype=f32, device=dev)
+    dx = _scratch((b, L, H, P), x.dtype, dev)
+    dz = None if z is None else _scratch((b, L, H, P), z.dtype, dev)
+    ddt_p = _scratch((npb, b, L, H), f32, dev)
+    dB_p = _scratch((npb, b, L, H, N), f32, dev)
+    dC_p = _scratch((npb, b, L, H, N), f32, dev)
+    dA_p = _scratch((npb, b, H), f32, dev)
+    dD_p = None if D is None else _scratch((b, H, P), f32, dev)
+    dinit = None if init is None else _scratch((b, H, P, N), f32, dev)
     dfin = None if dfinal is None else dfinal.to(f32).contiguous()
     rst = None if reset is None else reset.to(torch.int64).contiguous()
     args = (x, dt, A, B, C, D, z, dout, ypre, states, dfin, rst, dx, dz, ddt_p, dB_p, dC_p, dD_p, dA_p, dinit,
@@ -444,13 +452,14 @@ _SSD_ARGS = ("X", "DT", "A", "B", "C", "D", "Z", "INIT", "RESET", "OUT", "FINAL"
              "d_s0", "d_s1", "i_s0", "i_s1", "i_s2", "i_s3", "L", "H", "P", "N", "G", "heads_per_group")
 
 
-def _ssd_variant(xdt, batch, L, H, P, N, G, chunk_size=256, opts=True, states=False):
-    """``states``: the backward's recompute (STORE_STATES, fp32 out, no z, the backward's tiling)."""
+def _ssd_variant(xdt, batch, L, H, P, N, G, chunk_size=256, opts=True, states=False, out=True):
+    """``states``: the backward's recompute (STORE_STATES, no z, the backward's tiling; ``out``: the fp32
+    output before the z gate stored, as when the scan has a z)."""
     chunk, bp, bn, nw, prec = (_ssd_bwd_config if states else _ssd_config)(P, N, chunk_size, xdt)
     f32 = torch.float32
     tensors = dict(X=xdt, DT=f32, A=f32, B=f32, C=f32, D=f32 if opts else None,
                    Z=xdt if opts and not states else None, INIT=f32 if opts else None,
-                   RESET=torch.int64 if opts else None, OUT=f32 if states else xdt, FINAL=f32,
+                   RESET=torch.int64 if opts else None, OUT=(f32 if states else xdt) if out else None, FINAL=f32,
                    STATES=f32 if states else None)
     xs = dict(zip(("s0", "s1", "s2", "s3"), (L * H * P, H * P, P, 1)))
     ints = {**{f"x_{k}": v for k, v in xs.items()}, **{f"z_{k}": v for k, v in xs.items()},
@@ -458,9 +467,10 @@ def _ssd_variant(xdt, batch, L, H, P, N, G, chunk_size=256, opts=True, states=Fa
             "i_s0": H * P * N, "i_s1": P * N, "i_s2": N, "i_s3": 1, "L": L, "H": H, "P": P, "N": N, "G": G,
             "heads_per_group": H // G}
     meta = dict(HAS_D=opts, HAS_Z=opts and not states, HAS_INIT=opts, HAS_RESET=opts, STORE_STATES=states,
-                PREC=prec, CHUNK=chunk, BLOCK_P=bp, BLOCK_N=bn)
+                STORE_OUT=out, PREC=prec, CHUNK=chunk, BLOCK_P=bp, BLOCK_N=bn)
     what = (f"ssd_fwd x={str(xdt)[6:]} batch={batch} L={L} H={H} P={P} N={N} G={G} opts={opts} "
-            f"states={states} CHUNK={chunk} BLOCK={bp}x{bn} {prec} warps={nw}" + (" novec" if P * 2 < 16 else ""))
+            f"states={states} out={out} CHUNK={chunk} BLOCK={bp}x{bn} {prec} warps={nw}"
+            + (" novec" if P * 2 < 16 else ""))
     return "ssd_fwd", _SSD_ARGS, tensors, ints, meta, nw, what
 
 
@@ -493,7 +503,8 @@ def aot_variants(full=False):
     return [_ssd_variant(bf16, 8, 4096, 32, 64, 128, 1),           # Mamba-2 2.7B-like, the GPU table row
             _ssd_variant(f32, 2, 2048, 24, 64, 128, 8),                # the cpu benchmark's shape, fp32
             _ssd_variant(f16, 1, 1000, 8, 3, 7, 8, chunk_size=16, opts=False),  # tiny head: flags off
-            _ssd_variant(bf16, 8, 4096, 32, 64, 128, 1, states=True),  # the backward's recompute
+            _ssd_variant(bf16, 8, 4096, 32, 64, 128, 1, states=True),  # the backward's recompute (with z)
+            _ssd_variant(f32, 2, 2048, 24, 64, 128, 8, states=True, out=False),  # (without z)
             _ssd_bwd_variant(bf16, 8, 4096, 32, 64, 128, 1),
             _ssd_bwd_variant(f32, 2, 2048, 24, 64, 128, 8),
             _ssd_bwd_variant(f16, 1, 1000, 8, 3, 7, 8, chunk_size=16, opts=False)]
