@@ -14,27 +14,32 @@ in [16, 64] (registers); dt, A, B, C arrive as fp32 (ops/ssd.py makes the copies
 initial_states any float dtype and strides. Every load is upcast to fp32; matrix products run in IEEE
 fp32 for fp32 x, TF32 for fp16/bf16 x (within their tolerance).
 
-Backward (``ssd_scan_bwd``), two Triton launches and a few PyTorch sums:
+Backward (``ssd_scan_bwd``), three Triton launches and two small PyTorch sums:
 
 1. the forward kernel again with ``STORE_STATES``: the state entering each chunk, (b, h, n_chunks, p, n)
-   fp32 (O(L / CHUNK) memory), and, with z, the output before the z gate (fp32, for dz);
-2. ``_ssd_bwd_kernel``, one program per (batch, head, block of BLOCK_P channels), walking the chunks in
-   REVERSE with dS (the gradient of the state leaving the chunk, BLOCK_P x N) in registers. Per chunk,
-   with dy = dout silu(z) (dz = dout y silu'(z)), M = [j <= i, same segment] exp(cs_i - cs_j) C_i.B_j dt_j:
+   fp32 (O(L / CHUNK) memory), and, with z, the output before the z gate (fp32, for dz); without z the
+   output is not computed (``STORE_OUT``);
+2. ``_ssd_bwd_dstates_kernel``, one program per (batch, head, block of BLOCK_P channels): the reverse
+   inter-chunk recurrence of the state gradient, dS_in = decay dS_out + (exp(cs) dy)^T C (one tl.dot a
+   chunk), storing dS_out of every chunk, (b, h, n_chunks, p, n) fp32, and d initial_states;
+3. ``_ssd_bwd_chunk_kernel``, one program per (batch, chunk, group), every chunk in parallel, looping over
+   the group's heads and blocks of BLOCK_P channels. C B^T once per group; per head, with dy = dout silu(z)
+   (dz = dout y silu'(z)), L_ij = [j <= i, same segment] exp(cs_i - cs_j), M = L ∘ C B^T dt_j:
 
-     intra-chunk:   dx = M^T dy,  dM = dy x^T,  dC = (dM ∘ L dt) B,  dB = (dM ∘ L dt)^T C,
-                    ddt_j += sum_i dM_ij L_ij C_i.B_j,  dcs from dM ∘ M (row sums - column sums)
-     carried state: dC += exp(cs_i) dy S,  dS_in = decay dS + (exp(cs) dy)^T C,  dcs_i from dy.(C S^T)
-     chunk state:   dx += exp(cs_last - cs) dt (B dS^T),  dB += exp(cs_last - cs) dt (x dS),
-                    ddt, dcs and dcs_last from x dS B^T; dcs_last += decay <dS, S>
-     then d(dt A) = reverse cumsum of dcs + dcs_last:  ddt += A d(dt A),  dA += sum dt d(dt A);
-     plus dx += D dy, dD += sum dy x; dinit = dS after the first chunk.
+     intra-chunk:   dx = M^T dy,  dM = dy x^T,  dC += (dM ∘ L dt) B,  dB += (dM ∘ L dt)^T C,
+                    ddt_j += sum_i dM_ij L_ij C_i.B_j,  d(dt_k a) += sum_{i >= k > j} dM_ij M_ij
+     carried state: dC += exp(cs_i) dy S_in,  d cs_i from dy.(C S_in^T)
+     chunk state:   dx += exp(cs_last - cs) dt (B dS_out^T),  dB += exp(cs_last - cs) dt (x dS_out),
+                    ddt and d(dt_k a) (sum over j < k) from x dS_out B^T; d cs_last = decay <dS_out, S_in>
+     then d(dt a) += reverse cumsum of d cs + d cs_last;  ddt += A d(dt a),  dA += sum dt d(dt a);
+     plus dx += D dy, dD += sum dy x.
 
-   ``seq_idx`` restarts use the forward's masks (no gradient crosses a restart). Nine tl.dot per chunk,
-   all fp32 accumulation (IEEE for fp32 x, TF32 for 16-bit x). CHUNK <= 32 (register tiles).
-3. PyTorch sums of the kernel's fp32 partials: ddt, dA, dB, dC per block of head channels, dB, dC per
-   head (summed over the heads of a group: (n_pblocks, b, l, h, n) fp32 scratch, h/g times dB's size;
-   a known cost for g << h), dA, dD per batch row.
+   The sums of d(dt a) are written without cancellation (no "total - prefix"): dA and dt_bias keep
+   fp32 accuracy. dB, dC (b, l, g, n) are complete (summed over the heads in registers); dA (b,
+   n_chunks, h) and dD (b, n_chunks, h, p) are fp32 partials that PyTorch sums.
+
+   ``seq_idx`` restarts use the forward's masks (no gradient crosses a restart). All fp32 accumulation
+   (IEEE tl.dot for fp32 x, TF32 for 16-bit x); CHUNK <= 32 in the backward (register tiles).
 
 The gradients of dt_bias, softplus, the dt_limit clamp, D of shape (h,) and the fp32 copies of dt, A,
 B, C are autograd on the torch ops in ops/ssd.py, exactly as for the cpu backend.
@@ -133,21 +138,19 @@ if IMPORT_ERROR is None:
 
 
     @triton.jit
-    def _ssd_bwd_kernel(X, DT, A, B, C, D, Z, DOUT, YPRE, STATES, DFINAL, RESET,
-                        DX, DZ, DDT, DB, DC, DD, DA, DINIT,
-                        x_s0, x_s1, x_s2, x_s3, z_s0, z_s1, z_s2, z_s3, g_s0, g_s1, g_s2, g_s3, d_s0, d_s1,
-                        NB, L, H, P, N, G, heads_per_group,
-                        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DFINAL: tl.constexpr,
-                        HAS_INIT: tl.constexpr, HAS_RESET: tl.constexpr, PREC: tl.constexpr, CHUNK: tl.constexpr,
-                        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-        """One program per (batch, head, block of BLOCK_P channels), walking the chunks in reverse with the
-        state gradient dS (BLOCK_P x N, the gradient of the state leaving the chunk) in registers."""
+    def _ssd_bwd_dstates_kernel(DT, A, C, Z, DOUT, RESET, DFINAL, DSTATES, DINIT,
+                                z_s0, z_s1, z_s2, z_s3, g_s0, g_s1, g_s2, g_s3, L, H, P, N, G, heads_per_group,
+                                HAS_Z: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_INIT: tl.constexpr,
+                                HAS_RESET: tl.constexpr, PREC: tl.constexpr, CHUNK: tl.constexpr,
+                                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The reverse inter-chunk recurrence of the state gradient, one program per (batch, head, block of
+        BLOCK_P channels): DSTATES[b, h, c] = the gradient of the state leaving chunk c (b, h, n_chunks, p, n)
+        fp32; dS_in = decay dS_out + (exp(cs) dy)^T C; DINIT = the gradient of the initial state."""
         pid = tl.program_id(0).to(tl.int64)
-        pb = tl.program_id(1).to(tl.int64)
         b = pid // H
         h = pid % H
         g = h // heads_per_group
-        pp = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+        pp = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
         nn = tl.arange(0, BLOCK_N)
         qq = tl.arange(0, CHUNK)
         p_ok, n_ok = pp < P, nn < N
@@ -158,14 +161,10 @@ if IMPORT_ERROR is None:
                          other=0.0).to(tl.float32)
         else:
             dS = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-        if HAS_D:
-            Dv = tl.load(D + h * d_s0 + pp * d_s1, mask=p_ok, other=0.0).to(tl.float32)
-            dD = tl.zeros((BLOCK_P,), dtype=tl.float32)
-        dA_acc = tl.sum(tl.zeros((CHUNK,), dtype=tl.float32), axis=0)
-        causal = qq[:, None] >= qq[None, :]
         NC = (L + CHUNK - 1) // CHUNK
         for ci in range(0, NC):
             c = NC - 1 - ci
+            tl.store(DSTATES + ((pid * NC + c) * P + pp[:, None]) * N + nn[None, :], dS, mask=pn_ok)
             t = c * CHUNK + qq
             t_ok = t < L
             dt = tl.load(DT + (b * L + t) * H + h, mask=t_ok, other=0.0).to(tl.float32)
@@ -174,87 +173,139 @@ if IMPORT_ERROR is None:
             if HAS_RESET:
                 rs = tl.load(RESET + b * L + t, mask=t_ok, other=0).to(tl.int32)
                 r = tl.cumsum(rs, axis=0)
-                r_last = tl.sum(rs, axis=0)
-                pair_ok = causal & (r[:, None] == r[None, :])
                 carry_in = r == 0
-                to_last = r == r_last
-                carry_out = r_last == 0
+                carry_out = tl.sum(rs, axis=0) == 0
             else:
-                pair_ok = causal
                 carry_in = qq >= 0
-                to_last = qq >= 0
                 carry_out = True
             tp_ok = t_ok[:, None] & p_ok[None, :]
-            tn_ok = t_ok[:, None] & n_ok[None, :]
-            x = tl.load(X + b * x_s0 + t[:, None] * x_s1 + h * x_s2 + pp[None, :] * x_s3, mask=tp_ok,
-                        other=0.0).to(tl.float32)                                              # (Q, BP)
             dy = tl.load(DOUT + b * g_s0 + t[:, None] * g_s1 + h * g_s2 + pp[None, :] * g_s3, mask=tp_ok,
                          other=0.0).to(tl.float32)
-            # dx, dz, y_pre: (b, l, h, p) contiguous
-            o_off = ((b * L + t[:, None]) * H + h) * P + pp[None, :]
             if HAS_Z:
                 zv = tl.load(Z + b * z_s0 + t[:, None] * z_s1 + h * z_s2 + pp[None, :] * z_s3, mask=tp_ok,
                              other=0.0).to(tl.float32)
-                sig = 1.0 / (1.0 + tl.exp(-zv))
-                yp = tl.load(YPRE + o_off, mask=tp_ok, other=0.0)
-                _store_out(DZ + o_off, dy * yp * sig * (1.0 + zv * (1.0 - sig)), tp_ok)
-                dy = dy * zv * sig
-            bc_off = ((b * L + t[:, None]) * G + g) * N + nn[None, :]
-            Bm = tl.load(B + bc_off, mask=tn_ok, other=0.0).to(tl.float32)                     # (Q, BN)
-            Cm = tl.load(C + bc_off, mask=tn_ok, other=0.0).to(tl.float32)
-            S = tl.load(STATES + ((pid * NC + c) * P + pp[:, None]) * N + nn[None, :], mask=pn_ok,
-                        other=0.0)                                                             # (BP, BN)
-            # intra-chunk: y_i = sum_j Lm_ij CB_ij dt_j x_j
-            CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)                                # (Q, Q)
-            Lm = tl.where(pair_ok, tl.exp(tl.where(pair_ok, cs[:, None] - cs[None, :], 0.0)), 0.0)
-            LCB = Lm * CB
-            dM = tl.dot(dy, tl.trans(x), input_precision=PREC)                                 # (Q, Q)
-            dx = tl.dot(tl.trans(LCB * dt[None, :]), dy, input_precision=PREC)                 # (Q, BP)
-            dCB = dM * Lm * dt[None, :]
-            dC = tl.dot(dCB, Bm, input_precision=PREC)                                         # (Q, BN)
-            dB = tl.dot(tl.trans(dCB), Cm, input_precision=PREC)
-            dMLCB = dM * LCB
-            ddt = tl.sum(dMLCB, axis=0)
-            dseg = dMLCB * dt[None, :]
-            dcs = tl.sum(dseg, axis=1) - tl.sum(dseg, axis=0)
-            # carried state: y_i += w_in_i C_i S^T
+                dy = dy * zv / (1.0 + tl.exp(-zv))
+            Cm = tl.load(C + ((b * L + t[:, None]) * G + g) * N + nn[None, :], mask=t_ok[:, None] & n_ok[None, :],
+                         other=0.0).to(tl.float32)
             w_in = tl.where(carry_in, tl.exp(cs), 0.0)
-            dyS = tl.dot(dy, S, input_precision=PREC)                                          # (Q, BN)
-            dC += w_in[:, None] * dyS
-            dcs += w_in * tl.sum(dyS * Cm, axis=1)
-            # chunk state: S_out = decay S + sum_j w_out_j dt_j x_j B_j^T
-            w_out = tl.where(to_last, tl.exp(cs_last - cs), 0.0)
             decay = tl.where(carry_out, tl.exp(cs_last), 0.0)
-            BdS = tl.dot(Bm, tl.trans(dS), input_precision=PREC)                               # (Q, BP)
-            xdS = tl.dot(x, dS, input_precision=PREC)                                          # (Q, BN)
-            dx += (w_out * dt)[:, None] * BdS
-            dB += (w_out * dt)[:, None] * xdS
-            xdSB = tl.sum(xdS * Bm, axis=1)                                                    # (Q,)
-            ddt += w_out * xdSB
-            dwo = w_out * dt * xdSB
-            dcs -= dwo
-            dcs_last = tl.sum(dwo, axis=0) + decay * tl.sum(tl.sum(dS * S, axis=1), axis=0)
             dS = decay * dS + tl.dot(tl.trans(dy * w_in[:, None]), Cm, input_precision=PREC)
-            # cs = cumsum(dt a): d(dt_k a) = sum_{i >= k} dcs_i (+ dcs_last for every k)
-            ddA = tl.sum(dcs, axis=0) - tl.cumsum(dcs, axis=0) + dcs + dcs_last
-            ddt += a_h * ddA
-            dA_acc += tl.sum(tl.where(t_ok, ddA * dt, 0.0), axis=0)
-            if HAS_D:
-                dx += Dv[None, :] * dy
-                dD += tl.sum(dy * x, axis=0)
-            _store_out(DX + o_off, dx, tp_ok)
-            # per-(p block, head) partial sums, (n_pb, b, l, h[, n]) fp32
-            part = (pb * NB + b) * L + t
-            tl.store(DDT + part * H + h, ddt, mask=t_ok)
-            bn_off = ((part[:, None]) * H + h) * N + nn[None, :]
-            tl.store(DB + bn_off, dB, mask=tn_ok)
-            tl.store(DC + bn_off, dC, mask=tn_ok)
-        tl.store(DA + (pb * NB + b) * H + h, dA_acc)
-        if HAS_D:
-            tl.store(DD + (b * H + h) * P + pp, dD, mask=p_ok)
         if HAS_INIT:
             tl.store(DINIT + ((b * H + h) * P + pp[:, None]) * N + nn[None, :], dS, mask=pn_ok)
 
+    @triton.jit
+    def _ssd_bwd_chunk_kernel(X, DT, A, B, C, D, Z, DOUT, YPRE, STATES, DSTATES, RESET,
+                              DX, DZ, DDT, DB, DC, DD, DA,
+                              x_s0, x_s1, x_s2, x_s3, z_s0, z_s1, z_s2, z_s3, g_s0, g_s1, g_s2, g_s3, d_s0, d_s1,
+                              L, H, P, N, G, heads_per_group,
+                              HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_RESET: tl.constexpr,
+                              PREC: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr,
+                              BLOCK_N: tl.constexpr):
+        """Every gradient of one chunk, one program per (batch, chunk, group), looping over the group's heads
+        and blocks of BLOCK_P channels: C B^T once per group, dB and dC summed over the heads in registers."""
+        NC = (L + CHUNK - 1) // CHUNK
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // NC
+        c = pid % NC
+        g = tl.program_id(1).to(tl.int64)
+        nn = tl.arange(0, BLOCK_N)
+        qq = tl.arange(0, CHUNK)
+        n_ok = nn < N
+        t = c * CHUNK + qq
+        t_ok = t < L
+        tn_ok = t_ok[:, None] & n_ok[None, :]
+        causal = qq[:, None] >= qq[None, :]
+        if HAS_RESET:
+            rs = tl.load(RESET + b * L + t, mask=t_ok, other=0).to(tl.int32)
+            r = tl.cumsum(rs, axis=0)
+            r_last = tl.sum(rs, axis=0)
+            pair_ok = causal & (r[:, None] == r[None, :])
+            carry_in = r == 0
+            to_last = r == r_last
+            carry_out = r_last == 0
+        else:
+            pair_ok = causal
+            carry_in = qq >= 0
+            to_last = qq >= 0
+            carry_out = True
+        bc_off = ((b * L + t[:, None]) * G + g) * N + nn[None, :]
+        Bm = tl.load(B + bc_off, mask=tn_ok, other=0.0).to(tl.float32)                         # (Q, BN)
+        Cm = tl.load(C + bc_off, mask=tn_ok, other=0.0).to(tl.float32)
+        CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)                                    # (Q, Q)
+        dB = tl.zeros((CHUNK, BLOCK_N), dtype=tl.float32)
+        dC = tl.zeros((CHUNK, BLOCK_N), dtype=tl.float32)
+        for hh in range(0, heads_per_group):
+            h = g * heads_per_group + hh
+            a_h = tl.load(A + h).to(tl.float32)
+            dt = tl.load(DT + (b * L + t) * H + h, mask=t_ok, other=0.0).to(tl.float32)
+            cs = tl.cumsum(dt * a_h, axis=0)
+            cs_last = tl.sum(dt * a_h, axis=0)
+            Lm = tl.where(pair_ok, tl.exp(tl.where(pair_ok, cs[:, None] - cs[None, :], 0.0)), 0.0)
+            LCB = Lm * CB
+            w_in = tl.where(carry_in, tl.exp(cs), 0.0)
+            w_out = tl.where(to_last, tl.exp(cs_last - cs), 0.0)
+            decay = tl.where(carry_out, tl.exp(cs_last), 0.0)
+            ddt = tl.zeros((CHUNK,), dtype=tl.float32)
+            dcs = tl.zeros((CHUNK,), dtype=tl.float32)    # d cs_i: reverse-cumsummed into d(dt a) below
+            ddA = tl.zeros((CHUNK,), dtype=tl.float32)    # d(dt_k a) directly (no cancellation)
+            dcs_last = tl.sum(tl.zeros((CHUNK,), dtype=tl.float32), axis=0)
+            st_base = ((b * H + h) * NC + c) * P
+            for p0 in range(0, P, BLOCK_P):
+                pp = p0 + tl.arange(0, BLOCK_P)
+                p_ok = pp < P
+                tp_ok = t_ok[:, None] & p_ok[None, :]
+                pn_ok = p_ok[:, None] & n_ok[None, :]
+                x = tl.load(X + b * x_s0 + t[:, None] * x_s1 + h * x_s2 + pp[None, :] * x_s3, mask=tp_ok,
+                            other=0.0).to(tl.float32)                                          # (Q, BP)
+                dy = tl.load(DOUT + b * g_s0 + t[:, None] * g_s1 + h * g_s2 + pp[None, :] * g_s3, mask=tp_ok,
+                             other=0.0).to(tl.float32)
+                o_off = ((b * L + t[:, None]) * H + h) * P + pp[None, :]   # dx, dz, y_pre: contiguous
+                if HAS_Z:
+                    zv = tl.load(Z + b * z_s0 + t[:, None] * z_s1 + h * z_s2 + pp[None, :] * z_s3, mask=tp_ok,
+                                 other=0.0).to(tl.float32)
+                    sig = 1.0 / (1.0 + tl.exp(-zv))
+                    yp = tl.load(YPRE + o_off, mask=tp_ok, other=0.0)
+                    _store_out(DZ + o_off, dy * yp * sig * (1.0 + zv * (1.0 - sig)), tp_ok)
+                    dy = dy * zv * sig
+                S = tl.load(STATES + (st_base + pp[:, None]) * N + nn[None, :], mask=pn_ok, other=0.0)  # in
+                dS = tl.load(DSTATES + (st_base + pp[:, None]) * N + nn[None, :], mask=pn_ok, other=0.0)  # out
+                # intra-chunk: y_i = sum_j L_ij C_i.B_j dt_j x_j
+                dM = tl.dot(dy, tl.trans(x), input_precision=PREC)                             # (Q, Q)
+                dx = tl.dot(tl.trans(LCB * dt[None, :]), dy, input_precision=PREC)             # (Q, BP)
+                dCB = dM * Lm * dt[None, :]
+                dC += tl.dot(dCB, Bm, input_precision=PREC)
+                dB += tl.dot(tl.trans(dCB), Cm, input_precision=PREC)
+                dMLCB = dM * LCB
+                ddt += tl.sum(dMLCB, axis=0)
+                # seg_ij = cs_i - cs_j = sum_{j < k <= i} dt_k a: d(dt_k a) += sum_{i >= k, j < k} dseg_ij
+                dseg = dMLCB * dt[None, :]
+                ddA += tl.sum(tl.where(causal, tl.cumsum(dseg, axis=1) - dseg, 0.0), axis=0)
+                # carried state: y_i += exp(cs_i) C_i S^T
+                dyS = tl.dot(dy, S, input_precision=PREC)                                      # (Q, BN)
+                dC += w_in[:, None] * dyS
+                dcs += w_in * tl.sum(dyS * Cm, axis=1)
+                # chunk state: S_out = decay S + sum_j exp(cs_last - cs_j) dt_j x_j B_j^T
+                BdS = tl.dot(Bm, tl.trans(dS), input_precision=PREC)                           # (Q, BP)
+                xdS = tl.dot(x, dS, input_precision=PREC)                                      # (Q, BN)
+                dx += (w_out * dt)[:, None] * BdS
+                dB += (w_out * dt)[:, None] * xdS
+                xdSB = tl.sum(xdS * Bm, axis=1)
+                ddt += w_out * xdSB
+                # cs_last - cs_j = sum_{k > j} dt_k a: d(dt_k a) += sum_{j < k} dwo_j
+                dwo = w_out * dt * xdSB
+                ddA += tl.cumsum(dwo, axis=0) - dwo
+                dcs_last += decay * tl.sum(tl.sum(dS * S, axis=1), axis=0)
+                if HAS_D:
+                    Dv = tl.load(D + h * d_s0 + pp * d_s1, mask=p_ok, other=0.0).to(tl.float32)
+                    dx += Dv[None, :] * dy
+                    tl.store(DD + ((b * NC + c) * H + h) * P + pp, tl.sum(dy * x, axis=0), mask=p_ok)
+                _store_out(DX + o_off, dx, tp_ok)
+            # cs = cumsum(dt a): d(dt_k a) += sum_{i >= k} dcs_i, + dcs_last for every k
+            ddA += tl.cumsum(dcs, axis=0, reverse=True) + dcs_last
+            tl.store(DDT + (b * L + t) * H + h, ddt + a_h * ddA, mask=t_ok)
+            tl.store(DA + (b * NC + c) * H + h, tl.sum(tl.where(t_ok, ddA * dt, 0.0), axis=0))
+        tl.store(DB + bc_off, dB, mask=tn_ok)
+        tl.store(DC + bc_off, dC, mask=tn_ok)
 
 def _st(t, k):
     return (0,) * k if t is None else tuple(t.stride())[:k]
@@ -380,6 +431,9 @@ def ssd_scan_bwd_torch(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_si
 SSD_BWD = "triton"
 
 
+_DSTATES_WARPS = 4  # the state-gradient recurrence: one (BLOCK_P x CHUNK) x (CHUNK x BLOCK_N) product a chunk
+
+
 def _ssd_bwd_config(P, N, chunk_size, dtype):
     """(CHUNK, BLOCK_P, BLOCK_N, num_warps, precision) of the backward: CHUNK <= 32 (it holds six
     CHUNK x CHUNK and six CHUNK x BLOCK_N fp32 tiles)."""
@@ -401,10 +455,9 @@ def ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size):
     (dt the processed fp32 dt; D the (h, p) view; dt_bias / softplus / dt_limit / D (h,) are differentiated
     by autograd outside, in ops/ssd.py).
 
-    Two Triton launches: the forward kernel again (``STORE_STATES``: the state entering each chunk, and
-    the output before the z gate, both fp32), then ``_ssd_bwd_kernel`` (the reverse chunk walk: every
-    gradient, in fp32). The only PyTorch left is summing fp32 partials: over blocks of head channels (dt,
-    A, B, C), over the heads of a group (B, C) and over the batch (A, D).
+    Three Triton launches (module docstring): the forward kernel again (``STORE_STATES``), the reverse
+    state-gradient recurrence, the chunk-parallel gradients; then PyTorch sums the fp32 per-chunk partials
+    of dA (b, n_chunks, h) and dD (b, n_chunks, h, p).
     """
     if SSD_BWD == "torch":
         return ssd_scan_bwd_torch(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size)
@@ -419,26 +472,28 @@ def ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size):
     ypre = None if z is None else _scratch((b, L, H, P), f32, dev)  # the output before the z gate
     final = _scratch((b, H, P, N), f32, dev)
     ssd_scan_fwd(x, dt, A, B, C, D, None, init, reset, ypre, final, chunk_size, states=states, config=cfg)
-    dx = _scratch((b, L, H, P), x.dtype, dev)
-    dz = None if z is None else _scratch((b, L, H, P), z.dtype, dev)
-    ddt_p = _scratch((npb, b, L, H), f32, dev)
-    dB_p = _scratch((npb, b, L, H, N), f32, dev)
-    dC_p = _scratch((npb, b, L, H, N), f32, dev)
-    dA_p = _scratch((npb, b, H), f32, dev)
-    dD_p = None if D is None else _scratch((b, H, P), f32, dev)
+    dstates = _scratch((b, H, nc, P, N), f32, dev)
     dinit = None if init is None else _scratch((b, H, P, N), f32, dev)
     dfin = None if dfinal is None else dfinal.to(f32).contiguous()
     rst = None if reset is None else reset.to(torch.int64).contiguous()
-    args = (x, dt, A, B, C, D, z, dout, ypre, states, dfin, rst, dx, dz, ddt_p, dB_p, dC_p, dD_p, dA_p, dinit,
-            *_st(x, 4), *_st(z, 4), *_st(dout, 4), *_st(D, 2), b, L, H, P, N, G, H // G)
-    meta = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DFINAL=dfin is not None, HAS_INIT=init is not None,
+    args = (dt, A, C, z, dout, rst, dfin, dstates, dinit, *_st(z, 4), *_st(dout, 4), L, H, P, N, G, H // G)
+    meta = dict(HAS_Z=z is not None, HAS_DFINAL=dfin is not None, HAS_INIT=init is not None,
                 HAS_RESET=rst is not None, PREC=prec, CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=block_n)
-    _launch(_ssd_bwd_kernel, (b * H, npb), dev, args, meta, num_warps)
-    per = H // G
-    dB = dB_p.sum(0).view(b, L, G, per, N).sum(3)
-    dC = dC_p.sum(0).view(b, L, G, per, N).sum(3)
-    return [dx, ddt_p.sum(0), dA_p.sum((0, 1)).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-            None if D is None else dD_p.sum(0).to(D.dtype), dz, None if init is None else dinit.to(init.dtype)]
+    _launch(_ssd_bwd_dstates_kernel, (b * H, npb), dev, args, meta, _DSTATES_WARPS)
+    dx = _scratch((b, L, H, P), x.dtype, dev)
+    dz = None if z is None else _scratch((b, L, H, P), z.dtype, dev)
+    ddt = _scratch((b, L, H), f32, dev)
+    dB = _scratch((b, L, G, N), f32, dev)
+    dC = _scratch((b, L, G, N), f32, dev)
+    dA_p = _scratch((b, nc, H), f32, dev)
+    dD_p = None if D is None else _scratch((b, nc, H, P), f32, dev)
+    args = (x, dt, A, B, C, D, z, dout, ypre, states, dstates, rst, dx, dz, ddt, dB, dC, dD_p, dA_p,
+            *_st(x, 4), *_st(z, 4), *_st(dout, 4), *_st(D, 2), L, H, P, N, G, H // G)
+    meta = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_RESET=rst is not None, PREC=prec, CHUNK=chunk,
+                BLOCK_P=block_p, BLOCK_N=block_n)
+    _launch(_ssd_bwd_chunk_kernel, (b * nc, G), dev, args, meta, num_warps)
+    return [dx, ddt, dA_p.sum((0, 1)).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+            None if D is None else dD_p.sum((0, 1)).to(D.dtype), dz, None if init is None else dinit.to(init.dtype)]
 
 
 from .triton import _launch, _next_pow2  # noqa: E402,F401
@@ -474,26 +529,35 @@ def _ssd_variant(xdt, batch, L, H, P, N, G, chunk_size=256, opts=True, states=Fa
     return "ssd_fwd", _SSD_ARGS, tensors, ints, meta, nw, what
 
 
-_SSD_BWD_ARGS = ("X", "DT", "A", "B", "C", "D", "Z", "DOUT", "YPRE", "STATES", "DFINAL", "RESET",
-                 "DX", "DZ", "DDT", "DB", "DC", "DD", "DA", "DINIT",
-                 "x_s0", "x_s1", "x_s2", "x_s3", "z_s0", "z_s1", "z_s2", "z_s3", "g_s0", "g_s1", "g_s2", "g_s3",
-                 "d_s0", "d_s1", "NB", "L", "H", "P", "N", "G", "heads_per_group")
+_SSD_DSTATES_ARGS = ("DT", "A", "C", "Z", "DOUT", "RESET", "DFINAL", "DSTATES", "DINIT",
+                     "z_s0", "z_s1", "z_s2", "z_s3", "g_s0", "g_s1", "g_s2", "g_s3", "L", "H", "P", "N", "G",
+                     "heads_per_group")
+_SSD_CHUNK_ARGS = ("X", "DT", "A", "B", "C", "D", "Z", "DOUT", "YPRE", "STATES", "DSTATES", "RESET",
+                   "DX", "DZ", "DDT", "DB", "DC", "DD", "DA",
+                   "x_s0", "x_s1", "x_s2", "x_s3", "z_s0", "z_s1", "z_s2", "z_s3", "g_s0", "g_s1", "g_s2", "g_s3",
+                   "d_s0", "d_s1", "L", "H", "P", "N", "G", "heads_per_group")
 
 
-def _ssd_bwd_variant(xdt, batch, L, H, P, N, G, chunk_size=256, opts=True):
+def _ssd_bwd_variants(xdt, batch, L, H, P, N, G, chunk_size=256, opts=True):
+    """The backward's two kernels (its forward recompute is an ``_ssd_variant(states=True)``)."""
     chunk, bp, bn, nw, prec = _ssd_bwd_config(P, N, chunk_size, xdt)
     f32, o = torch.float32, (lambda d: d if opts else None)  # noqa: E731
-    tensors = dict(X=xdt, DT=f32, A=f32, B=f32, C=f32, D=o(f32), Z=o(xdt), DOUT=xdt, YPRE=f32, STATES=f32,
-                   DFINAL=o(f32), RESET=o(torch.int64), DX=xdt, DZ=o(xdt), DDT=f32, DB=f32, DC=f32, DD=o(f32),
-                   DA=f32, DINIT=o(f32))
     xs = (L * H * P, H * P, P, 1)
-    ints = {**{f"{a}_s{i}": v for a in "xzg" for i, v in enumerate(xs)}, "d_s0": 1, "d_s1": 0, "NB": batch,
+    ints = {**{f"{a}_s{i}": v for a in "xzg" for i, v in enumerate(xs)}, "d_s0": 1, "d_s1": 0,
             "L": L, "H": H, "P": P, "N": N, "G": G, "heads_per_group": H // G}
-    meta = dict(HAS_D=opts, HAS_Z=opts, HAS_DFINAL=opts, HAS_INIT=opts, HAS_RESET=opts, PREC=prec, CHUNK=chunk,
-                BLOCK_P=bp, BLOCK_N=bn)
-    what = (f"ssd_bwd x={str(xdt)[6:]} batch={batch} L={L} H={H} P={P} N={N} G={G} opts={opts} "
-            f"CHUNK={chunk} BLOCK={bp}x{bn} {prec} warps={nw}" + (" novec" if P * 2 < 16 else ""))
-    return "ssd_bwd", _SSD_BWD_ARGS, tensors, ints, meta, nw, what
+    shape = (f"x={str(xdt)[6:]} batch={batch} L={L} H={H} P={P} N={N} G={G} opts={opts} CHUNK={chunk} "
+             f"BLOCK={bp}x{bn} {prec}")
+    novec = " novec" if P * 2 < 16 else ""
+    t_s = dict(DT=f32, A=f32, C=f32, Z=o(xdt), DOUT=xdt, RESET=o(torch.int64), DFINAL=o(f32), DSTATES=f32,
+               DINIT=o(f32))
+    m_s = dict(HAS_Z=opts, HAS_DFINAL=opts, HAS_INIT=opts, HAS_RESET=opts, PREC=prec, CHUNK=chunk, BLOCK_P=bp,
+               BLOCK_N=bn)
+    t_c = dict(X=xdt, DT=f32, A=f32, B=f32, C=f32, D=o(f32), Z=o(xdt), DOUT=xdt, YPRE=o(f32), STATES=f32,
+               DSTATES=f32, RESET=o(torch.int64), DX=xdt, DZ=o(xdt), DDT=f32, DB=f32, DC=f32, DD=o(f32), DA=f32)
+    m_c = dict(HAS_D=opts, HAS_Z=opts, HAS_RESET=opts, PREC=prec, CHUNK=chunk, BLOCK_P=bp, BLOCK_N=bn)
+    return [("ssd_bwd_dstates", _SSD_DSTATES_ARGS, t_s, ints, m_s, _DSTATES_WARPS,
+             f"ssd_bwd_dstates {shape} warps={_DSTATES_WARPS}{novec}"),
+            ("ssd_bwd_chunk", _SSD_CHUNK_ARGS, t_c, ints, m_c, nw, f"ssd_bwd_chunk {shape} warps={nw}{novec}")]
 
 
 def aot_variants(full=False):
@@ -505,9 +569,11 @@ def aot_variants(full=False):
             _ssd_variant(f16, 1, 1000, 8, 3, 7, 8, chunk_size=16, opts=False),  # tiny head: flags off
             _ssd_variant(bf16, 8, 4096, 32, 64, 128, 1, states=True),  # the backward's recompute (with z)
             _ssd_variant(f32, 2, 2048, 24, 64, 128, 8, states=True, out=False),  # (without z)
-            _ssd_bwd_variant(bf16, 8, 4096, 32, 64, 128, 1),
-            _ssd_bwd_variant(f32, 2, 2048, 24, 64, 128, 8),
-            _ssd_bwd_variant(f16, 1, 1000, 8, 3, 7, 8, chunk_size=16, opts=False)]
+            *_ssd_bwd_variants(bf16, 8, 4096, 32, 64, 128, 1),
+            *_ssd_bwd_variants(f32, 2, 2048, 24, 64, 128, 8),
+            *_ssd_bwd_variants(f16, 1, 1000, 8, 3, 7, 8, chunk_size=16, opts=False)]
 
 
-AOT_KERNELS = {} if IMPORT_ERROR is not None else {"ssd_fwd": _ssd_fwd_kernel, "ssd_bwd": _ssd_bwd_kernel}
+AOT_KERNELS = {} if IMPORT_ERROR is not None else {"ssd_fwd": _ssd_fwd_kernel,
+                                                  "ssd_bwd_dstates": _ssd_bwd_dstates_kernel,
+                                                  "ssd_bwd_chunk": _ssd_bwd_chunk_kernel}
