@@ -6,9 +6,9 @@ Forward: bytes = x, z, dt, B, C read + out written once; FLOPs = the chunked alg
 with the kernel's chunk Q (64 for 16-bit inputs): per token and head 2 Q (N + P) (C B^T and the masked
 product with x) + 4 P N (the carried state's output and the chunk-state update).
 Forward+backward: bytes = the forward's + x, z, dout, dt, B, C read and dx, dz, ddt, dB, dC written once
-(not the fp32 scratch: chunk states, per-head dB/dC partials); FLOPs = the forward's, the backward's
-recompute of it (chunk Q' = 32) and the backward kernel's products: per token and head
-2 Q' (3 N + 2 P) + 8 P N. The last column gives the % of the device-to-device copy and the TFLOP/s.
+(not the fp32 scratch: chunk states and state gradients); FLOPs = the forward's, the backward's recompute
+of it (chunk Q' = 32) and the backward kernels' products: per token and head 4 Q' (N + P) + 8 P N, per
+token and group 2 Q' N (C B^T). The last column gives the % of the device-to-device copy and the TFLOP/s.
 """
 import torch
 
@@ -28,7 +28,7 @@ def ssd_rows(gt, ceiling, l2, quick=False, smoke=False):
         flops = b * L * h * (2 * q * (n + p) + 4 * p * n)
         if backward:
             nbytes += 5 * b * L * h * p * esz + 8 * b * L * h + 4 * b * L * g * n * esz
-            flops += b * L * h * (2 * 32 * (n + p) + 4 * p * n + 2 * 32 * (3 * n + 2 * p) + 8 * p * n)
+            flops += b * L * h * (2 * 32 * (n + p) + 4 * p * n + 4 * 32 * (n + p) + 8 * p * n) + b * L * g * 2 * 32 * n
         sets = []
         for _ in range(gt.n_sets(nbytes, l2)):
             x, z = (torch.randn(b, L, h, p, device=dev).to(dtype).requires_grad_(backward) for _ in range(2))
