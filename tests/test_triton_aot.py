@@ -1,4 +1,5 @@
-"""Ahead-of-time compile of the Triton kernels (norms, head norm + RoPE, SwiGLU, causal conv1d) for sm_80 and
+"""Ahead-of-time compile of the Triton kernels (norms, head norm + RoPE, SwiGLU, causal conv1d,
+selective state update, ssd_scan) for sm_80 and
 sm_90 (DESIGN.md §1, §4).
 
 Catches GPU compile errors on a machine without a GPU: every kernel of the family
@@ -28,7 +29,7 @@ def test_aot_compile(cc):
     kinds = {k.description.split()[0] for k in kernels}
     assert kinds == {"norm_fwd", "norm_bwd", "head_norm_rope_fwd", "head_norm_rope_bwd", "swiglu_fwd",
                      "swiglu_bwd", "selective_state_update", "conv1d_fwd", "conv1d_bwd", "conv1d_update",
-                     "ssd_fwd"}, kinds
+                     "ssd_fwd", "ssd_bwd_dstates", "ssd_bwd_chunk"}, kinds
     for k in kernels:
         ptx = k.asm["ptx"]
         assert ptx.strip(), f"{k.description}: empty PTX"
@@ -36,7 +37,7 @@ def test_aot_compile(cc):
         assert targets and targets[0].startswith(f"sm_{cc}"), f"{k.description}: PTX targets {targets}, " \
                                                               f"expected sm_{cc}"
         entry = (r"^\.visible \.entry _(norm|head_norm_rope|swiglu|conv)_(fwd|bwd|update)_kernel"
-                 r"|^\.visible \.entry _state_update_kernel|^\.visible \.entry _ssd_fwd_kernel")
+                 r"|^\.visible \.entry _state_update_kernel|^\.visible \.entry _ssd_(fwd|bwd_dstates|bwd_chunk)_kernel")
         assert re.search(entry, ptx, re.MULTILINE), f"{k.description}: no kernel entry in the PTX"
         assert k.asm.get("cubin"), f"{k.description}: ptxas produced no cubin"
         # The divisibility hints must let row loads vectorise (128-bit accesses), except where a tile

@@ -184,8 +184,9 @@ Contract for the Mamba-2 scan (``ssd_scan_*``; backends cpu and triton)
     x, z, init (None when absent); ddt (b, l, h), dA_bh (b, h), dD_bh (b, h, p) accumulator-dtype outputs,
     written complete; dB_part, dC_part (P, b, l, g, n) zeroed by the caller, which sums them over P.
 ``ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size)`` (triton) returns
-    [dx, ddt, dA, dB, dC, dD, dz, dinit] (None for absent inputs): autograd through a chunked
-    pure-PyTorch form, not a kernel.
+    [dx, ddt, dA, dB, dC, dD, dz, dinit] (None for absent inputs): Triton kernels (a recompute of the
+    chunk states, the state-gradient recurrence, then every gradient chunk-parallel); ``triton_ssd.SSD_BWD = "torch"`` selects the fallback,
+    autograd through a chunked pure-PyTorch form.
 """
 import importlib
 

@@ -2,8 +2,8 @@
 
 The dt preprocessing (``+ dt_bias``, softplus, ``dt_limit`` clamp) and the fp32 copies of dt, A, B and C
 are plain torch ops (differentiated by autograd); the scan itself runs in one kernel call: the ``cpu``
-backend (C++/OpenMP recurrence, forward and backward) or ``triton`` (the chunked SSD forward; its
-backward differentiates a chunked pure-PyTorch implementation, see ``backends/triton_ssd.py``).
+backend (C++/OpenMP recurrence, forward and backward) or ``triton`` (the chunked SSD algorithm, forward
+and backward Triton kernels, see ``backends/triton_ssd.py``).
 
 In eager mode the kernels are called directly (through a torch.autograd.Function when a gradient is
 needed); while torch.compile traces, they run through the custom ops ``fastlayers::ssd_scan_fwd``/``_bwd``.
@@ -200,8 +200,8 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, initi
 
     Backends: ``cpu`` (the recurrence in C++/OpenMP, fp32/fp64 accumulation, fp32/fp16/bf16/fp64 inputs,
     any strides; the result does not depend on ``chunk_size``), ``triton`` (the chunked SSD algorithm on
-    tiles of ``chunk_size`` rounded down to a power of two in [16, 64]; fp32/fp16/bf16; its backward
-    differentiates a chunked pure-PyTorch implementation, not a Triton kernel) and ``reference``
+    tiles of ``chunk_size`` rounded down to a power of two in [16, 64], [16, 32] in the backward;
+    fp32/fp16/bf16; forward and backward are Triton kernels) and ``reference``
     (:func:`fastlayers.reference.ssd_scan`, the plain recurrence). Math in fp32 (fp64 for fp64 x).
     NaN in an input gives NaN out at the positions that depend on it (the chunked triton forward may also
     spread it to earlier positions of the same chunk: a 0 * NaN in its matrix products).
