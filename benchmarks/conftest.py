@@ -57,3 +57,39 @@ def run(benchmark, fn, nbytes, copy_gbps, rounds=5, warmup=3, **info):
         info["gbps"] = round(nbytes / t / 1e9, 2)
         info["fraction_of_copy"] = round(nbytes / t / 1e9 / copy_gbps, 3)
     benchmark.extra_info.update(info)
+
+
+def run_scan_pass(benchmark, copy_gbps, fn, ins, dout, nbytes, medians, *, op, shape, pass_, provider, warmup):
+    """Time one pass of a scan op against its eager reference (providers "eager" then "cpu").
+
+    ``fn(**ins)`` is the op; with ``dout`` the pass is forward + backward (gradients of ``ins``), else
+    forward under no_grad. The eager reference takes tens of seconds a call at the issue's shapes: one
+    timed call, no warm-up. ``medians`` (a dict the module keeps) holds the eager times, so the cpu row
+    records ``speedup_vs_eager``, or, for a fwd+bwd whose eager run was skipped, the lower bound
+    ``eager forward / cpu fwd+bwd``."""
+    if dout is not None:
+        def step():
+            for t in ins.values():
+                t.grad = None
+            fn(**ins).backward(dout)
+    else:
+        def step():
+            with torch.no_grad():
+                fn(**ins)
+    slow = provider == "eager"
+    run(benchmark, step, nbytes, copy_gbps, rounds=1 if slow else 5, warmup=0 if slow else warmup, op=op,
+        pass_=pass_, shape=list(shape), dtype="float32", provider=provider)
+    if benchmark.stats is None or provider != "cpu":
+        if benchmark.stats is not None:
+            medians[(shape, pass_, provider)] = benchmark.stats.stats.median
+        return
+    t = benchmark.stats.stats.median
+    eager, eager_fwd = medians.get((shape, pass_, "eager")), medians.get((shape, "fwd", "eager"))
+    if eager is not None:
+        benchmark.extra_info["speedup_vs_eager"] = round(eager / t, 1)
+        print(f"\n{op} {pass_} {shape}: cpu {t * 1e3:.1f} ms, eager {eager * 1e3:.1f} ms, speedup {eager / t:.1f}x")
+    elif dout is not None and eager_fwd is not None:
+        # The eager fwd+bwd takes longer than its forward: a lower bound of the speed-up.
+        benchmark.extra_info["speedup_vs_eager_fwd_lower_bound"] = round(eager_fwd / t, 1)
+        print(f"\n{op} fwd_bwd {shape}: cpu {t * 1e3:.1f} ms; speedup >= {eager_fwd / t:.1f}x "
+              f"(eager forward alone {eager_fwd * 1e3:.1f} ms)")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import fastlayers
 from fastlayers import reference
 
-from conftest import DEVICE, SMOKE, run
+from conftest import DEVICE, SMOKE, run, run_scan_pass
 
 FAST = "cpu" if DEVICE == "cpu" else "triton"
 # (batch, nheads, headdim, dstate, ngroups): Mamba-2 2.7B-like, Zebra-Llama 1B-like (nheads = ngroups), Mamba-1 2.8B
@@ -143,27 +143,8 @@ def test_selective_scan(benchmark, copy_gbps, shape, pass_, provider):
             return selective_scan_ref(**kw, delta_softplus=True)
     act = 4 * batch * dim * L  # one (batch, dim, L) fp32 tensor
     nbytes = 4 * act + 2 * 4 * batch * n * L
+    dout = torch.randn(batch, dim, L) if bwd else None
     if bwd:
-        dout = torch.randn(batch, dim, L)
         nbytes += 4 * act + 2 * 4 * batch * n * L
-
-        def step():
-            for t in ins.values():
-                t.grad = None
-            fn(**ins).backward(dout)
-    else:
-        def step():
-            with torch.no_grad():
-                fn(**ins)
-    # The eager reference takes tens of seconds a call here: one timed call, no warm-up.
-    slow = provider == "eager"
-    run(benchmark, step, nbytes, copy_gbps, rounds=1 if slow else 5, warmup=0 if slow else 2, op="selective_scan", pass_=pass_, shape=list(shape),
-        dtype="float32", provider=provider)
-    if benchmark.stats is not None:
-        t = benchmark.stats.stats.median
-        _scan_medians[(shape, pass_, provider)] = t
-        eager = _scan_medians.get((shape, pass_, "eager"))
-        if provider == "cpu" and eager is not None:
-            benchmark.extra_info["speedup_vs_eager"] = round(eager / t, 1)
-            print(f"\nselective_scan {pass_} {shape}: cpu {t * 1e3:.1f} ms, eager {eager * 1e3:.1f} ms, "
-                  f"speedup {eager / t:.1f}x")
+    run_scan_pass(benchmark, copy_gbps, fn, ins, dout, nbytes, _scan_medians, op="selective_scan", shape=shape,
+                  pass_=pass_, provider=provider, warmup=2)

@@ -16,7 +16,7 @@ import torch
 import fastlayers
 from fastlayers import reference
 
-from conftest import DEVICE, SMOKE, run
+from conftest import DEVICE, SMOKE, run_scan_pass
 
 # (batch, seqlen, nheads, headdim, dstate, ngroups): the CPU target shape
 SHAPES = [(1, 64, 2, 8, 4, 1)] if SMOKE else [(2, 2048, 24, 64, 128, 1)]
@@ -50,32 +50,8 @@ def test_ssd_scan(benchmark, copy_gbps, shape, pass_, provider):
     act = 4 * b * L * h * p  # one (b, l, h, p) fp32 tensor
     small = 4 * b * L * h + 2 * 4 * b * L * g * n  # dt, B, C
     nbytes = 3 * act + small
+    dout = torch.randn(b, L, h, p) if bwd else None
     if bwd:
-        dout = torch.randn(b, L, h, p)
         nbytes += 3 * act + small
-
-        def step():
-            for t in ins.values():
-                t.grad = None
-            fn(**ins).backward(dout)
-    else:
-        def step():
-            with torch.no_grad():
-                fn(**ins)
-    slow = provider == "eager"  # tens of seconds a call here: one timed call, no warm-up
-    run(benchmark, step, nbytes, copy_gbps, rounds=1 if slow else 5, warmup=0 if slow else 1, op="ssd_scan",
-        pass_=pass_, shape=list(shape), dtype="float32", provider=provider)
-    if benchmark.stats is not None:
-        t = benchmark.stats.stats.median
-        _medians[(shape, pass_, provider)] = t
-        eager = _medians.get((shape, pass_, "eager"))
-        if provider == "cpu" and eager is not None:
-            benchmark.extra_info["speedup_vs_eager"] = round(eager / t, 1)
-            print(f"\nssd_scan {pass_} {shape}: cpu {t * 1e3:.1f} ms, eager {eager * 1e3:.1f} ms, "
-                  f"speedup {eager / t:.1f}x")
-        eager_fwd = _medians.get((shape, "fwd", "eager"))
-        if provider == "cpu" and bwd and eager is None and eager_fwd is not None:
-            # The eager fwd+bwd takes longer than its forward: a lower bound of the speed-up.
-            benchmark.extra_info["speedup_vs_eager_fwd_lower_bound"] = round(eager_fwd / t, 1)
-            print(f"\nssd_scan fwd_bwd {shape}: cpu {t * 1e3:.1f} ms; speedup >= {eager_fwd / t:.1f}x "
-                  f"(eager forward alone {eager_fwd * 1e3:.1f} ms)")
+    run_scan_pass(benchmark, copy_gbps, fn, ins, dout, nbytes, _medians, op="ssd_scan", shape=shape, pass_=pass_,
+                  provider=provider, warmup=1)
