@@ -1,5 +1,8 @@
-// The Mamba-1 selective scan on CUDA, forward (mamba_ssm's selective_scan_fn): the kernel
-// and its launch configuration (device code; the CUDA runtime calls live in scan.cu).
+// The Mamba-1 selective scan on CUDA, forward and backward (mamba_ssm's selective_scan_fn):
+// the kernels and their launch configuration (device code; the CUDA runtime calls live in
+// scan.cu). The forward keeps the states in registers and writes no per-step state; the
+// backward (scan_bwd, further down) recomputes them from a checkpoint of the state every
+// chunk of 32 / NS steps, the only state it keeps in global memory.
 //
 // Semantics: SelectiveScanArgs (fastlayers/common.h) and the CPU kernel (csrc/cpu/scan.cpp):
 // dt = softplus(delta + delta_bias) (each part optional); x_t = exp(dt_t A) x_{t-1} +
@@ -16,7 +19,7 @@
 // (only __syncwarp). B_t and C_t are read from global memory (fp32, N contiguous:
 // coalesced; the channels of a group read the same rows, which L1/L2 serve).
 // N <= 16 leaves half of each warp's lanes idle in the step loop (Mamba-1's N = 16):
-// a known cost of this first version.
+// a known cost of this first version (the backward's too).
 //
 // This header also compiles as plain C++ on top of csrc/cuda/emu/cuda_emu.h (tests).
 #pragma once
@@ -146,16 +149,37 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kScanThreads, 4) scan_fwd(SelectiveScanArgs a) {
 // forward; lane i finishes step t0 + i. dA, time-invariant dB/dC, dD and d delta_bias are
 // summed in registers and added once per channel; time-varying dB/dC get one atomicAdd per
 // (channel, step, state) into fp32 dB_part/dC_part (the channels of a group share rows).
-// Reductions go into part blockIdx.x % parts of the dX_part buffers.
+// When the CTA's 4 channels share their rows of time-varying B (C) (one batch row, one
+// group: Mamba-1's (batch, N, L) B and C), each chunk's dB (dC) is summed over the 4 warps in
+// shared memory and added with one atomic per (step, state). Reductions go into part
+// blockIdx.x % parts of the dX_part buffers. No per-step state
+// reaches global memory; the extra cost is one more forward pass (pass 1) and the checkpoint
+// buffer, batch * dim * L * N / TC fp32. Registers (ptxas, sm_80/90): NS = 1 fits 128 (4 CTAs
+// an SM); NS >= 2 holds TC * NS = 32 history floats plus h, dA, dB, dC sums a state and gets
+// 255 (launch bounds of 2 CTAs) rather than spilling.
+// Adds the CTA's 4 warps' rows red[w * pitch + i * R + n] (i < T, n < N) into dst[i * tst + n]
+// (one fp32 atomicAdd per element instead of one per warp); every thread takes a share. Call
+// between two __syncthreads.
+FL_DEV void scan_cta_add(const float* red, int pitch, int R, int T, int64_t N, float* dst, int64_t tst, int tid) {
+  for (int e = tid; e < T * R; e += kScanThreads) {
+    const int i = e / R, n = e % R;
+    if (n < N) {
+      float s = 0.f;
+      for (int w = 0; w < kScanWarps; ++w) s += red[w * pitch + e];
+      atomicAdd(dst + i * tst + n, s);
+    }
+  }
+}
+
 template <int NS>
-FL_GLOBAL void FL_LAUNCH_BOUNDS(kScanThreads, 4) scan_bwd(SelectiveScanArgs a, float* ckpt, int parts) {
-  constexpr int TC = kScanChunkT / NS;
+FL_GLOBAL void FL_LAUNCH_BOUNDS(kScanThreads, (NS == 1 ? 4 : 2)) scan_bwd(SelectiveScanArgs a, float* ckpt, int parts) {
+  constexpr int TC = kScanChunkT / NS, R = 32 * NS;
+  constexpr int kPab = 2 * TC * 33 > TC * R ? 2 * TC * 33 : TC * R;  // pa, pb; or a chunk of dB/dC rows
   __shared__ float dt_s[kScanWarps][TC];
   __shared__ float dtu_s[kScanWarps][TC];
   __shared__ float u_s[kScanWarps][TC];
   __shared__ float g_s[kScanWarps][TC];
-  __shared__ float pa_s[kScanWarps][TC * 33];
-  __shared__ float pb_s[kScanWarps][TC * 33];
+  __shared__ float pab_s[kScanWarps][kPab];
   const int tid = int(threadIdx.x), lane = tid & 31, w = tid >> 5;
   const int64_t ch = int64_t(blockIdx.x) * kScanWarps + w;
   if (ch >= a.batch * a.dim) return;  // the whole warp: no block-wide barrier in this kernel
@@ -166,8 +190,9 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kScanThreads, 4) scan_bwd(SelectiveScanArgs a, f
   float* dtus = dtu_s[w];
   float* us = u_s[w];
   float* gs = g_s[w];
-  float* pa = pa_s[w];
-  float* pb = pb_s[w];
+  float* pa = pab_s[w];
+  float* pb = pa + TC * 33;
+  float* red = pab_s[w];  // this warp's dB or dC rows of a chunk, R a step
 
   float A[NS], x[NS];
 #pragma unroll
@@ -190,6 +215,13 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kScanThreads, 4) scan_bwd(SelectiveScanArgs a, f
   const int64_t dz_off = b * a.dz.s[0] + d * a.dz.s[1];
   const int64_t nch = (L + TC - 1) / TC;
   float* ck = ckpt + ch * (nch - 1) * N;
+  // When the CTA's 4 channels read the same rows of time-varying B (C): one batch row, one group
+  // (CTA-uniform, so the __syncthreads below are reached by every thread or none), their dB (dC)
+  // shares of each chunk are summed in shared memory first: 4x fewer atomics.
+  const int64_t ch0 = int64_t(blockIdx.x) * kScanWarps, d0 = ch0 % a.dim;
+  const bool full = ch0 + kScanWarps <= a.batch * a.dim && d0 + kScanWarps <= a.dim;
+  const bool cta_b = bst != 0 && full && d0 / gb == (d0 + kScanWarps - 1) / gb;
+  const bool cta_c = cst != 0 && full && d0 / gc == (d0 + kScanWarps - 1) / gc;
 
   // Pass 1: the states at the chunk ends (all chunks but the last).
   for (int64_t c = 0; c + 1 < nch; ++c) {
@@ -292,6 +324,17 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kScanThreads, 4) scan_bwd(SelectiveScanArgs a, f
       if (a.dz.p) scan_st(a.dz, dz_off + (t0 + lane) * a.dz.s[2], go * y * sz * (1.f + zz * (1.f - sz)));
     }
     __syncwarp();  // pa is rewritten below
+    if (cta_c) {  // dC_t = g_t x_t, summed over the CTA's channels
+#pragma unroll
+      for (int i = 0; i < TC; ++i)
+        if (i < T) {
+#pragma unroll
+          for (int k = 0; k < NS; ++k) red[i * R + lane + 32 * k] = gs[i] * xh[i][k];
+        }
+      __syncthreads();
+      scan_cta_add(&pab_s[0][0], kPab, R, T, N, dCp + t0 * cst, cst, tid);
+      __syncthreads();
+    }
     // The adjoint walk over the chunk, last step first.
 #pragma unroll
     for (int i = TC - 1; i >= 0; --i) {
@@ -310,14 +353,16 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kScanThreads, 4) scan_bwd(SelectiveScanArgs a, f
             const float xp = i > 0 ? xh[i > 0 ? i - 1 : 0][k] : x0[k];
             const float ex = e * xp * hn;
             const float dc = gt * xh[i][k], db = hn * dtu;
-            if (cst)
-              atomicAdd(dCp + t * cst + n, dc);
-            else
+            if (!cst)
               dCl[k] += dc;
-            if (bst)
-              atomicAdd(dBp + t * bst + n, db);
-            else
+            else if (!cta_c)
+              atomicAdd(dCp + t * cst + n, dc);
+            if (!bst)
               dBl[k] += db;
+            else if (cta_b)
+              xh[i][k] = db;  // x_t is not needed any more (step t - 1 reads x_{t-1}, x_{t-2})
+            else
+              atomicAdd(dBp + t * bst + n, db);
             dAl[k] += ex * dt;
             ddt += ex * A[k] + hn * bt[n] * ut;
             dut += hn * bt[n];
@@ -343,7 +388,18 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kScanThreads, 4) scan_bwd(SelectiveScanArgs a, f
       dD_acc += g * u;
       dbias_acc += ddt;
     }
-    __syncwarp();  // the shared arrays are rewritten by the next chunk
+    __syncwarp();  // the shared arrays are rewritten by the next chunk (or just below)
+    if (cta_b) {  // dB_t = hn_t dt_t u_t (left in xh), summed over the CTA's channels
+#pragma unroll
+      for (int i = 0; i < TC; ++i)
+        if (i < T) {
+#pragma unroll
+          for (int k = 0; k < NS; ++k) red[i * R + lane + 32 * k] = lane + 32 * k < N ? xh[i][k] : 0.f;
+        }
+      __syncthreads();
+      scan_cta_add(&pab_s[0][0], kPab, R, T, N, dBp + t0 * bst, bst, tid);
+      __syncthreads();
+    }
   }
   float* dAp = static_cast<float*>(a.dA_part) + (int64_t(part) * a.dim + d) * N;
 #pragma unroll

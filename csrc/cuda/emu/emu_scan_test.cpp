@@ -320,6 +320,32 @@ static void check_entry_points() {
   expect(throws_invalid([&] { ck::run_selective_scan_fwd(a, never); }), "bf16 B throws");
   a.B.dt = kF32; a.GB = 3;
   expect(throws_invalid([&] { ck::run_selective_scan_fwd(a, never); }), "groups not dividing dim throw");
+
+  // The backward's entry point.
+  a.GB = 1;
+  a.dout = a.du = a.ddelta = View4{buf, kF32, {0, 0, 0, 0}};
+  a.dA_part = a.dB_part = a.dC_part = buf;
+  float* ckpt = buf;
+  a.batch = 0;
+  expect(!ck::run_selective_scan_bwd(a, ckpt, 1, never), "bwd batch 0: nothing launched");
+  a.batch = 1; a.L = 0;
+  expect(!ck::run_selective_scan_bwd(a, ckpt, 1, never), "bwd L 0: nothing launched");
+  a.L = 5;
+  expect(throws_invalid([&] { ck::run_selective_scan_bwd(a, ckpt, 0, never); }), "bwd parts 0 throws");
+  a.L = 40;  // two chunks of 32: a checkpoint is needed
+  expect(ck::scan_bwd_ckpt_elems(1, 4, 40, 16) == 4 * 16 && ck::scan_bwd_ckpt_elems(1, 4, 32, 16) == 0 &&
+             ck::scan_bwd_ckpt_elems(2, 3, 9, 130) == 2 * 3 * 2 * 130,
+         "bwd checkpoint sizes");
+  expect(throws_invalid([&] { ck::run_selective_scan_bwd(a, nullptr, 1, never); }), "bwd null checkpoint throws");
+  a.L = 5;
+  a.dlast = View4{buf, kBF16, {0, 0, 0, 0}};
+  expect(throws_invalid([&] { ck::run_selective_scan_bwd(a, ckpt, 1, never); }), "bwd bf16 dlast throws");
+  a.dlast = View4{nullptr, -1, {0, 0, 0, 0}};
+  a.D = View4{buf, kF32, {0, 0, 0, 0}};
+  expect(throws_invalid([&] { ck::run_selective_scan_bwd(a, ckpt, 1, never); }), "bwd D without dD_part throws");
+  a.D = View4{nullptr, -1, {0, 0, 0, 0}};
+  a.du.dt = kF64;
+  expect(throws_invalid([&] { ck::run_selective_scan_bwd(a, ckpt, 1, never); }), "bwd float64 du throws");
 }
 
 int main(int argc, char** argv) {
@@ -336,6 +362,10 @@ int main(int argc, char** argv) {
   { Case c; c.dt = kF16; c.L = 33; c.N = 64; c.dim = 4; c.GB = 2; c.var_c = false; c.bias = false; c.last = false;
     cases.push_back(c); }                                                   // 3 chunks of 16, the last of 1 step
   { Case c; c.L = 33; c.N = 100; c.dim = 3; c.batch = 3; c.D = false; c.softplus = false; cases.push_back(c); }
+  // CTAs whose 4 channels share their B (C) rows: dB (dC) summed in shared memory before the atomics.
+  { Case c; c.L = 70; c.N = 48; c.dim = 4; c.GC = 2; cases.push_back(c); }  // C groups of 2: B shared only
+  { Case c; c.dt = kBF16; c.L = 45; c.N = 130; c.dim = 8; c.batch = 1; c.GB = 2; c.transposed = true;
+    cases.push_back(c); }
   if (!quick) {
     { Case c; c.nan = true; c.L = 37; cases.push_back(c); }
     { Case c; c.dt = kBF16; c.L = 300; c.N = 130; c.batch = 1; c.dim = 5; c.var_b = c.var_c = false; c.z = false;
