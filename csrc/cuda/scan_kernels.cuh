@@ -154,9 +154,11 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kScanThreads, 4) scan_fwd(SelectiveScanArgs a) {
 // shared memory and added with one atomic per (step, state). Reductions go into part
 // blockIdx.x % parts of the dX_part buffers. No per-step state
 // reaches global memory; the extra cost is one more forward pass (pass 1) and the checkpoint
-// buffer, batch * dim * L * N / TC fp32. Registers (ptxas, sm_80/90): NS = 1 fits 128 (4 CTAs
-// an SM); NS >= 2 holds TC * NS = 32 history floats plus h, dA, dB, dC sums a state and gets
-// 255 (launch bounds of 2 CTAs) rather than spilling.
+// buffer, batch * dim * L * N / TC fp32. Registers (ptxas, sm_80/90, CUDA 13): NS = 1 fits
+// 128 (4 CTAs an SM); NS >= 2 holds TC * NS = 32 history floats plus h, dA, dB, dC sums a
+// state and takes 220-255 (launch bounds of 2 CTAs) rather than spilling. Known costs of this
+// first version: N <= 16 idles half the lanes; NS >= 2 runs 8 warps an SM; time-varying dB/dC
+// cost one fp32 atomic per (CTA or channel, step, state).
 // Adds the CTA's 4 warps' rows red[w * pitch + i * R + n] (i < T, n < N) into dst[i * tst + n]
 // (one fp32 atomicAdd per element instead of one per warp); every thread takes a share. Call
 // between two __syncthreads.
@@ -182,7 +184,7 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kScanThreads, (NS == 1 ? 4 : 2)) scan_bwd(Select
   __shared__ float pab_s[kScanWarps][kPab];
   const int tid = int(threadIdx.x), lane = tid & 31, w = tid >> 5;
   const int64_t ch = int64_t(blockIdx.x) * kScanWarps + w;
-  if (ch >= a.batch * a.dim) return;  // the whole warp: no block-wide barrier in this kernel
+  if (ch >= a.batch * a.dim) return;  // the whole warp; the __syncthreads below run only when no warp left
   const int64_t b = ch / a.dim, d = ch % a.dim, N = a.N, L = a.L;
   const int64_t gb = a.dim / a.GB, gc = a.dim / a.GC;
   const int part = int(blockIdx.x % unsigned(parts));

@@ -1,5 +1,5 @@
-// Checks the CUDA selective-scan forward (scan_kernels.cuh), run on CPU threads by
-// cuda_emu.h, against the CPU kernel (csrc/cpu/scan.cpp). Build and run: see
+// Checks the CUDA selective-scan forward and backward (scan_kernels.cuh), run on CPU threads
+// by cuda_emu.h, against the CPU kernels (csrc/cpu/scan.cpp). Build and run: see
 // run_emu_test.sh (`sh run_emu_test.sh scan`).
 #include "cuda_emu.h"
 // clang-format off
