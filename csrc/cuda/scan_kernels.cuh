@@ -138,13 +138,16 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kScanThreads, 4) scan_fwd(SelectiveScanArgs a) {
 // ---------------------------------------------------------------------------------
 // Backward. scan_bwd<NS>: the same layout (a warp per (batch, dim) channel, lane l owns
 // states n = l + 32 k), chunks of TC = 32 / NS steps (TC * NS = 32 floats of per-step
-// state history per lane, kept in registers). Two passes over the channel:
-//  1. forward over every chunk but the last, writing only the state at the end of each
-//     chunk to a checkpoint buffer ckpt (fp32, (batch * dim, chunks - 1, N); allocated by
-//     the caller, O(L / TC) states a channel, not O(L));
-//  2. chunks from last to first: reload the chunk's start state, recompute its TC states
-//     (kept in registers) and <x_t, C_t> (for dz), then walk the chunk backwards with the
-//     state gradient h (h_T = dlast; hn_t = h_t + g_t C_t; h_{t-1} = exp(dt_t A) hn_t).
+// state history per lane, kept in registers), segments of M = NS chunks (32 steps).
+//  1. Forward over every segment but the last, writing only the state at the end of each
+//     segment to a checkpoint buffer ckpt (fp32, allocated by the caller: per channel
+//     (segments - 1) checkpoints + M - 1 chunk starts, O(L / 32) states, not O(L)).
+//  2. Chunks from last to first. On reaching a segment (at its last chunk), the forward is
+//     rerun from the segment's checkpoint over its other chunks, their start states going
+//     to the channel's M - 1 `sub` slots (none for NS = 1). Each chunk then reloads its
+//     start state, recomputes its TC states (in registers) and <x_t, C_t> (for dz), and
+//     walks backwards with the state gradient h (h_T = dlast; hn_t = h_t + g_t C_t;
+//     h_{t-1} = exp(dt_t A) hn_t).
 // Per-step sums over n (d dt, d u, y) go through a TC x 33 shared array per warp as in the
 // forward; lane i finishes step t0 + i. dA, time-invariant dB/dC, dD and d delta_bias are
 // summed in registers and added once per channel; time-varying dB/dC get one atomicAdd per
@@ -152,13 +155,16 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kScanThreads, 4) scan_fwd(SelectiveScanArgs a) {
 // When the CTA's 4 channels share their rows of time-varying B (C) (one batch row, one
 // group: Mamba-1's (batch, N, L) B and C), each chunk's dB (dC) is summed over the 4 warps in
 // shared memory and added with one atomic per (step, state). Reductions go into part
-// blockIdx.x % parts of the dX_part buffers. No per-step state
-// reaches global memory; the extra cost is one more forward pass (pass 1) and the checkpoint
-// buffer, batch * dim * L * N / TC fp32. Registers (ptxas, sm_80/90, CUDA 13): NS = 1 fits
-// 128 (4 CTAs an SM); NS >= 2 holds TC * NS = 32 history floats plus h, dA, dB, dC sums a
-// state and takes 220-255 (launch bounds of 2 CTAs) rather than spilling. Known costs of this
-// first version: N <= 16 idles half the lanes; NS >= 2 runs 8 warps an SM; time-varying dB/dC
-// cost one fp32 atomic per (CTA or channel, step, state).
+// blockIdx.x % parts of the dX_part buffers.
+// No per-step state reaches global memory. Extra cost: forward passes (pass 1, the chunk
+// recompute, and for NS >= 2 the segment rerun over (M - 1) / M of the steps), i.e. 3 to
+// 3.9 exps a (step, state) against the forward's 1, and the checkpoint buffer, about
+// batch * dim * (L / 32 + M) * N fp32. Registers (ptxas, sm_80/90, CUDA 13): NS = 1 uses
+// 128 (4 CTAs an SM; <= 8 bytes spilled); NS >= 2 holds 32 history floats plus h, dA, dB,
+// dC sums a state and takes 219-255 (launch bounds of 2 CTAs; <= 16 bytes spilled). Known costs of this first
+// version: N <= 16 idles half the lanes; NS >= 2 runs 8 warps an SM; time-varying dB/dC
+// cost one fp32 atomic per (CTA or channel, step, state). Not yet run on a GPU.
+
 // Adds the CTA's 4 warps' rows red[w * pitch + i * R + n] (i < T, n < N) into dst[i * tst + n]
 // (one fp32 atomicAdd per element instead of one per warp); every thread takes a share. Call
 // between two __syncthreads.
@@ -215,19 +221,14 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kScanThreads, (NS == 1 ? 4 : 2)) scan_bwd(Select
   const int64_t z_off = b * a.z.s[0] + d * a.z.s[1], go_off = b * a.dout.s[0] + d * a.dout.s[1];
   const int64_t du_off = b * a.du.s[0] + d * a.du.s[1], dd_off = b * a.ddelta.s[0] + d * a.ddelta.s[1];
   const int64_t dz_off = b * a.dz.s[0] + d * a.dz.s[1];
-  const int64_t nch = (L + TC - 1) / TC;
-  float* ck = ckpt + ch * (nch - 1) * N;
-  // When the CTA's 4 channels read the same rows of time-varying B (C): one batch row, one group
-  // (CTA-uniform, so the __syncthreads below are reached by every thread or none), their dB (dC)
-  // shares of each chunk are summed in shared memory first: 4x fewer atomics.
-  const int64_t ch0 = int64_t(blockIdx.x) * kScanWarps, d0 = ch0 % a.dim;
-  const bool full = ch0 + kScanWarps <= a.batch * a.dim && d0 + kScanWarps <= a.dim;
-  const bool cta_b = bst != 0 && full && d0 / gb == (d0 + kScanWarps - 1) / gb;
-  const bool cta_c = cst != 0 && full && d0 / gc == (d0 + kScanWarps - 1) / gc;
-
-  // Pass 1: the states at the chunk ends (all chunks but the last).
-  for (int64_t c = 0; c + 1 < nch; ++c) {
-    const int64_t t0 = c * TC;
+  // Checkpoints every kScanChunkT = M chunks (a segment); the starts of a segment's chunks are
+  // recomputed into `sub` (M - 1 states) when the backward walk reaches the segment.
+  constexpr int M = NS;
+  const int64_t nch = (L + TC - 1) / TC, nseg = (L + kScanChunkT - 1) / kScanChunkT;
+  float* ck = nch > 1 ? ckpt + ch * (nseg - 1 + M - 1) * N : nullptr;
+  float* sub = nch > 1 ? ck + (nseg - 1) * N : nullptr;
+  // x advanced over the TC steps of the chunk at t0 (a full chunk).
+  auto fwd_chunk = [&](int64_t t0) {
     if (lane < TC) {
       const int64_t t = t0 + lane;
       const float u = scan_ld(a.u, u_off + t * a.u.s[2]);
@@ -248,10 +249,24 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kScanThreads, (NS == 1 ? 4 : 2)) scan_bwd(Select
       }
     }
     __syncwarp();  // dts, dtus are rewritten by the next chunk
+  };
+  // When the CTA's 4 channels read the same rows of time-varying B (C): one batch row, one group
+  // (CTA-uniform, so the __syncthreads below are reached by every thread or none), their dB (dC)
+  // shares of each chunk are summed in shared memory first: 4x fewer atomics.
+  const int64_t ch0 = int64_t(blockIdx.x) * kScanWarps, d0 = ch0 % a.dim;
+  const bool full = ch0 + kScanWarps <= a.batch * a.dim && d0 + kScanWarps <= a.dim;
+  const bool cta_b = bst != 0 && full && d0 / gb == (d0 + kScanWarps - 1) / gb;
+  const bool cta_c = cst != 0 && full && d0 / gc == (d0 + kScanWarps - 1) / gc;
+
+  // Pass 1: the states at the segment ends (all segments but the last).
+  for (int64_t c = 0; c < (nseg - 1) * M; ++c) {
+    fwd_chunk(c * TC);
+    if ((c + 1) % M == 0) {
 #pragma unroll
-    for (int k = 0; k < NS; ++k) {
-      const int64_t n = lane + 32 * k;
-      if (n < N) ck[c * N + n] = x[k];
+      for (int k = 0; k < NS; ++k) {
+        const int64_t n = lane + 32 * k;
+        if (n < N) ck[((c + 1) / M - 1) * N + n] = x[k];
+      }
     }
   }
 
@@ -267,8 +282,23 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kScanThreads, (NS == 1 ? 4 : 2)) scan_bwd(Select
   }
   float dD_acc = 0.f, dbias_acc = 0.f;  // lane i: its steps' shares
   for (int64_t c = nch - 1; c >= 0; --c) {
-    const int64_t t0 = c * TC;
-    const int T = int(L - t0 < TC ? L - t0 : TC);
+    const int64_t t0 = c * TC, sg = c / M;
+    const int T = int(L - t0 < TC ? L - t0 : TC), j = int(c % M);
+    if (c == nch - 1 || j == M - 1) {  // entering segment sg (from its end): its chunk starts into sub
+#pragma unroll
+      for (int k = 0; k < NS; ++k) {
+        const int64_t n = lane + 32 * k;
+        x[k] = sg > 0 && n < N ? ck[(sg - 1) * N + n] : 0.f;
+      }
+      for (int jj = 0; jj < j; ++jj) {
+        fwd_chunk((sg * M + jj) * TC);
+#pragma unroll
+        for (int k = 0; k < NS; ++k) {
+          const int64_t n = lane + 32 * k;
+          if (n < N) sub[jj * N + n] = x[k];
+        }
+      }
+    }
     float u = 0.f, sig = 1.f, go = 0.f, zz = 0.f, sz = 0.f, g = 0.f;
     if (lane < T) {
       const int64_t t = t0 + lane;
@@ -294,7 +324,7 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kScanThreads, (NS == 1 ? 4 : 2)) scan_bwd(Select
 #pragma unroll
     for (int k = 0; k < NS; ++k) {
       const int64_t n = lane + 32 * k;
-      x0[k] = c > 0 && n < N ? ck[(c - 1) * N + n] : 0.f;
+      x0[k] = n >= N ? 0.f : j > 0 ? sub[(j - 1) * N + n] : sg > 0 ? ck[(sg - 1) * N + n] : 0.f;
       x[k] = x0[k];
     }
     __syncwarp();
@@ -475,12 +505,13 @@ bool run_selective_scan_fwd(const SelectiveScanArgs& a, Launch&& launch) {
 }
 
 // Backward: the steps of a chunk (32 / states a lane) and the fp32 elements of the
-// checkpoint buffer scan_bwd needs ((batch * dim, chunks - 1, N); 0 for L <= one chunk).
+// checkpoint buffer scan_bwd needs (per channel: segments - 1 checkpoints + M - 1 chunk
+// starts of N states; 0 for L <= one chunk).
 inline int64_t scan_bwd_chunk(int64_t N) { return N <= 32 ? 32 : N <= 64 ? 16 : N <= 128 ? 8 : 4; }
 inline int64_t scan_bwd_ckpt_elems(int64_t batch, int64_t dim, int64_t L, int64_t N) {
   if (batch * dim <= 0 || L <= 0 || N < 1) return 0;
-  const int64_t tc = scan_bwd_chunk(N), nch = (L + tc - 1) / tc;
-  return batch * dim * (nch - 1) * N;
+  const int64_t tc = scan_bwd_chunk(N), nch = (L + tc - 1) / tc, nseg = (L + kScanChunkT - 1) / kScanChunkT;
+  return nch > 1 ? batch * dim * (nseg - 1 + kScanChunkT / tc - 1) * N : 0;
 }
 
 inline bool check_selective_scan_bwd(const SelectiveScanArgs& a, const float* ckpt, int parts) {

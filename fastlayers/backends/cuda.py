@@ -110,7 +110,8 @@ def selective_scan_bwd_parts(batch, dim, L, N, device):
 def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, du, ddelta, dz, dA_part, dB_part, dC_part,
                        dD_part, dbias_part, GB, GC, delta_softplus):
     """du, ddelta, dz written; the zeroed (parts, ...) fp32 partials accumulated. The states are recomputed:
-    the kernel keeps only the state at each chunk end in an fp32 scratch buffer (O(L / chunk) a channel)."""
+    the kernel keeps only the state every 32 steps (and a segment's chunk starts) in an fp32 scratch buffer
+    (O(L / 32) states a channel)."""
     batch, dim, L = u.shape
     N = A.shape[1]
     A, D, delta_bias = _param(A), _param(D), _param(delta_bias)

@@ -322,8 +322,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     last step ``(batch, dim, N)`` in fp32 (fp64 for fp64 u). States and sums in fp32 (fp64 for fp64);
     differentiable in every input (the last state's gradient included). Backends ``cpu``, ``reference``
     and ``cuda`` (forward and backward, float32/float16/bfloat16 u, dstate <= 256; the backward recomputes
-    the states from an fp32 checkpoint of the state every 32, 16, 8 or 4 steps for dstate <= 32, 64, 128 or
-    256, no per-step state is kept, and returns each gradient in its input's dtype and layout);
+    the states from an fp32 checkpoint of the state every 32 steps, no per-step state is kept, and returns
+    each gradient in its input's dtype and layout);
     inputs of any strides (B and C are copied once into an fp32 (batch, G, L, N) layout).
     """
     op = "selective_scan"

@@ -131,7 +131,9 @@ static void run_bwd(const Case& c, const SelectiveScanArgs& a, const std::string
   du_g.poison(); dd_g.poison(); dz_g.poison();
   std::vector<float> dA_g(parts * dim * N, 0.f), dB_g(parts * nB, 0.f), dC_g(parts * nC, 0.f), dD_g(parts * dim, 0.f),
       db_g(parts * dim, 0.f);
-  std::vector<float> ckpt(size_t(ck::scan_bwd_ckpt_elems(batch, dim, L, N)) + 1, NAN);
+  const size_t n_ck = size_t(ck::scan_bwd_ckpt_elems(batch, dim, L, N));
+  std::vector<float> ckpt(n_ck + 64, NAN);  // NaN: a read of a slot never written shows
+  for (size_t i = n_ck; i < ckpt.size(); ++i) ckpt[i] = 12345.f;  // a guard past the end
   SelectiveScanArgs ag = a;
   const View4 padded_dt{nullptr, c.dt, {dim * (L + pad), L + pad, 1, 0}};
   ag.dout = ac.dout;
@@ -191,6 +193,9 @@ static void run_bwd(const Case& c, const SelectiveScanArgs& a, const std::string
       std::printf("FAIL %s: %d bad (%s)\n", name, bad, cfg.c_str());
     }
   };
+  bool guard = true;
+  for (size_t i = n_ck; i < ckpt.size(); ++i) guard = guard && ckpt[i] == 12345.f;
+  expect(guard, "checkpoint buffer: nothing written past its end (" + cfg + ")");
   cmp_steps("du", du_c, du_g);
   cmp_steps("ddelta", dd_c, dd_g);
   if (c.z) cmp_steps("dz", dz_c, dz_g);
@@ -334,7 +339,8 @@ static void check_entry_points() {
   expect(throws_invalid([&] { ck::run_selective_scan_bwd(a, ckpt, 0, never); }), "bwd parts 0 throws");
   a.L = 40;  // two chunks of 32: a checkpoint is needed
   expect(ck::scan_bwd_ckpt_elems(1, 4, 40, 16) == 4 * 16 && ck::scan_bwd_ckpt_elems(1, 4, 32, 16) == 0 &&
-             ck::scan_bwd_ckpt_elems(2, 3, 9, 130) == 2 * 3 * 2 * 130,
+             ck::scan_bwd_ckpt_elems(2, 3, 9, 130) == 2 * 3 * 7 * 130 &&
+             ck::scan_bwd_ckpt_elems(1, 1, 300, 64) == (9 + 1) * 64,
          "bwd checkpoint sizes");
   expect(throws_invalid([&] { ck::run_selective_scan_bwd(a, nullptr, 1, never); }), "bwd null checkpoint throws");
   a.L = 5;
