@@ -284,7 +284,7 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kScanThreads, (NS == 1 ? 4 : 2)) scan_bwd(Select
   for (int64_t c = nch - 1; c >= 0; --c) {
     const int64_t t0 = c * TC, sg = c / M;
     const int T = int(L - t0 < TC ? L - t0 : TC), j = int(c % M);
-    if (c == nch - 1 || j == M - 1) {  // entering segment sg (from its end): its chunk starts into sub
+    if (M > 1 && (c == nch - 1 || j == M - 1)) {  // entering segment sg from its end: chunk starts into sub
 #pragma unroll
       for (int k = 0; k < NS; ++k) {
         const int64_t n = lane + 32 * k;
