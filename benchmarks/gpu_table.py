@@ -10,7 +10,8 @@ a device-to-device copy measured the same way in the same run.
 The HybridNorm rows (gpu_table_hybridnorm.py) add qkv_norm_rope and swiglu GB/s, the QKV-norm
 attention against SDPA alone (target <= 1.15x) and the HybridNormBlock against the compiled reference;
 gpu_table_mla.py adds mla_decode (512+64 and Zebra's latent sizes; cuda and triton), selective_state_update
-and the selective_scan forward (cuda); gpu_table_ssd.py the ssd_scan (Mamba-2) forward with TFLOP/s.
+and the selective_scan forward and forward + backward (cuda); gpu_table_ssd.py the ssd_scan (Mamba-2) forward
+with TFLOP/s.
 """
 import argparse
 import itertools

@@ -6,7 +6,9 @@ Zebra-Llama's latent sizes 128+32, 128+64, 160+64, where no peer kernel runs. By
 selective_state_update at batch 16 (Mamba-2 2.7B-like and Zebra-like shapes), state read and written.
 mla_decode and selective_scan run every fast backend built here: cuda (the CUDA C++ kernels) next to
 triton on a GPU (selective_scan has no triton kernel: cuda alone), cpu on the smoke run.
-selective_scan (Mamba-1 forward, bf16, B/C (batch, N, L)): bytes = u, delta, z, out + B, C + last state.
+selective_scan (Mamba-1, bf16, B/C (batch, N, L)): forward bytes = u, delta, z, out + B, C + last state;
+forward + backward adds u, delta, z, dout, du, ddelta, dz + B, C, dB, dC + dlast (the minimum traffic, none
+of the backward's fp32 scratch: the checkpoints, the dB/dC partial sums).
 """
 import torch
 
@@ -98,7 +100,8 @@ def state_update_rows(gt, ceiling, l2, quick=False, smoke=False):
 
 
 def scan_rows(gt, ceiling, l2, quick=False, smoke=False):
-    """selective_scan forward (Mamba-1): (batch, dim, L, N); u, delta, z in the dtype, A, D, delta_bias fp32."""
+    """selective_scan forward, and forward + backward (Mamba-1): (batch, dim, L, N); u, delta, z in the dtype,
+    A, D, delta_bias fp32."""
     dev = gt.DEVICE
     dtype = torch.float32 if smoke else torch.bfloat16
     if smoke:
@@ -128,6 +131,27 @@ def scan_rows(gt, ceiling, l2, quick=False, smoke=False):
                     rows.append((*label, float("nan"), float("nan"), f"ERROR {type(e).__name__}: {e}"[:80]))
                     continue
             gbps = nbytes / t / 1e9
+            rows.append((*label, t * 1e6, gbps, f"{gbps / ceiling:.0%}"))
+            # Forward + backward (the training step's cost): the forward's bytes, then the backward's
+            # reads of u, delta, z, dout, B, C, dlast and writes of du, ddelta, dz, dB, dC.
+            leaves = [t_.detach().clone().requires_grad_() for t_ in (u, delta, A, B, C, D, z, bias)]
+            g_out, g_last = torch.randn_like(u), torch.randn(batch, dim, n, device=dev)
+            nbytes_fb = nbytes + 7 * u.numel() * es + 4 * B.numel() * es + batch * dim * n * 4
+
+            def call_fb(_s, fast=fast, leaves=leaves, g_out=g_out, g_last=g_last):
+                with fastlayers.use_backend(fast):
+                    out, last = fastlayers.selective_scan(*leaves, delta_softplus=True, return_last_state=True)
+                    torch.autograd.grad((out, last), leaves, (g_out, g_last))
+
+            label = ("selective_scan fwd+bwd", f"b{batch} d{dim} L{L} n{n}", str(dtype)[6:], fast)
+            try:
+                t = gt.bench(call_fb, [None])
+            except Exception as e:  # report, don't hide
+                rows.append((*label, float("nan"), float("nan"), f"ERROR {type(e).__name__}: {e}"[:80]))
+                continue
+            finally:
+                del leaves, g_out, g_last
+            gbps = nbytes_fb / t / 1e9
             rows.append((*label, t * 1e6, gbps, f"{gbps / ceiling:.0%}"))
         del u, delta, z, B, C
     return rows

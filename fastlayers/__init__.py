@@ -7,7 +7,7 @@ causal depthwise conv1d (``causal_conv1d``, ``causal_conv1d_update``).
 Mamba: ``selective_state_update`` (the decode step) and ``selective_scan`` (the
 Mamba-1 scan, forward and backward). MLA decoding: ``mla_decode``, ``PagedLatentCache``,
 ``MLA``. Every op has ``reference`` and ``cpu`` backends, ``triton`` for all but
-``selective_scan``, and ``cuda`` for the norms, ``mla_decode`` and the ``selective_scan`` forward. The Mamba layers ``Mamba``, ``Mamba2`` (and Zebra-Llama's ``Mamba2.zebra``) with
+``selective_scan``, and ``cuda`` for the norms, ``mla_decode`` and ``selective_scan`` (forward and backward). The Mamba layers ``Mamba``, ``Mamba2`` (and Zebra-Llama's ``Mamba2.zebra``) with
 their inference cache (``MambaCache``); ``ssd_scan`` (the Mamba-2 chunked scan); hybrid models in
 ``fastlayers.models`` (``ZebraLM``, presets, ``kv_cache_report``); ``fastlayers.convert`` (attention ->
 MLA / Mamba-2). Training: ``python -m fastlayers.train`` (byte-level LM training that checks the

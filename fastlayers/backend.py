@@ -21,7 +21,7 @@ _override = contextvars.ContextVar("fastlayers_backend", default=None)
 # no CUDA C++ kernel (one memory-bound pass each: Triton serves them); nor have the Mamba decode
 # step and the causal conv1d yet. MLA decoding has one (csrc/cuda/mla.cu) that no GPU has measured
 # yet: triton stays its default until benchmarks/gpu_check.sh says otherwise. selective_scan has no
-# triton kernel: CUDA tensors run its CUDA forward (csrc/cuda/scan.cu; no backward yet).
+# triton kernel: CUDA tensors run its CUDA forward and backward (csrc/cuda/scan.cu).
 DEFAULT_CUDA = {"qkv_norm_rope": "triton", "swiglu": "triton", "selective_state_update": "triton",
                 "mla_decode": "triton", "causal_conv1d": "triton", "causal_conv1d_update": "triton", "ssd_scan": "triton"}
 

@@ -102,3 +102,18 @@ def test_cuda_mla_and_scan_entry_points_without_a_gpu():
         scan(N=300)
     with pytest.raises(RuntimeError, match="no CUDA device"):
         scan()
+
+    def scan_bwd(du_dt=0, N=16, L=10, ckpt=p, dlast_dt=0):
+        cu.selective_scan_bwd(view(), view(), view(0, (N, 1, 0, 0)), view(0, (0, N, 0, 1)), view(0, (0, N, 0, 1)),
+                              none, none, none, view(), view(dlast_dt), view(du_dt), view(), none, p, p, p, 0, 0,
+                              4 * N, 4 * N, 2, 4, L, N, 4, 4, True, ckpt, 1, 0)
+
+    with pytest.raises(ValueError, match="selective_scan_bwd: unsupported dtype float64"):
+        scan_bwd(du_dt=3)
+    with pytest.raises(ValueError, match="dlast must be float32"):
+        scan_bwd(dlast_dt=2)
+    with pytest.raises(ValueError, match="null checkpoint"):
+        scan_bwd(L=40, ckpt=0)
+    assert cu.selective_scan_bwd_ckpt(2, 4, 40, 16) == 2 * 4 * 16 and cu.selective_scan_bwd_ckpt(2, 4, 32, 16) == 0
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        scan_bwd()

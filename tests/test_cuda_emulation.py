@@ -1,7 +1,7 @@
-"""The CUDA kernels (norm, MLA decoding, the selective-scan forward), run on CPU threads by a small emulation of the CUDA
-execution model (csrc/cuda/emu/), checked against the CPU kernels. It is the only check of the CUDA kernels'
-logic that can run on a machine without a GPU; GPU-only hazards (memory ordering, real
-alignment faults) still need benchmarks/gpu_check.sh on a GPU."""
+"""The CUDA kernels (norm, MLA decoding, the selective-scan forward and backward), run on CPU threads by a
+small emulation of the CUDA execution model (csrc/cuda/emu/), checked against the CPU kernels. It is the only
+check of the CUDA kernels' logic that can run on a machine without a GPU; GPU-only hazards (memory ordering,
+real alignment faults) still need benchmarks/gpu_check.sh on a GPU."""
 import os
 import shutil
 import subprocess
@@ -46,9 +46,12 @@ def test_mla_decode_kernels_under_cpu_emulation(tmp_path):
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the CUDA kernels run for real instead")
-def test_selective_scan_fwd_kernel_under_cpu_emulation(tmp_path):
-    """csrc/cuda/emu/emu_scan_test.cpp: 7 cases (N = 5..130: 1-8 states a lane; L = 1..300: partial chunks;
+def test_selective_scan_kernels_under_cpu_emulation(tmp_path):
+    """csrc/cuda/emu/emu_scan_test.cpp: 13 cases (N = 5..130: 1-8 states a lane; L = 1..300: partial chunks;
     every optional input on and off, grouped and time-invariant B/C, transposed (batch, L, dim) inputs, a
-    padded out, a transposed last state, NaN input; fp32/fp16/bf16) against cpu::selective_scan_fwd, plus
-    the entry point's argument checks."""
-    assert _run_emu(tmp_path, "scan") > 15
+    padded out, a transposed last state, NaN input; fp32/fp16/bf16) against cpu::selective_scan_fwd, then
+    the backward of each case against cpu::selective_scan_bwd: du, ddelta, dz elementwise (padded rows left
+    untouched), dA, dB, dC, dD, d delta_bias summed over 2 parts, with dlast (transposed) on and off and
+    NaN propagation, CTAs that sum dB/dC in shared memory; plus the entry point's argument checks. 166 checks
+    (~10 s at -O0)."""
+    assert _run_emu(tmp_path, "scan") >= 166

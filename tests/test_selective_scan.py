@@ -11,7 +11,7 @@ from conftest import _case, assert_rel_err, seed_of
 REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-10}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = [_case("cpu", "cpu"), _case("cpu", "reference")]
-# The forward also runs on CUDA tensors (backend 'cuda', forward only; skipped without a GPU).
+# The forward and the backward also run on CUDA tensors (backend 'cuda'; skipped without a GPU).
 FWD_BACKENDS = BACKENDS + [_case("cuda", "cuda")]
 LAYOUTS = ("const", "var", "group")  # B, C: (dim, N), (batch, N, L), (batch, G=2, N, L)
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -117,15 +117,11 @@ def test_forward_empty():
     assert out.shape == (2, 4, 0) and torch.equal(last, torch.zeros(2, 4, 3))
 
 
-def test_triton_and_the_cuda_backward_are_refused():
-    """No triton kernel; the cuda backend is forward only: a gradient request is refused before any kernel."""
+def test_triton_is_refused():
+    """No triton kernel: the op is refused before any kernel."""
     args = _inputs(1, 2, 3, 2, "var", torch.float32, _gen("refuse"))
     with pytest.raises(BackendUnavailable, match="selective_scan"):
         _run("triton", args, True)
-    if torch.cuda.is_available() and fastlayers.available_backends()["cuda"][0]:
-        leaves = [None if a is None else a.cuda().requires_grad_() for a in args]
-        with pytest.raises(BackendUnavailable, match="forward only"):
-            _run("cuda", leaves, True)
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -135,8 +131,8 @@ def _grads(backend, args, softplus, gen):
     out, last = _run(backend, leaves, softplus)
     g_out = torch.randn(out.shape, generator=gen).to(out.dtype)
     g_last = torch.randn(last.shape, generator=gen).to(last.dtype)
-    torch.autograd.backward((out, last), (g_out, g_last))
-    return [None if a is None else a.grad for a in leaves], g_out, g_last
+    torch.autograd.backward((out, last), (g_out.to(out.device), g_last.to(last.device)))
+    return [None if a is None else a.grad.cpu() for a in leaves], g_out, g_last
 
 
 def _ref_grads(args, softplus, g_out, g_last):
@@ -156,14 +152,16 @@ GRAD_CASES = [  # L, layout, opts, softplus
 ]
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", FWD_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: f"L{c[0]}-{c[1]}-{'+'.join(c[2]) or 'none'}-sp{int(c[3])}")
 def test_gradients_match_reference(device, backend, dtype, case):
     L, layout, opts, softplus = case
+    if backend == "cuda" and dtype == torch.float64:
+        pytest.skip("the cuda backend takes float32/float16/bfloat16")
     gen = _gen("grad", str(dtype), case)
     args = _inputs(2, 4, L, 6, layout, dtype, gen, opts, softplus)
-    grads, g_out, g_last = _grads(backend, args, softplus, gen)
+    grads, g_out, g_last = _grads(backend, _dev(args, device), softplus, gen)
     ref = _ref_grads(args, softplus, g_out, g_last)
     for name, a, g, r in zip(NAMES, args, grads, ref):
         if a is None:
@@ -173,6 +171,28 @@ def test_gradients_match_reference(device, backend, dtype, case):
         # (A, D, delta_bias stay fp32 next to bf16 activations but sum bf16-rounded terms).
         tol = REL_TOL[dtype] if dtype != torch.float32 else 1e-5
         assert_rel_err(g, r, tol, f"d{name}")
+
+
+CUDA_GRAD_SHAPES = [  # N (1, 2, 4, 8 states a lane: chunks of 32, 16, 8, 4 steps), L (partial chunks)
+    (5, 300), (16, 1), (16, 31), (16, 33), (33, 64), (64, 33), (100, 300), (130, 33), (256, 300)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,L", CUDA_GRAD_SHAPES, ids=lambda v: str(v))
+def test_cuda_backward_matches_cpu(n, L, dtype):
+    """The CUDA backward kernel (states recomputed from chunk checkpoints) against the CPU one on the same
+    inputs: every gradient, B/C time-varying with groups and time-invariant, dlast included."""
+    if not fastlayers.available_backends()["cuda"][0]:
+        pytest.skip("fastlayers._cuda not built")
+    for layout, c_layout in (("group", "const"), ("var", "group")):
+        gen = _gen("cuda-bwd", n, L, str(dtype), layout)
+        args = _inputs(3, 8, L, n, layout, dtype, gen, c_layout=c_layout)
+        g_cpu, g_out, g_last = _grads("cpu", args, True, _gen("cuda-bwd-g", n, L))
+        g_gpu, _, _ = _grads("cuda", _dev(args, "cuda"), True, _gen("cuda-bwd-g", n, L))
+        for name, a, g, r in zip(NAMES, args, g_gpu, g_cpu):
+            assert g.dtype == a.dtype and g.shape == a.shape, name
+            assert_rel_err(g, r, 3e-5 if dtype == torch.float32 else 1e-2, f"d{name} ({layout}/{c_layout})")
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)

@@ -112,6 +112,36 @@ PYBIND11_MODULE(_cuda, m) {
       "Mamba-1 selective scan forward (see SelectiveScanArgs) on `stream`; views are (address, dtype code, "
       "4 strides), address 0 for an absent tensor.");
 
+  m.def(
+      "selective_scan_bwd",
+      [](const PyView& u, const PyView& delta, const PyView& A, const PyView& B, const PyView& C, const PyView& D,
+         const PyView& z, const PyView& delta_bias, const PyView& dout, const PyView& dlast, const PyView& du,
+         const PyView& ddelta, const PyView& dz, uintptr_t dA_part, uintptr_t dB_part, uintptr_t dC_part,
+         uintptr_t dD_part, uintptr_t dbias_part, int64_t dB_part_stride, int64_t dC_part_stride, int64_t batch,
+         int64_t dim, int64_t L, int64_t N, int64_t GB, int64_t GC, bool softplus, uintptr_t ckpt, int parts,
+         uintptr_t stream) {
+        SelectiveScanArgs a{};
+        a.u = view4(u); a.delta = view4(delta); a.A = view4(A); a.B = view4(B); a.C = view4(C);
+        a.D = view4(D); a.z = view4(z); a.delta_bias = view4(delta_bias);
+        a.dout = view4(dout); a.dlast = view4(dlast); a.du = view4(du); a.ddelta = view4(ddelta); a.dz = view4(dz);
+        a.dA_part = P(dA_part); a.dB_part = P(dB_part); a.dC_part = P(dC_part); a.dD_part = P(dD_part);
+        a.dbias_part = P(dbias_part); a.dB_part_stride = dB_part_stride; a.dC_part_stride = dC_part_stride;
+        a.batch = batch; a.dim = dim; a.L = L; a.N = N; a.GB = GB; a.GC = GC; a.softplus = softplus;
+        py::gil_scoped_release nogil;
+        cuda::selective_scan_bwd(a, P(ckpt), parts, P(stream));
+      },
+      py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
+      py::arg("delta_bias"), py::arg("dout"), py::arg("dlast"), py::arg("du"), py::arg("ddelta"), py::arg("dz"),
+      py::arg("dA_part"), py::arg("dB_part"), py::arg("dC_part"), py::arg("dD_part"), py::arg("dbias_part"),
+      py::arg("dB_part_stride"), py::arg("dC_part_stride"), py::arg("batch"), py::arg("dim"), py::arg("L"),
+      py::arg("N"), py::arg("GB"), py::arg("GC"), py::arg("softplus"), py::arg("ckpt"), py::arg("parts"),
+      py::arg("stream"),
+      "Mamba-1 selective scan backward (see SelectiveScanArgs) on `stream`: du, ddelta, dz written; dA, dB, dC, "
+      "dD, d delta_bias added into part (block % parts) of the zeroed fp32 partial buffers; ckpt: "
+      "selective_scan_bwd_ckpt(...) fp32 elements of scratch.");
+  m.def("selective_scan_bwd_ckpt", &cuda::selective_scan_bwd_ckpt, py::arg("batch"), py::arg("dim"), py::arg("L"),
+        py::arg("N"), "fp32 elements of the checkpoint scratch buffer selective_scan_bwd needs (0: none).");
+
   m.def("device_count", &cuda::device_count,
         "Number of CUDA devices visible to this module; 0 without a device or a recent enough driver.");
   m.def("sm_count", &cuda::sm_count, py::arg("device"), "Number of streaming multiprocessors of a device.");

@@ -164,6 +164,8 @@ Contract for the Mamba-1 scan (``selective_scan_*``)
     dA_part   (P, dim, N); dB_part, dC_part (P, *B.shape) / (P, *C.shape) laid out like the contiguous
               tensors B and C are views of; dD_part, dbias_part (P, dim) or None. All accumulator
               dtype, zeroed by the caller, which sums them over P.
+  Backends cpu and cuda (the cuda kernel allocates its own fp32 scratch of chunk-end states and uses
+  P = 1: it adds into the partials with atomics).
 
 Contract for the Mamba-2 scan (``ssd_scan_*``; backends cpu and triton)
 ------------------------------------------------------------------------

@@ -102,15 +102,24 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, out, last, GB, GC, d
                                  bool(delta_softplus), _stream(u.device))
 
 
-def _no_scan_backward():
-    from ..backend import BackendUnavailable
-    return BackendUnavailable("fastlayers.selective_scan: the 'cuda' backend has no backward kernel yet (forward "
-                              "only); use it under torch.no_grad(), or train on CPU tensors")
-
-
 def selective_scan_bwd_parts(batch, dim, L, N, device):
-    raise _no_scan_backward()
+    """One part: the kernel adds every channel's dA/dB/dC/dD/d delta_bias into fp32 buffers with atomicAdd."""
+    return 1
 
 
-def selective_scan_bwd(*args, **kwargs):
-    raise _no_scan_backward()
+def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, du, ddelta, dz, dA_part, dB_part, dC_part,
+                       dD_part, dbias_part, GB, GC, delta_softplus):
+    """du, ddelta, dz written; the zeroed (parts, ...) fp32 partials accumulated. The states are recomputed:
+    the kernel keeps only the state every 32 steps (and a segment's chunk starts) in an fp32 scratch buffer
+    (O(L / 32) states a channel)."""
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    A, D, delta_bias = _param(A), _param(D), _param(delta_bias)
+    with torch.cuda.device(u.device):
+        ckpt = torch.empty(max(_cuda.selective_scan_bwd_ckpt(batch, dim, L, N), 1), dtype=torch.float32,
+                           device=u.device)
+        _cuda.selective_scan_bwd(_view4(u), _view4(delta), _view4(A), _view4(B), _view4(C), _view4(D), _view4(z),
+                                 _view4(delta_bias), _view4(dout), _view4(dlast), _view4(du), _view4(ddelta),
+                                 _view4(dz), ptr(dA_part), ptr(dB_part), ptr(dC_part), ptr(dD_part),
+                                 ptr(dbias_part), dB_part[0].numel(), dC_part[0].numel(), batch, dim, L, N, GB, GC,
+                                 bool(delta_softplus), ckpt.data_ptr(), dA_part.shape[0], _stream(u.device))

@@ -320,8 +320,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     ``(batch, N, L)`` or ``(batch, G, N, L)`` (G groups of dim / G channels); D, delta_bias ``(dim,)``.
     Returns out ``(batch, dim, L)`` in u's dtype and, with ``return_last_state``, the state after the
     last step ``(batch, dim, N)`` in fp32 (fp64 for fp64 u). States and sums in fp32 (fp64 for fp64);
-    differentiable in every input (the last state's gradient included). Backends ``cpu`` and ``reference``,
-    and ``cuda`` (forward only, dstate <= 256);
+    differentiable in every input (the last state's gradient included). Backends ``cpu``, ``reference``
+    and ``cuda`` (forward and backward, float32/float16/bfloat16 u, dstate <= 256; the backward recomputes
+    the states from an fp32 checkpoint of the state every 32 steps, no per-step state is kept, and returns
+    each gradient in its input's dtype and layout);
     inputs of any strides (B and C are copied once into an fp32 (batch, G, L, N) layout).
     """
     op = "selective_scan"
@@ -331,8 +333,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         return reference.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if backend not in ("cpu", "cuda"):
         raise BackendUnavailable(f"fastlayers.{op}: no {backend!r} kernel for this op yet (tensors on {u.device}); "
-                                 f"it runs on CPU tensors (backend 'cpu'), on CUDA tensors (backend 'cuda', "
-                                 f"forward only), or anywhere with fastlayers.use_backend('reference')")
+                                 f"it runs on CPU tensors (backend 'cpu'), on CUDA tensors (backend 'cuda'), "
+                                 f"or anywhere with fastlayers.use_backend('reference')")
     args = (u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), backend)
     if backend == "cuda":
         from ..backends.cuda import SCAN_MAX_N
@@ -341,9 +343,6 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         if A.shape[1] > SCAN_MAX_N:
             raise ValueError(f"fastlayers.{op}: backend 'cuda' supports dstate <= {SCAN_MAX_N}; got A of shape "
                              f"{tuple(A.shape)}")
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:8]):
-            raise BackendUnavailable(f"fastlayers.{op}: the 'cuda' backend is forward only (no backward kernel "
-                                     f"yet); call it under torch.no_grad(), or use the 'cpu' or 'reference' backend")
     if torch.compiler.is_compiling():
         out, last = torch.ops.fastlayers.selective_scan_fwd(*args)
     elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:8]):

@@ -122,6 +122,13 @@ static inline float __shfl_sync(unsigned, float v, int src) {
   return r;
 }
 
+// One OS thread runs every fiber and a fiber only yields at a barrier: a plain add is atomic.
+static inline float atomicAdd(float* p, float v) {
+  const float old = *p;
+  *p = old + v;
+  return old;
+}
+
 static inline unsigned __float_as_uint(float f) {
   unsigned u;
   std::memcpy(&u, &f, 4);
