@@ -16,58 +16,14 @@
 
 #include "../../cpu/convert.h"
 #include "../../cpu/mla.h"
+#define EMU_SEED 4321
+#include "emu_harness.h"
 
 using namespace fastlayers;
 namespace ck = fastlayers::cuda_kernels;
 
-static std::mt19937_64 rng(4321);
-static int failures = 0, checks = 0;
-
 static const auto emu_launch = [](auto k, dim3 g, dim3 bl, size_t smem, const auto&... args) {
   emu::launch_smem(k, g, bl, smem, args...);
-};
-
-static void expect(bool ok, const std::string& what) {
-  ++checks;
-  if (!ok) {
-    ++failures;
-    std::printf("FAIL %s\n", what.c_str());
-  }
-}
-
-static int esize(int dt) { return dt == kF32 ? 4 : 2; }
-
-struct Buf {  // a flat tensor of one dtype
-  int dt = kF32;
-  std::vector<uint8_t> b;
-  Buf(int dt_, int64_t n) : dt(dt_), b(size_t(n * esize(dt_) + 16), 0) {}
-  void* p() { return b.data(); }
-  int64_t n() const { return (int64_t(b.size()) - 16) / esize(dt); }
-  float get(int64_t i) const {
-    if (dt == kF32) {
-      float f;
-      std::memcpy(&f, b.data() + 4 * i, 4);
-      return f;
-    }
-    uint16_t s;
-    std::memcpy(&s, b.data() + 2 * i, 2);
-    return dt == kBF16 ? cpu::bf16_to_f32(s) : emu_f16_bits_to_f32(s);
-  }
-  void set(int64_t i, float v) {
-    if (dt == kF32) {
-      std::memcpy(b.data() + 4 * i, &v, 4);
-      return;
-    }
-    const uint16_t s = dt == kBF16 ? cpu::f32_to_bf16(v) : uint16_t(emu_f32_to_f16_bits(v));
-    std::memcpy(b.data() + 2 * i, &s, 2);
-  }
-  void random() {
-    std::normal_distribution<float> d(0.f, 1.f);
-    for (int64_t i = 0; i < n(); ++i) set(i, d(rng));
-  }
-  void poison() {
-    for (int64_t i = 0; i < n(); ++i) set(i, NAN);
-  }
 };
 
 static bool close(float got, float want, int dt) {
@@ -198,15 +154,6 @@ static void run_case(const Case& c) {
   if (c.nan == 1 || c.nan == 2) expect(any_nan, "NaN input gives NaN rows (" + cfg + ")");
 }
 
-template <class F>
-static bool throws_invalid(F&& f) {
-  try {
-    f();
-  } catch (const std::invalid_argument&) {
-    return true;
-  }
-  return false;
-}
 
 static void check_entry_points() {
   auto never = [](auto, dim3, dim3, size_t, const auto&...) { throw std::logic_error("unexpected launch"); };

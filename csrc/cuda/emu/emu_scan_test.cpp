@@ -14,60 +14,14 @@
 
 #include "../../cpu/convert.h"
 #include "../../cpu/scan.h"
+#define EMU_SEED 777
+#include "emu_harness.h"
 
 using namespace fastlayers;
 namespace ck = fastlayers::cuda_kernels;
 
-static std::mt19937_64 rng(777);
-static int failures = 0, checks = 0;
-
 static const auto emu_launch = [](auto k, dim3 g, dim3 bl, size_t smem, const auto&... args) {
   emu::launch_smem(k, g, bl, smem, args...);
-};
-
-static void expect(bool ok, const std::string& what) {
-  ++checks;
-  if (!ok) {
-    ++failures;
-    std::printf("FAIL %s\n", what.c_str());
-  }
-}
-
-static int esize(int dt) { return dt == kF32 ? 4 : 2; }
-
-struct Buf {
-  int dt = kF32;
-  std::vector<uint8_t> b;
-  Buf(int dt_, int64_t n) : dt(dt_), b(size_t(n * esize(dt_) + 16), 0) {}
-  int64_t n() const { return (int64_t(b.size()) - 16) / esize(dt); }
-  float get(int64_t i) const {
-    if (dt == kF32) {
-      float f;
-      std::memcpy(&f, b.data() + 4 * i, 4);
-      return f;
-    }
-    uint16_t s;
-    std::memcpy(&s, b.data() + 2 * i, 2);
-    return dt == kBF16 ? cpu::bf16_to_f32(s) : emu_f16_bits_to_f32(s);
-  }
-  void set(int64_t i, float v) {
-    if (dt == kF32) {
-      std::memcpy(b.data() + 4 * i, &v, 4);
-      return;
-    }
-    const uint16_t s = dt == kBF16 ? cpu::f32_to_bf16(v) : uint16_t(emu_f32_to_f16_bits(v));
-    std::memcpy(b.data() + 2 * i, &s, 2);
-  }
-  void random(float mean, float sd) {
-    std::normal_distribution<float> d(mean, sd);
-    for (int64_t i = 0; i < n(); ++i) set(i, d(rng));
-  }
-  void poison() {
-    for (int64_t i = 0; i < n(); ++i) set(i, NAN);
-  }
-  View4 view(int64_t s0, int64_t s1, int64_t s2, int64_t s3 = 0) {
-    return View4{b.data(), dt, {s0, s1, s2, s3}};
-  }
 };
 
 static bool close(float got, float want, int dt) {
@@ -297,15 +251,6 @@ static void run_case(const Case& c) {
   if (c.bwd) run_bwd(c, a, cfg);
 }
 
-template <class F>
-static bool throws_invalid(F&& f) {
-  try {
-    f();
-  } catch (const std::invalid_argument&) {
-    return true;
-  }
-  return false;
-}
 
 static void check_entry_points() {
   auto never = [](auto, dim3, dim3, size_t, const auto&...) { throw std::logic_error("unexpected launch"); };

@@ -13,27 +13,18 @@
 
 #include "../../cpu/convert.h"
 #include "../../cpu/norm.h"
+#define EMU_SEED 1234
+#include "emu_harness.h"
 
 using namespace fastlayers;
 namespace ck = fastlayers::cuda_kernels;
 
-static std::mt19937_64 rng(1234);
-static int failures = 0, checks = 0;
 static int force_parts = 0;  // > 0: the backward's P
 static int force_batch = 0;  // > 0: the backward loop kernel's batch (else sized at launch)
 
 // The launcher of norm.cu, with emu::launch for the <<<>>> launch.
 static const auto emu_launch = [](auto k, dim3 g, dim3 bl, const auto&... args) { emu::launch(k, g, bl, args...); };
 
-static void expect(bool ok, const char* what) {
-  ++checks;
-  if (!ok) {
-    ++failures;
-    std::printf("FAIL %s\n", what);
-  }
-}
-
-static int esize(int dt) { return dt == kF32 ? 4 : 2; }
 
 static float get(const std::vector<uint8_t>& buf, int dt, int64_t i) {
   if (dt == kF32) {
@@ -226,15 +217,6 @@ static void run_case(int64_t M, int64_t N, bool nan_row) {
   }
 }
 
-template <class F>
-static bool throws_invalid(F&& f) {
-  try {
-    f();
-  } catch (const std::invalid_argument&) {
-    return true;
-  }
-  return false;
-}
 
 // The argument checks of the entry points (run_norm_fwd / run_norm_bwd, as norm.cu).
 static void check_entry_points() {
