@@ -60,6 +60,19 @@ except ImportError as e:  # pragma: no cover - reported by available_backends()
 
 if IMPORT_ERROR is None:
     @triton.jit
+    def _chunk_restarts(RESET, b, L, t, t_ok, qq, causal, HAS_RESET: tl.constexpr):
+        """Where packed sequences restart (seq_idx) inside the chunk of steps t: (pair_ok: step j may feed
+        step i, carry_in: the incoming state reaches step i, to_last: step i reaches the chunk's end state,
+        carry_out: the incoming state passes the whole chunk). Without restarts: causal and all true."""
+        if HAS_RESET:
+            rs = tl.load(RESET + b * L + t, mask=t_ok, other=0).to(tl.int32)
+            r = tl.cumsum(rs, axis=0)
+            r_last = tl.sum(rs, axis=0)
+            return causal & (r[:, None] == r[None, :]), r == 0, r == r_last, r_last == 0
+        else:
+            return causal, qq >= 0, qq >= 0, True
+
+    @triton.jit
     def _ssd_fwd_kernel(X, DT, A, B, C, D, Z, INIT, RESET, OUT, FINAL, STATES,
                         x_s0, x_s1, x_s2, x_s3, z_s0, z_s1, z_s2, z_s3, o_s0, o_s1, o_s2, o_s3,
                         d_s0, d_s1, i_s0, i_s1, i_s2, i_s3,
@@ -96,19 +109,7 @@ if IMPORT_ERROR is None:
             dA = dt * a_h
             cs = tl.cumsum(dA, axis=0)
             cs_last = tl.sum(dA, axis=0)
-            if HAS_RESET:
-                rs = tl.load(RESET + b * L + t, mask=t_ok, other=0).to(tl.int32)
-                r = tl.cumsum(rs, axis=0)
-                r_last = tl.sum(rs, axis=0)
-                pair_ok = causal & (r[:, None] == r[None, :])
-                carry_in = r == 0
-                to_last = r == r_last
-                carry_out = r_last == 0
-            else:
-                pair_ok = causal
-                carry_in = qq >= 0
-                to_last = qq >= 0
-                carry_out = True
+            pair_ok, carry_in, to_last, carry_out = _chunk_restarts(RESET, b, L, t, t_ok, qq, causal, HAS_RESET)
             x = tl.load(X + b * x_s0 + t[:, None] * x_s1 + h * x_s2 + pp[None, :] * x_s3,
                         mask=t_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)          # (Q, BP)
             tn_ok = t_ok[:, None] & n_ok[None, :]
@@ -170,14 +171,7 @@ if IMPORT_ERROR is None:
             dt = tl.load(DT + (b * L + t) * H + h, mask=t_ok, other=0.0).to(tl.float32)
             cs = tl.cumsum(dt * a_h, axis=0)
             cs_last = tl.sum(dt * a_h, axis=0)
-            if HAS_RESET:
-                rs = tl.load(RESET + b * L + t, mask=t_ok, other=0).to(tl.int32)
-                r = tl.cumsum(rs, axis=0)
-                carry_in = r == 0
-                carry_out = tl.sum(rs, axis=0) == 0
-            else:
-                carry_in = qq >= 0
-                carry_out = True
+            _, carry_in, _, carry_out = _chunk_restarts(RESET, b, L, t, t_ok, qq, qq >= 0, HAS_RESET)
             tp_ok = t_ok[:, None] & p_ok[None, :]
             dy = tl.load(DOUT + b * g_s0 + t[:, None] * g_s1 + h * g_s2 + pp[None, :] * g_s3, mask=tp_ok,
                          other=0.0).to(tl.float32)
@@ -215,19 +209,7 @@ if IMPORT_ERROR is None:
         t_ok = t < L
         tn_ok = t_ok[:, None] & n_ok[None, :]
         causal = qq[:, None] >= qq[None, :]
-        if HAS_RESET:
-            rs = tl.load(RESET + b * L + t, mask=t_ok, other=0).to(tl.int32)
-            r = tl.cumsum(rs, axis=0)
-            r_last = tl.sum(rs, axis=0)
-            pair_ok = causal & (r[:, None] == r[None, :])
-            carry_in = r == 0
-            to_last = r == r_last
-            carry_out = r_last == 0
-        else:
-            pair_ok = causal
-            carry_in = qq >= 0
-            to_last = qq >= 0
-            carry_out = True
+        pair_ok, carry_in, to_last, carry_out = _chunk_restarts(RESET, b, L, t, t_ok, qq, causal, HAS_RESET)
         bc_off = ((b * L + t[:, None]) * G + g) * N + nn[None, :]
         Bm = tl.load(B + bc_off, mask=tn_ok, other=0.0).to(tl.float32)                         # (Q, BN)
         Cm = tl.load(C + bc_off, mask=tn_ok, other=0.0).to(tl.float32)
