@@ -43,6 +43,20 @@ def bench(fn_of_set, sets):
     return do_bench(lambda: fn_of_set(next(it)), warmup=25, rep=100, return_mode="median") * 1e-3
 
 
+def timed_row(rows, label, fn_of_set, sets, nbytes, ceiling, grad=False, flops=None):
+    """Time fn over sets (under no_grad, or enable_grad with ``grad``) and append the row ``(*label, us,
+    GB/s, % of the copy ceiling[; TFLOP/s])``, or an ERROR row (report, don't hide). Returns the time or None."""
+    with torch.enable_grad() if grad else torch.no_grad():
+        try:
+            t = bench(fn_of_set, sets)
+        except Exception as e:
+            rows.append((*label, float("nan"), float("nan"), f"ERROR {type(e).__name__}: {e}"[:80]))
+            return None
+    gbps = nbytes / t / 1e9
+    rows.append((*label, t * 1e6, gbps, f"{gbps / ceiling:.0%}" + (f"; {flops / t / 1e12:.1f} TFLOP/s" if flops else "")))
+    return t
+
+
 def n_sets(nbytes_per_set, l2_bytes):
     return max(2, min(16, int(3 * l2_bytes // max(nbytes_per_set, 1)) + 1))
 
@@ -147,17 +161,8 @@ def main(argv=None):
             fn = make_fn(prov, op, backward)
             if fn is None:
                 continue
-            ctx = torch.enable_grad() if backward else torch.no_grad()
-            with ctx:
-                try:
-                    t = bench(fn, sets)
-                except Exception as e:  # report, don't hide
-                    rows.append((op + (" fwd+bwd" if backward else " fwd"), f"{tok}x{hid}", str(dtype)[6:], prov,
-                                 float("nan"), float("nan"), f"ERROR {type(e).__name__}: {e}"[:80]))
-                    continue
-            gbps = nbytes / t / 1e9
-            rows.append((op + (" fwd+bwd" if backward else " fwd"), f"{tok}x{hid}", str(dtype)[6:], prov, t * 1e6,
-                         gbps, f"{gbps / ceiling:.0%}"))
+            label = (op + (" fwd+bwd" if backward else " fwd"), f"{tok}x{hid}", str(dtype)[6:], prov)
+            timed_row(rows, label, fn, sets, nbytes, ceiling, grad=backward)
         del sets
         if DEVICE == "cuda":
             torch.cuda.empty_cache()

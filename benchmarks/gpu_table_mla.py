@@ -57,14 +57,7 @@ def mla_rows(gt, ceiling, l2, quick=False, smoke=False):
                     fastlayers.mla_decode(q, kv, table, lens, lat)
 
             label = ("mla_decode", f"b{b} n{n} h{h} {lat}+{rope}", str(dtype)[6:], fast)
-            with torch.no_grad():
-                try:
-                    t = gt.bench(call, [None])
-                except Exception as e:  # report, don't hide
-                    rows.append((*label, float("nan"), float("nan"), f"ERROR {type(e).__name__}: {e}"[:80]))
-                    continue
-            gbps = nbytes / t / 1e9
-            rows.append((*label, t * 1e6, gbps, f"{gbps / ceiling:.0%}"))
+            gt.timed_row(rows, label, call, [None], nbytes, ceiling)
         del q, kv
     return rows
 
@@ -88,14 +81,7 @@ def state_update_rows(gt, ceiling, l2, quick=False, smoke=False):
                 fastlayers.selective_state_update(state, x, dt, A, B, C, D, z, None, True)
 
         label = ("selective_state_update", f"b{batch} h{h} p{p} n{n} g{g}", "float32", fast)
-        with torch.no_grad():
-            try:
-                t = gt.bench(call, [None])
-            except Exception as e:
-                rows.append((*label, float("nan"), float("nan"), f"ERROR {type(e).__name__}: {e}"[:80]))
-                continue
-        gbps = nbytes / t / 1e9
-        rows.append((*label, t * 1e6, gbps, f"{gbps / ceiling:.0%}"))
+        gt.timed_row(rows, label, call, [None], nbytes, ceiling)
     return rows
 
 
@@ -124,14 +110,8 @@ def scan_rows(gt, ceiling, l2, quick=False, smoke=False):
                     fastlayers.selective_scan(*args, delta_softplus=True, return_last_state=True)
 
             label = ("selective_scan fwd", f"b{batch} d{dim} L{L} n{n}", str(dtype)[6:], fast)
-            with torch.no_grad():
-                try:
-                    t = gt.bench(call, [None])
-                except Exception as e:  # report, don't hide
-                    rows.append((*label, float("nan"), float("nan"), f"ERROR {type(e).__name__}: {e}"[:80]))
-                    continue
-            gbps = nbytes / t / 1e9
-            rows.append((*label, t * 1e6, gbps, f"{gbps / ceiling:.0%}"))
+            if gt.timed_row(rows, label, call, [None], nbytes, ceiling) is None:
+                continue
             # Forward + backward (the training step's cost): the forward's bytes, then the backward's
             # reads of u, delta, z, dout, B, C, dlast and writes of du, ddelta, dz, dB, dC.
             leaves = [t_.detach().clone().requires_grad_() for t_ in (u, delta, A, B, C, D, z, bias)]
@@ -144,14 +124,7 @@ def scan_rows(gt, ceiling, l2, quick=False, smoke=False):
                     torch.autograd.grad((out, last), leaves, (g_out, g_last))
 
             label = ("selective_scan fwd+bwd", f"b{batch} d{dim} L{L} n{n}", str(dtype)[6:], fast)
-            try:
-                t = gt.bench(call_fb, [None])
-            except Exception as e:  # report, don't hide
-                rows.append((*label, float("nan"), float("nan"), f"ERROR {type(e).__name__}: {e}"[:80]))
-                continue
-            finally:
-                del leaves, g_out, g_last
-            gbps = nbytes_fb / t / 1e9
-            rows.append((*label, t * 1e6, gbps, f"{gbps / ceiling:.0%}"))
+            gt.timed_row(rows, label, call_fb, [None], nbytes_fb, ceiling, grad=True)
+            del leaves, g_out, g_last
         del u, delta, z, B, C
     return rows

@@ -51,13 +51,6 @@ def ssd_rows(gt, ceiling, l2, quick=False, smoke=False):
 
         label = ("ssd_scan fwd+bwd" if backward else "ssd_scan fwd", f"b{b} l{L} h{h} p{p} n{n} g{g}",
                  str(dtype)[6:], fast)
-        with torch.enable_grad() if backward else torch.no_grad():
-            try:
-                t = gt.bench(call, sets)
-            except Exception as e:  # report, don't hide
-                rows.append((*label, float("nan"), float("nan"), f"ERROR {type(e).__name__}: {e}"[:80]))
-                continue
-        gbps = nbytes / t / 1e9
-        rows.append((*label, t * 1e6, gbps, f"{gbps / ceiling:.0%}; {flops / t / 1e12:.1f} TFLOP/s"))
+        gt.timed_row(rows, label, call, sets, nbytes, ceiling, grad=backward, flops=flops)
         del sets
     return rows
