@@ -54,6 +54,23 @@ FL_DEV void scan_st(const View4& v, int64_t off, float x) {
 // torch's softplus (threshold 20); NaN stays NaN.
 FL_DEV float scan_softplus(float x) { return x > 20.f ? x : log1pf(expf(x)); }
 
+// One step of the recurrence on the lane's states n = lane + 32 k (< N): x = exp(dt A) x + dt u B_t.
+// With Y, returns the lane's share of y_t = <x_t, C_t> (else 0).
+template <int NS, bool Y>
+FL_DEV float scan_step(float (&x)[NS], const float (&A)[NS], float dt, float dtu, const float* bt, const float* ct,
+                       int lane, int64_t N) {
+  float p = 0.f;
+#pragma unroll
+  for (int k = 0; k < NS; ++k) {
+    const int64_t n = lane + 32 * k;
+    if (n < N) {
+      x[k] = expf(dt * A[k]) * x[k] + dtu * bt[n];
+      if (Y) p += x[k] * ct[n];
+    }
+  }
+  return p;
+}
+
 template <int NS>
 FL_GLOBAL void FL_LAUNCH_BOUNDS(kScanThreads, 4) scan_fwd(SelectiveScanArgs a) {
   __shared__ float dt_s[kScanWarps][kScanChunkT];
@@ -96,21 +113,9 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kScanThreads, 4) scan_fwd(SelectiveScanArgs a) {
     }
     __syncwarp();
 #pragma unroll 4
-    for (int i = 0; i < T; ++i) {  // B_t, C_t loads do not depend on x: unrolled, they overlap
-      const float dt = dts[i], dtu = dtus[i];
-      const float* bt = Bp + (t0 + i) * bst;
-      const float* ct = Cp + (t0 + i) * cst;
-      float p = 0.f;
-#pragma unroll
-      for (int k = 0; k < NS; ++k) {
-        const int64_t n = lane + 32 * k;
-        if (n < N) {
-          x[k] = expf(dt * A[k]) * x[k] + dtu * bt[n];
-          p += x[k] * ct[n];
-        }
-      }
-      part[i * 33 + lane] = p;
-    }
+    for (int i = 0; i < T; ++i)  // B_t, C_t loads do not depend on x: unrolled, they overlap
+      part[i * 33 + lane] = scan_step<NS, true>(x, A, dts[i], dtus[i], Bp + (t0 + i) * bst, Cp + (t0 + i) * cst,
+                                                lane, N);
     __syncwarp();
     if (lane < T) {
       const int64_t t = t0 + lane;
@@ -239,15 +244,7 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kScanThreads, (NS == 1 ? 4 : 2)) scan_bwd(Select
     }
     __syncwarp();
 #pragma unroll
-    for (int i = 0; i < TC; ++i) {
-      const float dt = dts[i], dtu = dtus[i];
-      const float* bt = Bp + (t0 + i) * bst;
-#pragma unroll
-      for (int k = 0; k < NS; ++k) {
-        const int64_t n = lane + 32 * k;
-        if (n < N) x[k] = expf(dt * A[k]) * x[k] + dtu * bt[n];
-      }
-    }
+    for (int i = 0; i < TC; ++i) scan_step<NS, false>(x, A, dts[i], dtus[i], Bp + (t0 + i) * bst, nullptr, lane, N);
     __syncwarp();  // dts, dtus are rewritten by the next chunk
   };
   // When the CTA's 4 channels read the same rows of time-varying B (C): one batch row, one group
@@ -332,20 +329,10 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kScanThreads, (NS == 1 ? 4 : 2)) scan_bwd(Select
 #pragma unroll
     for (int i = 0; i < TC; ++i) {
       if (i < T) {
-        const float dt = dts[i], dtu = dtus[i];
-        const float* bt = Bp + (t0 + i) * bst;
-        const float* ct = Cp + (t0 + i) * cst;
-        float p = 0.f;
+        pa[i * 33 + lane] = scan_step<NS, true>(x, A, dts[i], dtus[i], Bp + (t0 + i) * bst, Cp + (t0 + i) * cst,
+                                                lane, N);
 #pragma unroll
-        for (int k = 0; k < NS; ++k) {
-          const int64_t n = lane + 32 * k;
-          if (n < N) {
-            x[k] = expf(dt * A[k]) * x[k] + dtu * bt[n];
-            p += x[k] * ct[n];
-          }
-          xh[i][k] = x[k];
-        }
-        pa[i * 33 + lane] = p;
+        for (int k = 0; k < NS; ++k) xh[i][k] = x[k];
       }
     }
     __syncwarp();
