@@ -412,7 +412,7 @@ class PagedLatentCache:
     def gather(self, sid):
         """The cached rows of one sequence, ``(length, latent_dim + rope_dim)`` (a copy)."""
         self._check_ids([sid])
-        n, p = self._len[sid], self.page_size
+        n = self._len[sid]
         blocks = torch.tensor(self._blocks[sid], dtype=torch.int64, device=self.kv.device)
         return self.kv[blocks, :, 0].reshape(-1, self.kv.shape[-1])[:n]
 

@@ -5,7 +5,7 @@ import torch
 import fastlayers
 from fastlayers import reference
 
-from conftest import FAST_CASES, assert_close_to_ref, assert_rel_err, seed_of
+from conftest import FAST_CASES, assert_rel_err, seed_of
 
 REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 

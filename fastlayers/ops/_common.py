@@ -7,6 +7,34 @@ import torch
 from .._dtypes import FLOATING
 
 FLOAT_NAMES = "float32, float16, bfloat16 or float64"
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def needs_grad(*ts):
+    """Autograd is on and one of ``ts`` (None allowed) requires a gradient."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def dispatch(custom_op, autograd_fn, fwd, args, n_inputs):
+    """The three ways an op with a backward runs: its custom op under torch.compile, ``autograd_fn.apply``
+    when one of the first ``n_inputs`` args needs a gradient, else the plain forward ``fwd``."""
+    if torch.compiler.is_compiling():
+        return custom_op(*args)
+    if needs_grad(*args[:n_inputs]):
+        return autograd_fn.apply(*args)
+    return fwd(*args)
+
+
+def check_backend_dtype(op, backend, dtype):
+    """For the ops whose GPU backend is Triton alone: the GPU dtypes, and no 'cuda' kernel."""
+    if backend in ("triton", "cuda") and dtype not in GPU_DTYPES:
+        raise TypeError(f"fastlayers.{op}: backend {backend!r} supports float32, float16 and bfloat16; "
+                        f"got {dtype} (use the cpu or reference backend)")
+    if backend == "cuda":
+        # No CUDA C++ kernel for this family: Triton is the GPU backend (one pass, memory-bound).
+        from ..backend import BackendUnavailable
+        raise BackendUnavailable(f"fastlayers.{op}: no 'cuda' kernel for this op; use the 'triton' backend "
+                                 f"(the default for CUDA tensors)")
 
 
 def check_tensor(op, name, t, *, floating=True):

@@ -21,8 +21,7 @@ from .._alloc import empty
 from .._dtypes import stat_dtype
 from ..backend import resolve
 from ..backends import load
-from ._common import check_same_device, check_tensor
-from .hybridnorm import _check_backend_dtype, _needs_grad
+from ._common import check_backend_dtype, check_same_device, check_tensor, needs_grad
 
 MAX_WIDTH = 4
 
@@ -258,14 +257,14 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, re
     backend = resolve(op, x.device)
     if backend == "reference" or x.numel() == 0:
         return reference.causal_conv1d(x, weight, bias, activation, initial_states, return_final_states)
-    _check_backend_dtype(op, backend, x.dtype)
+    check_backend_dtype(op, backend, x.dtype)
     weight = weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     args = (x, weight, bias, initial_states, silu, return_final_states, backend)
     if torch.compiler.is_compiling():
         out, final = torch.ops.fastlayers.causal_conv1d_fwd(*args)
         return (out, final) if return_final_states else out
-    if _needs_grad(x, weight, bias, initial_states):
+    if needs_grad(x, weight, bias, initial_states):
         return _CausalConv1d.apply(*args)
     out, final = _fwd(*args)
     return (out, final) if return_final_states else out
@@ -302,7 +301,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, c
     backend = resolve(op, x.device)
     if backend == "reference":
         return reference.causal_conv1d_update(x, conv_state, weight, bias, activation)
-    _check_backend_dtype(op, backend, x.dtype)
+    check_backend_dtype(op, backend, x.dtype)
     squeeze = x.dim() == 2
     x3 = x[..., None] if squeeze else x
     weight = weight.contiguous()

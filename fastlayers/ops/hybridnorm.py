@@ -18,24 +18,9 @@ from .._alloc import empty
 from .._dtypes import stat_dtype
 from ..backend import resolve
 from ..backends import load
-from ._common import check_positive, check_same_device, check_shape, check_tensor, rows
+from ._common import (check_backend_dtype, check_positive, check_same_device, check_shape, check_tensor, needs_grad,
+                      rows)
 
-_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _check_backend_dtype(op, backend, dtype):
-    if backend in ("triton", "cuda") and dtype not in _GPU_DTYPES:
-        raise TypeError(f"fastlayers.{op}: backend {backend!r} supports float32, float16 and bfloat16; "
-                        f"got {dtype} (use the cpu or reference backend)")
-    if backend == "cuda":
-        # No CUDA C++ kernel for this family: Triton is the GPU backend (one pass, memory-bound).
-        from ..backend import BackendUnavailable
-        raise BackendUnavailable(f"fastlayers.{op}: no 'cuda' kernel for this op; use the 'triton' backend "
-                                 f"(the default for CUDA tensors)")
-
-
-def _needs_grad(*ts):
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
 def _last_contig(t):
@@ -323,7 +308,7 @@ def qkv_norm_rope(q, k, v, q_weight, k_weight, v_weight, cos, sin, eps=1e-5, off
     backend = resolve(op, q.device)
     if backend == "reference":
         return reference.qkv_norm_rope(q, k, v, q_weight, k_weight, v_weight, cos, sin, eps, offset)
-    _check_backend_dtype(op, backend, q.dtype)
+    check_backend_dtype(op, backend, q.dtype)
     d = q.shape[-1]
     cos_t, sin_t = _tables(cos, sin, d, stat_dtype(q.dtype))
     offs = _offsets(offset, q.shape[0], q.device) if cos is not None else None
@@ -335,7 +320,7 @@ def qkv_norm_rope(q, k, v, q_weight, k_weight, v_weight, cos, sin, eps=1e-5, off
     args = (q, k, v, q_weight, k_weight, v_weight, cos_t, sin_t, offs, float(eps), backend)
     if torch.compiler.is_compiling():
         qo, ko, vo = torch.ops.fastlayers.qkv_norm_rope_fwd(*args)
-    elif _needs_grad(q, k, v, q_weight, k_weight, v_weight):
+    elif needs_grad(q, k, v, q_weight, k_weight, v_weight):
         packed = _packed_base(q, k, v) if v_weight is not None else None
         if packed is not None:  # one gradient buffer instead of three summed by autograd
             qo, ko, vo = _QKVNormRopePacked.apply(packed, q.shape[2], k.shape[2], *args[3:])
@@ -361,11 +346,11 @@ def qkv_norm_rope_packed(qkv, n_heads, n_kv_heads, q_weight, k_weight, v_weight,
     q, k, v = _split_packed(qkv, n_heads, n_kv_heads)
     backend = resolve(op, qkv.device)
     if (backend == "reference" or torch.compiler.is_compiling()
-            or not _needs_grad(qkv, q_weight, k_weight, v_weight)):
+            or not needs_grad(qkv, q_weight, k_weight, v_weight)):
         qo, ko, vo = qkv_norm_rope(q, k, v, q_weight, k_weight, v_weight, cos, sin, eps, offset)
         return qo, ko, (vo.contiguous() if v_weight is None else vo)
     _check_qkv(op, q, k, v, q_weight, k_weight, v_weight, cos, sin, eps, offset)
-    _check_backend_dtype(op, backend, qkv.dtype)
+    check_backend_dtype(op, backend, qkv.dtype)
     if backend == "triton" and q.shape[-1] % 2:
         raise ValueError(f"fastlayers.{op}: the triton kernels need an even head_dim; got {q.shape[-1]}")
     q_weight, k_weight, v_weight = (None if w is None else w.contiguous() for w in (q_weight, k_weight, v_weight))
@@ -490,18 +475,18 @@ def swiglu(gate, up=None):
     backend = resolve(op, gate.device)
     if backend == "reference" or gate.numel() == 0:
         return reference.swiglu(gate, up)
-    _check_backend_dtype(op, backend, gate.dtype)
+    check_backend_dtype(op, backend, gate.dtype)
     if fused:
         f = gate.shape[-1] // 2
         if torch.compiler.is_compiling():
             return torch.ops.fastlayers.swiglu_fwd(gate[..., :f], gate[..., f:], backend)
-        if _needs_grad(gate):
+        if needs_grad(gate):
             return _SwigluFused.apply(gate, backend)
         return _swiglu_fwd(gate[..., :f], gate[..., f:], backend)
     gate, up = _last_contig(gate), _last_contig(up)
     if torch.compiler.is_compiling():
         return torch.ops.fastlayers.swiglu_fwd(gate, up, backend)
-    if _needs_grad(gate, up):
+    if needs_grad(gate, up):
         return _Swiglu.apply(gate, up, backend)
     return _swiglu_fwd(gate, up, backend)
 

@@ -16,9 +16,8 @@ from .. import reference
 from .._dtypes import stat_dtype
 from ..backend import resolve
 from ..backends import load
-from ._common import check_same_device, check_tensor
+from ._common import GPU_DTYPES, check_same_device, check_tensor
 
-_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check(op, q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale):
@@ -123,7 +122,7 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scal
         raise RuntimeError(f"fastlayers.{op} is forward only (decoding); call it under torch.no_grad()")
     if backend == "reference":
         return reference.mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causal)
-    if backend in ("triton", "cuda") and q.dtype not in _GPU_DTYPES:
+    if backend in ("triton", "cuda") and q.dtype not in GPU_DTYPES:
         raise TypeError(f"fastlayers.{op}: backend {backend!r} supports float32, float16 and bfloat16; got {q.dtype}")
     if backend == "cuda":
         from ..backends.cuda import MLA_MAX_D, MLA_MAX_DV

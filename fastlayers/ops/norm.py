@@ -18,9 +18,9 @@ from .._alloc import empty
 from .._dtypes import stat_dtype
 from ..backend import resolve
 from ..backends import load
-from ._common import (check_positive, check_same_device, check_shape, check_tensor, out_rows, rows)
+from ._common import (GPU_DTYPES, check_positive, check_same_device, check_shape, check_tensor, needs_grad, out_rows,
+                      rows)
 
-_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -171,12 +171,11 @@ def _norm(op, x, weight, bias, eps, residual, prenorm, residual_in_fp32, is_rms,
         raise ValueError(f"fastlayers.{op}: residual_out is only written with prenorm=True")
 
     backend = resolve(op, x.device)
-    if backend != "reference" and backend != "cpu" and x.dtype not in _GPU_DTYPES:
+    if backend != "reference" and backend != "cpu" and x.dtype not in GPU_DTYPES:
         raise TypeError(f"fastlayers.{op}: backend {backend!r} supports float32, float16 and bfloat16; "
                         f"got {x.dtype} (use the cpu or reference backend)")
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, residual, weight, bias))
-    if (out is not None or residual_out is not None) and needs_grad:
+    grad = needs_grad(x, residual, weight, bias)
+    if (out is not None or residual_out is not None) and grad:
         raise RuntimeError(f"fastlayers.{op}: out=/residual_out= do not support automatic differentiation; "
                            f"call without them or under torch.no_grad()")
 
@@ -194,7 +193,7 @@ def _norm(op, x, weight, bias, eps, residual, prenorm, residual_in_fp32, is_rms,
     if torch.compiler.is_compiling():
         y, h, _, _ = torch.ops.fastlayers.norm_fwd(x, residual, weight, bias, float(eps), is_rms, prenorm,
                                                     residual_in_fp32, backend)
-    elif needs_grad:
+    elif grad:
         y, h = _NormFunction.apply(x, residual, weight, bias, eps, is_rms, prenorm, residual_in_fp32, backend)
     else:
         y, h, _, _ = _fwd(x, residual, weight, bias, eps, is_rms, prenorm, residual_in_fp32, backend,

@@ -17,9 +17,8 @@ from .._alloc import empty
 from .._dtypes import stat_dtype
 from ..backend import BackendUnavailable, resolve
 from ..backends import load
-from ._common import check_same_device, check_shape, check_tensor
+from ._common import GPU_DTYPES, check_same_device, check_shape, check_tensor, dispatch, needs_grad
 
-_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_state_update(op, state, x, dt, A, B, C, D, z, dt_bias, idx):
@@ -129,12 +128,12 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     op = "selective_state_update"
     _check_state_update(op, state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
     backend = resolve(op, x.device)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias)):
+    if needs_grad(x, dt, A, B, C, D, z, dt_bias):
         raise RuntimeError(f"fastlayers.{op} is forward only (a decode step); call it under torch.no_grad()")
     if backend == "reference":
         return reference.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
                                                 state_batch_indices)
-    if backend in ("triton", "cuda") and state.dtype not in _GPU_DTYPES:
+    if backend in ("triton", "cuda") and state.dtype not in GPU_DTYPES:
         raise TypeError(f"fastlayers.{op}: backend {backend!r} updates float32, float16 or bfloat16 states; "
                         f"got a {state.dtype} state")
     if backend == "cuda":
@@ -338,15 +337,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     args = (u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), backend)
     if backend == "cuda":
         from ..backends.cuda import SCAN_MAX_N
-        if u.dtype not in _GPU_DTYPES:
+        if u.dtype not in GPU_DTYPES:
             raise TypeError(f"fastlayers.{op}: backend 'cuda' supports float32, float16 and bfloat16 u; got {u.dtype}")
         if A.shape[1] > SCAN_MAX_N:
             raise ValueError(f"fastlayers.{op}: backend 'cuda' supports dstate <= {SCAN_MAX_N}; got A of shape "
                              f"{tuple(A.shape)}")
-    if torch.compiler.is_compiling():
-        out, last = torch.ops.fastlayers.selective_scan_fwd(*args)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:8]):
-        out, last = _SelectiveScan.apply(*args)
-    else:
-        out, last = _scan_fwd(*args)
+    out, last = dispatch(torch.ops.fastlayers.selective_scan_fwd, _SelectiveScan, _scan_fwd, args, 8)
     return (out, last) if return_last_state else out

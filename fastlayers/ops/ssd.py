@@ -21,9 +21,8 @@ from .._alloc import empty
 from .._dtypes import stat_dtype
 from ..backend import BackendUnavailable, resolve
 from ..backends import load
-from ._common import check_same_device, check_shape, check_tensor
+from ._common import GPU_DTYPES, check_same_device, check_shape, check_tensor, dispatch
 
-_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NO_LIMIT = (0.0, float("inf"))
 
 
@@ -99,7 +98,7 @@ def _ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size, backen
     if backend != "cpu":
         return load(backend).ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size)
     b, L, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
+    n = B.shape[3]
     acc = stat_dtype(x.dtype)
     be = load(backend)
     parts = be.ssd_scan_bwd_parts(b, h, L, p, n, x.device)
@@ -216,7 +215,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, initi
     if backend == "cuda":
         raise BackendUnavailable(f"fastlayers.{op}: no 'cuda' kernel for this op; use the 'triton' backend "
                                  f"(the default for CUDA tensors)")
-    if backend == "triton" and x.dtype not in _GPU_DTYPES:
+    if backend == "triton" and x.dtype not in GPU_DTYPES:
         raise TypeError(f"fastlayers.{op}: backend 'triton' takes float32, float16 or bfloat16 x; got {x.dtype}")
     acc = stat_dtype(x.dtype)
     dtp = dt.to(acc)
@@ -231,10 +230,5 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, initi
     D2 = None if D is None else (D[:, None].expand(h, p) if D.dim() == 1 else D)
     reset = _reset(seq_idx)
     args = (x, dtp, Af, Bf, Cf, D2, z, initial_states, reset, int(chunk_size), backend)
-    if torch.compiler.is_compiling():
-        out, final = torch.ops.fastlayers.ssd_scan_fwd(*args)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:8]):
-        out, final = _SsdScan.apply(*args)
-    else:
-        out, final = _ssd_fwd(*args)
+    out, final = dispatch(torch.ops.fastlayers.ssd_scan_fwd, _SsdScan, _ssd_fwd, args, 8)
     return (out, final) if return_final_states else out
