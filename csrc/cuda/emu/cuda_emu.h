@@ -174,9 +174,11 @@ struct Copy {
   int src_bytes;  // the rest of the 16 bytes is zero-filled
 };
 // cp.async state of each thread: the copies issued since its last commit, then its committed
-// groups (oldest first). A copy lands in shared memory only when a wait_group of its thread
-// retires its group: a read that a missing wait (or a missing barrier after it) leaves
-// unordered sees the poisoned (NaN) or stale bytes.
+// groups (oldest first). The destination is undefined while a copy is in flight: it is
+// poisoned (NaN bytes) when the copy is issued, and the data lands only when a wait_group of
+// its thread retires its group. A read that a missing wait (or a missing barrier after it)
+// leaves unordered sees NaN; a copy issued before the other threads are done reading the
+// buffer (a missing barrier before the issue) turns their reads into NaN.
 inline std::vector<Copy> cp_open[1024];
 inline std::vector<std::vector<Copy>> cp_groups[1024];
 inline void cp_reset() {
@@ -265,11 +267,12 @@ template <bool BF16>
 static inline void fl_mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]) {
   emu::mma16816<BF16>(d, a, b, c);
 }
-// cp.async.cg.shared.global [dst], [src], 16, src_bytes (16-byte aligned both sides): queued
-// until a wait_group retires its group (see cp_open above).
+// cp.async.cg.shared.global [dst], [src], 16, src_bytes (16-byte aligned both sides): dst
+// poisoned now, written when a wait_group retires its group (see cp_open above).
 static inline void fl_cp_async16(void* dst, const void* src, int src_bytes) {
   if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15u)
     emu::ptx_fault("cp.async: address not 16-byte aligned");
+  std::memset(dst, 0xff, 16);
   emu::cp_open[emu::tid()].push_back(emu::Copy{dst, src, src_bytes});
 }
 static inline void fl_cp_async_commit() {

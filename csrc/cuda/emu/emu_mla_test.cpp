@@ -299,6 +299,11 @@ int main(int argc, char** argv) {
     {  // 512 + 64, 128 heads (8 row groups), pages of 64, mixed lengths incl. 0
       Case c; c.dt = dt; c.H = 128; c.D = 576; c.dv = 512; c.page = 64; c.lens = {33, 0, 64}; add(c);
     }
+    {  // 160 + 64, 4 tiles: the warps' P V work differs (8, 8, 4, 0 n8 tiles), so a warp that runs
+       // ahead and issues the next tile's copies early hits the others' reads of that buffer
+      Case c; c.dt = dt; c.H = 2; c.s_q = 2; c.causal = true; c.D = 224; c.dv = 160; c.page = 32;
+      c.lens = {100}; add(c);
+    }
     if (!quick) {
       {  // 512 + 64, 128 heads, s_q 2 causal, pages of 16, 2 splits
         Case c; c.dt = dt; c.H = 128; c.s_q = 2; c.causal = true; c.D = 576; c.dv = 512; c.page = 16;
