@@ -20,7 +20,14 @@
 //   3. P.V on CUDA cores: thread (c, g) keeps NR x NC fp32 accumulators, columns
 //      c + j * CT (CT = 256 / RS) of rows g + i * RS (RS = 16 / NR), the values read
 //      from the same shared tile.
-// No tensor cores (mma.sync) yet: FMAs on CUDA cores (fp32 accumulation everywhere).
+// FMAs on CUDA cores, fp32 accumulation everywhere: the kernel of fp32 inputs, and of fp16 /
+// bf16 inputs that the tensor-core kernel does not take.
+// mla_partial_mma<DT, NT> (fp16 / bf16; D and dv multiples of 16; cache rows 16-byte
+// aligned): the same grid and outputs, both products on tensor cores (sm_80+ mma.sync
+// m16n8k16, fp32 accumulators), one CTA of 4 warps, KV tiles of 32 tokens loaded with
+// cp.async (double buffered) and read with ldmatrix; q * scale is rounded once to the input
+// dtype (not split hi / lo: the Triton kernel's tl.dot makes the same rounding), P once to
+// the input dtype (l sums the rounded P). Details above the kernel.
 // mla_merge: one CTA of 128 threads per (batch row, query row): the lse-weighted sum of
 // the splits' partials, rounded once to out's dtype.
 //

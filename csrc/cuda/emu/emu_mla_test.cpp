@@ -186,6 +186,87 @@ static void run_case(const Case& c) {
 }
 
 
+// The emulated PTX helpers against plain matrix products: one warp loads a 16 x 16 A
+// (row-major, ldmatrix.x4, or 4 x ldmatrix.x1), B as 8 rows of 16 (B^T row-major: ldmatrix.x2)
+// or as 16 rows of 8 (B row-major: ldmatrix.x2.trans, or x4.trans for two k16 steps / x1.trans
+// pieces), multiplies with mma m16n8k16 and writes D: D must be A . B + C in fp32; the
+// fragments of the x1 / x2 / x4 variants must agree. Plus the 16-bit rounding (nearest even).
+template <bool BF16>
+static void ptx_kernel(const uint16_t* a, const uint16_t* bt, const uint16_t* bk, const float* c, float* d,
+                       uint32_t* frag_ok) {
+  FL_DYN_SMEM(uint16_t, sm);  // A 16 x 24 (padded rows), B^T 8 x 24, B 32 x 8
+  uint16_t* sa = sm;
+  uint16_t* sbt = sm + 16 * 24;
+  uint16_t* sbk = sbt + 8 * 24;
+  const int l = int(threadIdx.x), g = l >> 2, q = l & 3;
+  for (int e = l; e < 256; e += 32) sa[(e / 16) * 24 + e % 16] = a[e];
+  for (int e = l; e < 128; e += 32) sbt[(e / 16) * 24 + e % 16] = bt[e];
+  for (int e = l; e < 256; e += 32) sbk[e] = bk[e];
+  __syncwarp();
+  uint32_t fa[4], f1[1], fb[2], fbt[2], fb4[4], fbt1[1];
+  fl_ldmatrix_x4(fa, sa + (l & 15) * 24 + (l >> 4) * 8);
+  bool ok = true;
+  for (int i = 0; i < 4; ++i) {  // matrix i of the x4 = rows 8 (i % 2).., columns 8 (i / 2)..
+    fl_ldmatrix_x1(f1, sa + (8 * (i & 1) + (l & 7)) * 24 + 8 * (i >> 1));
+    ok = ok && f1[0] == fa[i];
+  }
+  fl_ldmatrix_x2(fb, sbt + (l & 7) * 24 + ((l >> 3) & 1) * 8);
+  fl_ldmatrix_x2_trans(fbt, sbk + (l & 15) * 8);
+  fl_ldmatrix_x4_trans(fb4, sbk + l * 8);
+  ok = ok && fb[0] == fbt[0] && fb[1] == fbt[1] && fb4[0] == fbt[0] && fb4[1] == fbt[1];
+  for (int i = 0; i < 2; ++i) {
+    fl_ldmatrix_x1_trans(fbt1, sbk + (8 * i + (l & 7)) * 8);
+    ok = ok && fbt1[0] == fbt[i];
+  }
+  // The documented layouts, element by element: a0 = A[g][2q..], b0 = B[2q..][g].
+  ok = ok && fa[0] == (uint32_t(a[g * 16 + 2 * q]) | uint32_t(a[g * 16 + 2 * q + 1]) << 16);
+  ok = ok && fa[3] == (uint32_t(a[(g + 8) * 16 + 2 * q + 8]) | uint32_t(a[(g + 8) * 16 + 2 * q + 9]) << 16);
+  ok = ok && fb[1] == (uint32_t(bk[(2 * q + 8) * 8 + g]) | uint32_t(bk[(2 * q + 9) * 8 + g]) << 16);
+  frag_ok[l] = ok ? 1u : 0u;
+  float acc[4], cc[4];
+  for (int e = 0; e < 4; ++e) cc[e] = c[(g + 8 * (e >> 1)) * 8 + 2 * q + (e & 1)];
+  fl_mma_16816<BF16>(acc, fa, fb, cc);
+  for (int e = 0; e < 4; ++e) d[(g + 8 * (e >> 1)) * 8 + 2 * q + (e & 1)] = acc[e];
+}
+
+template <bool BF16>
+static void check_ptx_emulation() {
+  const int dt = BF16 ? kBF16 : kF16;
+  Buf a(dt, 256), bk(dt, 256), c(kF32, 128), d(kF32, 128);
+  a.random(); bk.random(); c.random();
+  Buf bt(dt, 128);  // B^T: bt[n][k] = B[k][n]
+  for (int k = 0; k < 16; ++k)
+    for (int n = 0; n < 8; ++n) bt.set(n * 16 + k, bk.get(k * 8 + n));
+  std::vector<uint32_t> ok(32, 0);
+  emu::launch_smem(ptx_kernel<BF16>, dim3(1), dim3(32), size_t(2 * (24 * 24 + 256)),
+                   static_cast<const uint16_t*>(a.p()), static_cast<const uint16_t*>(bt.p()),
+                   static_cast<const uint16_t*>(bk.p()), static_cast<const float*>(c.p()), static_cast<float*>(d.p()),
+                   ok.data());
+  expect(std::count(ok.begin(), ok.end(), 1u) == 32,
+         std::string("ldmatrix x1 / x2 / x4 (.trans) fragments agree with the documented layouts (") + dtype_name(dt) + ")");
+  int bad = 0;
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 8; ++n) {
+      double want = c.get(m * 8 + n);  // exact: 16 products exact in fp32, summed in double
+      for (int k = 0; k < 16; ++k) want += double(a.get(m * 16 + k)) * bk.get(k * 8 + n);
+      if (std::fabs(d.get(m * 8 + n) - want) > 1e-5 * (1 + std::fabs(want))) ++bad;
+    }
+  expect(bad == 0, std::string("mma m16n8k16 = A . B + C in fp32 (") + dtype_name(dt) + ")");
+}
+
+static void check_rounding() {
+  // Ties to even, both dtypes: 1 + half an ulp -> 1; 1 + 1.5 ulp -> 1 + 2 ulp; NaN stays NaN.
+  expect(ck::f32_to_bf16_bits(1.f + 0x1p-8f) == 0x3f80u && ck::f32_to_bf16_bits(1.f + 3 * 0x1p-8f) == 0x3f82u &&
+             ck::f32_to_bf16_bits(-(1.f + 0x1p-8f + 0x1p-20f)) == 0xbf81u,
+         "bf16 rounding: nearest, ties to even");
+  expect(ck::f32_to_f16_bits(1.f + 0x1p-11f) == 0x3c00u && ck::f32_to_f16_bits(1.f + 3 * 0x1p-11f) == 0x3c02u &&
+             ck::f32_to_f16_bits(65520.f) == 0x7c00u,
+         "fp16 rounding: nearest, ties to even, overflow to inf");
+  expect(std::isnan(ck::bf16_bits_to_f32(ck::f32_to_bf16_bits(NAN))) &&
+             std::isnan(ck::f16_bits_to_f32(ck::f32_to_f16_bits(NAN))),
+         "16-bit rounding keeps NaN");
+}
+
 static void check_entry_points() {
   auto never = [](auto, dim3, dim3, size_t, const auto&...) { throw std::logic_error("unexpected launch"); };
   float dummy[64] = {};
@@ -323,6 +404,9 @@ int main(int argc, char** argv) {
   for (const Case& c : cases) run_case(c);
   std::printf("tensor-core cases: largest error / tolerance %.3f\n", worst);
   check_entry_points();
+  check_ptx_emulation<true>();
+  check_ptx_emulation<false>();
+  check_rounding();
   std::printf("%d checks, %d failed\n", checks, failures);
   return failures ? 1 : 0;
 }
