@@ -20,7 +20,14 @@
 //   3. P.V on CUDA cores: thread (c, g) keeps NR x NC fp32 accumulators, columns
 //      c + j * CT (CT = 256 / RS) of rows g + i * RS (RS = 16 / NR), the values read
 //      from the same shared tile.
-// No tensor cores (mma.sync) yet: FMAs on CUDA cores (fp32 accumulation everywhere).
+// FMAs on CUDA cores, fp32 accumulation everywhere: the kernel of fp32 inputs, and of fp16 /
+// bf16 inputs that the tensor-core kernel does not take.
+// mla_partial_mma<DT, NT> (fp16 / bf16; D and dv multiples of 16; cache rows 16-byte
+// aligned): the same grid and outputs, both products on tensor cores (sm_80+ mma.sync
+// m16n8k16, fp32 accumulators), one CTA of 4 warps, KV tiles of 32 tokens loaded with
+// cp.async (double buffered) and read with ldmatrix; q * scale is rounded once to the input
+// dtype (not split hi / lo: the Triton kernel's tl.dot makes the same rounding), P once to
+// the input dtype (l sums the rounded P). Details above the kernel.
 // mla_merge: one CTA of 128 threads per (batch row, query row): the lse-weighted sum of
 // the splits' partials, rounded once to out's dtype.
 //
@@ -373,6 +380,295 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kMlaMergeThreads, 4) mla_merge(MlaDecodeArgs a) 
 }
 
 // ---------------------------------------------------------------------------------
+// Tensor-core partial kernel (fp16 / bf16, sm_80+ mma.sync; D and dv multiples of 16,
+// 16-byte aligned cache rows). Same grid, outputs and semantics as mla_partial.
+
+constexpr int kMmaThreads = 128;  // 4 warps
+constexpr int kMmaTok = 32;       // tokens per tile: 8 per warp in S = Q K^T, 2 k16 steps of P V
+constexpr int kMmaPw = 20;        // P row stride in 32-bit words (16 pairs + 4: conflict-free fragment loads)
+
+// Shared-memory layout of mla_partial_mma for a row size D (16-bit elements).
+struct MlaMmaSmem {
+  int ld;  // row stride (elements) of the KV tiles and of q: D + 8, an odd number of 16-byte chunks
+  size_t bytes;
+};
+
+inline MlaMmaSmem mla_mma_smem(int64_t D) {
+  MlaMmaSmem s{};
+  s.ld = int(D) + 8;
+  s.bytes = size_t(2) * (size_t(2) * kMmaTok * s.ld + size_t(kMlaRows) * s.ld)  // 2 KV tiles, q
+            + size_t(4) * (size_t(kMlaRows) * kMmaPw                           // P (16-bit pairs)
+                           + 3 * (kMmaThreads / 32) * kMlaRows);                // per-warp max, NaN flag, sum
+  return s;
+}
+
+// The tensor-core path applies: 16-bit inputs, D and dv multiples of 16, cache rows that
+// cp.async can copy in 16-byte pieces.
+inline bool mla_mma_ok(const MlaDecodeArgs& a) {
+  return a.q_dt != kF32 && a.D % 16 == 0 && a.dv % 16 == 0 && (reinterpret_cast<uintptr_t>(a.kv) & 15u) == 0 &&
+         a.kv_srow % 8 == 0 && a.kv_sblock % 8 == 0;
+}
+
+template <int DT>
+FL_DEV uint32_t mla_bits(float v) {  // round to DT (nearest even), raw bits
+  return DT == kBF16 ? f32_to_bf16_bits(v) : f32_to_f16_bits(v);
+}
+template <int DT>
+FL_DEV float mla_val(uint32_t h) {
+  return DT == kBF16 ? bf16_bits_to_f32(h) : f16_bits_to_f32(h);
+}
+
+// One CTA of 4 warps per (row group of 16 query rows, KV split, batch row). q (scaled in
+// fp32, then rounded once to the input dtype) stays in shared memory; per tile of 32
+// tokens (cp.async, double buffered: tile i + 1 loads while tile i is computed):
+//   S = Q K^T: warp w computes the 16 x 8 scores of tokens 8w..8w+7 over the full D
+//     (A = q via ldmatrix.x4, B = the tile rows via ldmatrix: row-major K is B's
+//     column-major layout), fp32 accumulators;
+//   online softmax in fp32: per row, the tile max over the 4 warps (quad shuffles, then
+//     shared memory), p = exp(s - m) rounded to the input dtype, l += the sum of the
+//     rounded p (numerator and denominator use the same weights);
+//   O += P V: the S accumulator pairs (c0, c1) / (c2, c3) of token pair 2q, 2q + 1 are the
+//     A-fragment registers of the next mma once packed to 16 bits: each warp stores its
+//     packed pairs in shared memory and reads the 2 k16 A fragments of all 32 tokens back
+//     with plain 32-bit loads; B = V^T via ldmatrix.x4.trans of the same tile rows (the
+//     first dv channels); warp w owns dv columns [8 NT w, 8 NT (w + 1)), NT n8 tiles of
+//     fp32 accumulators.
+template <int DT, int NT>
+FL_GLOBAL void FL_LAUNCH_BOUNDS(kMmaThreads, 2) mla_partial_mma(MlaDecodeArgs a, MlaMmaSmem L, int log2_page) {
+  constexpr bool BF = DT == kBF16;
+  constexpr int NW = kMmaThreads / 32;
+  FL_DYN_SMEM(uint16_t, kvs);                                     // 2 x kMmaTok x L.ld
+  uint16_t* qs = kvs + 2 * kMmaTok * L.ld;                        // kMlaRows x L.ld
+  uint32_t* ps = reinterpret_cast<uint32_t*>(qs + kMlaRows * L.ld);  // kMlaRows x kMmaPw
+  float* red_m = reinterpret_cast<float*>(ps + kMlaRows * kMmaPw);   // NW x kMlaRows
+  float* red_bad = red_m + NW * kMlaRows;                            // NW x kMlaRows
+  float* red_l = red_bad + NW * kMlaRows;                            // NW x kMlaRows
+
+  const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5, g = lane >> 2, qd = lane & 3;
+  const int64_t rows = a.s_q * a.H;
+  const int64_t r0 = int64_t(blockIdx.x) * kMlaRows;
+  const int nrows = int(rows - r0 < kMlaRows ? rows - r0 : kMlaRows);
+  const int64_t sp = blockIdx.y, b = blockIdx.z;
+  const int64_t n = a.seqlens[b];
+  const int64_t t0 = sp * a.split_tokens < n ? sp * a.split_tokens : n;
+  const int64_t t1 = t0 + a.split_tokens < n ? t0 + a.split_tokens : n;
+  const int D = int(a.D), dv = int(a.dv), nvt = dv / 8;
+  const float ninf = mla_ninf();
+
+  const int32_t* table = a.block_table + b * a.bt_stride;
+  const char* kv = static_cast<const char*>(a.kv);
+  const int64_t page_mask = (int64_t(1) << log2_page) - 1;
+  const int cpr = D / 8;  // 16-byte chunks a row
+  // Tile of tokens tb.. into buffer buf: chunk e = token e / cpr, piece e % cpr; tokens past
+  // the split are zero-filled (no global read).
+  auto issue = [&](int64_t tb, int buf) {
+    const int nt = int(t1 - tb < kMmaTok ? t1 - tb : kMmaTok);
+    uint16_t* dst = kvs + buf * kMmaTok * L.ld;
+    for (int e = tid; e < kMmaTok * cpr; e += kMmaThreads) {
+      const int j = e / cpr, ch = e - j * cpr;
+      const char* src = kv;
+      int bytes = 0;
+      if (j < nt) {
+        const int64_t t = tb + j;
+        const int64_t blk = table[t >> log2_page];
+        src = kv + (blk * a.kv_sblock + (t & page_mask) * a.kv_srow) * 2 + ch * 16;
+        bytes = 16;
+      }
+      fl_cp_async16(dst + j * L.ld + ch * 8, src, bytes);
+    }
+    fl_cp_async_commit();
+  };
+  if (t0 < t1) issue(t0, 0);
+
+  // q rows of the group: q * scale in fp32, rounded once to DT; zero rows past nrows.
+  const float scale = float(a.scale);
+  for (int e = tid; e < kMlaRows * D; e += kMmaThreads) {
+    const int r = e / D, c = e - r * D;
+    float v = 0.f;
+    if (r < nrows) {
+      const int64_t rr = r0 + r, qi = rr / a.H, h = rr % a.H;
+      v = mla_load<DT>(a.q, b * a.q_sb + qi * a.q_ss + h * a.q_sh + c) * scale;
+    }
+    qs[r * L.ld + c] = uint16_t(mla_bits<DT>(v));
+  }
+
+  // This lane's rows in every fragment: g and g + 8. Running max / sum (the same in the
+  // 4 lanes of a quad and in every warp: computed from the same shared values).
+  float m_run[2] = {ninf, ninf}, l_run[2] = {0.f, 0.f};
+  int64_t last[2];
+  bool rok[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = g + 8 * i;
+    rok[i] = r < nrows;
+    const int64_t qi = (r0 + r) / a.H;
+    last[i] = a.causal ? n - a.s_q + qi : n - 1;
+  }
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+
+  // ldmatrix row addresses: q (x4: rows lane % 16, columns + 8 (lane / 16)), K (x4: token
+  // 8 warp + lane % 8, columns + 8 (lane / 8): 2 k16 steps), V (x4.trans: token lane).
+  const uint16_t* qa = qs + (lane & 15) * L.ld + (lane >> 4) * 8;
+  int buf = 0;
+  for (int64_t tb = t0; tb < t1; tb += kMmaTok, buf ^= 1) {
+    const int nt = int(t1 - tb < kMmaTok ? t1 - tb : kMmaTok);
+    fl_cp_async_wait<0>();  // this thread's pieces of tile tb
+    __syncthreads();        // everyone's pieces; everyone done with the other buffer and with P
+    if (tb + kMmaTok < t1) issue(tb + kMmaTok, buf ^ 1);
+    const uint16_t* kt = kvs + buf * kMmaTok * L.ld;
+
+    // S = Q K^T for tokens 8 warp .. 8 warp + 7.
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+    {
+      const uint16_t* kb = kt + (warp * 8 + (lane & 7)) * L.ld + (lane >> 3) * 8;
+      int k = 0;
+      for (; k + 32 <= D; k += 32) {
+        uint32_t a0[4], a1[4], bb[4];
+        fl_ldmatrix_x4(a0, qa + k);
+        fl_ldmatrix_x4(a1, qa + k + 16);
+        fl_ldmatrix_x4(bb, kb + k);
+        const uint32_t b0[2] = {bb[0], bb[1]}, b1[2] = {bb[2], bb[3]};
+        fl_mma_16816<BF>(s, a0, b0, s);
+        fl_mma_16816<BF>(s, a1, b1, s);
+      }
+      if (k < D) {  // D / 16 odd: one k16 step left
+        uint32_t a0[4], bb[2];
+        fl_ldmatrix_x4(a0, qa + k);
+        fl_ldmatrix_x2(bb, kb + k);
+        fl_mma_16816<BF>(s, a0, bb, s);
+      }
+    }
+
+    // Online softmax. s[2i + h]: row g + 8i, token 8 warp + 2 qd + h of the tile.
+    float tmax[2], tbad[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float bad = 0.f;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int j = warp * 8 + 2 * qd + h;
+        const bool vis = rok[i] && j < nt && tb + j <= last[i];
+        const float v = s[2 * i + h];
+        if (vis && v != v) bad = 1.f;
+        s[2 * i + h] = vis ? v : ninf;
+      }
+      float mx = fmaxf(s[2 * i], s[2 * i + 1]);  // fmaxf: the NaN-free max
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      bad = fmaxf(bad, __shfl_xor_sync(0xffffffffu, bad, 1));
+      bad = fmaxf(bad, __shfl_xor_sync(0xffffffffu, bad, 2));
+      tmax[i] = mx;
+      tbad[i] = bad;
+    }
+    if (qd == 0) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        red_m[warp * kMlaRows + g + 8 * i] = tmax[i];
+        red_bad[warp * kMlaRows + g + 8 * i] = tbad[i];
+      }
+    }
+    __syncthreads();
+    float alpha[2];
+    bool skip[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = g + 8 * i;
+      float mt = ninf, bad = 0.f;
+#pragma unroll
+      for (int w = 0; w < NW; ++w) {
+        mt = fmaxf(mt, red_m[w * kMlaRows + r]);
+        bad = fmaxf(bad, red_bad[w * kMlaRows + r]);
+      }
+      const float mx = fmaxf(m_run[i], mt);
+      float p0 = 0.f, p1 = 0.f;
+      alpha[i] = 1.f;
+      skip[i] = false;
+      if (!rok[i]) {
+        skip[i] = true;
+      } else if (bad != 0.f || m_run[i] != m_run[i]) {  // NaN in, NaN out: poison the row
+        m_run[i] = l_run[i] = mla_nan();
+        alpha[i] = mla_nan();
+      } else if (mx == ninf) {  // nothing visible yet
+        skip[i] = true;
+      } else {
+        alpha[i] = m_run[i] == ninf ? 0.f : expf(m_run[i] - mx);
+        p0 = s[2 * i] == ninf ? 0.f : expf(s[2 * i] - mx);
+        p1 = s[2 * i + 1] == ninf ? 0.f : expf(s[2 * i + 1] - mx);
+        l_run[i] *= alpha[i];
+        m_run[i] = mx;
+      }
+      const uint32_t h0 = mla_bits<DT>(p0), h1 = mla_bits<DT>(p1);
+      ps[r * kMmaPw + warp * 4 + qd] = h0 | (h1 << 16);
+      float sum = mla_val<DT>(h0) + mla_val<DT>(h1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      if (qd == 0) red_l[warp * kMlaRows + r] = sum;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      if (skip[i]) continue;
+      float sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < NW; ++w) sum += red_l[w * kMlaRows + g + 8 * i];
+      l_run[i] += sum;
+    }
+
+    // O = O alpha + P V (skipped rows unchanged: a masked NaN value must not reach them).
+    uint32_t pa[2][4];
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      pa[kk][0] = ps[g * kMmaPw + kk * 8 + qd];
+      pa[kk][1] = ps[(g + 8) * kMmaPw + kk * 8 + qd];
+      pa[kk][2] = ps[g * kMmaPw + kk * 8 + 4 + qd];
+      pa[kk][3] = ps[(g + 8) * kMmaPw + kk * 8 + 4 + qd];
+    }
+    const uint16_t* vb = kt + lane * L.ld;
+#pragma unroll
+    for (int jj = 0; jj < NT; ++jj) {
+      const int j = warp * NT + jj;
+      if (j >= nvt) break;  // warp-uniform
+      uint32_t bv[4];
+      fl_ldmatrix_x4_trans(bv, vb + 8 * j);
+      const uint32_t b0[2] = {bv[0], bv[1]}, b1[2] = {bv[2], bv[3]};
+      float o[4] = {0.f, 0.f, 0.f, 0.f};
+      fl_mma_16816<BF>(o, pa[0], b0, o);
+      fl_mma_16816<BF>(o, pa[1], b1, o);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = e >> 1;
+        acc[jj][e] = skip[i] ? acc[jj][e] : acc[jj][e] * alpha[i] + o[e];
+      }
+    }
+  }
+
+  // Normalised partials and the split's lse.
+  float* o_part = static_cast<float*>(a.o_part) + ((b * a.n_splits + sp) * rows + r0) * dv;
+  float* lse_part = static_cast<float*>(a.lse_part) + (b * a.n_splits + sp) * rows + r0;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = g + 8 * i;
+    if (!rok[i]) continue;
+    const float l = l_run[i];
+    const bool empty = !(l > 0.f) && !(l != l);  // no visible key (NaN stays NaN)
+    const float inv = empty ? 0.f : 1.f / l;
+#pragma unroll
+    for (int jj = 0; jj < NT; ++jj) {
+      const int j = warp * NT + jj;
+      if (j >= nvt) break;
+      const int c = 8 * j + 2 * qd;
+      o_part[int64_t(r) * dv + c] = acc[jj][2 * i] * inv;
+      o_part[int64_t(r) * dv + c + 1] = acc[jj][2 * i + 1] * inv;
+    }
+    if (warp == 0 && qd == 0) lse_part[r] = empty ? ninf : m_run[i] + logf(l);
+  }
+}
+
+// ---------------------------------------------------------------------------------
 // Host side (shared with the emulation test): checks and launches.
 
 inline void mla_fail(const std::string& what) { throw std::invalid_argument("fastlayers._cuda.mla_decode: " + what); }
@@ -402,13 +698,25 @@ inline bool check_mla_decode(const MlaDecodeArgs& a) {
 // launch(kernel, grid, block, dynamic shared bytes, args...). Two launches: the
 // partial kernel, then the merge (same stream).
 template <int DT, class Launch>
-void launch_mla_dt(const MlaDecodeArgs& a, Launch&& launch) {
+void launch_mla_dt(const MlaDecodeArgs& a, Launch&& launch, bool tensor_cores) {
   const MlaSmem L = mla_smem(a.D, DT == kF32 ? 4 : 2);
   int log2_page = 0;
   while ((int64_t(1) << log2_page) < a.page) ++log2_page;
   const dim3 grid(unsigned((a.s_q * a.H + kMlaRows - 1) / kMlaRows), unsigned(a.n_splits), unsigned(a.B));
   const dim3 block(kMlaThreads);
-  if (a.dv > 256)
+  if (DT != kF32 && tensor_cores && mla_mma_ok(a)) {
+    const MlaMmaSmem M = mla_mma_smem(a.D);
+    const dim3 mb(kMmaThreads);
+    constexpr int DM = DT == kF32 ? kBF16 : DT;  // (no fp32 instance)
+    if (a.dv > 256)
+      launch(mla_partial_mma<DM, 16>, grid, mb, M.bytes, a, M, log2_page);
+    else if (a.dv > 128)
+      launch(mla_partial_mma<DM, 8>, grid, mb, M.bytes, a, M, log2_page);
+    else if (a.dv > 64)
+      launch(mla_partial_mma<DM, 4>, grid, mb, M.bytes, a, M, log2_page);
+    else
+      launch(mla_partial_mma<DM, 2>, grid, mb, M.bytes, a, M, log2_page);
+  } else if (a.dv > 256)
     launch(mla_partial<DT, 2, 16>, grid, block, L.bytes, a, L, log2_page);
   else if (a.dv > 128)
     launch(mla_partial<DT, 1, 16>, grid, block, L.bytes, a, L, log2_page);
@@ -426,15 +734,17 @@ void launch_mla_dt(const MlaDecodeArgs& a, Launch&& launch) {
     launch(mla_merge<1>, mgrid, mblock, size_t(0), a);
 }
 
+// tensor_cores: fp16 / bf16 use mla_partial_mma where mla_mma_ok (the CUDA-core kernel
+// otherwise; false: always, for the tests).
 template <class Launch>
-bool run_mla_decode(const MlaDecodeArgs& a, Launch&& launch) {
+bool run_mla_decode(const MlaDecodeArgs& a, Launch&& launch, bool tensor_cores = true) {
   if (!check_mla_decode(a)) return false;
   if (a.q_dt == kF32)
-    launch_mla_dt<kF32>(a, launch);
+    launch_mla_dt<kF32>(a, launch, false);
   else if (a.q_dt == kBF16)
-    launch_mla_dt<kBF16>(a, launch);
+    launch_mla_dt<kBF16>(a, launch, tensor_cores);
   else
-    launch_mla_dt<kF16>(a, launch);
+    launch_mla_dt<kF16>(a, launch, tensor_cores);
   return true;
 }
 

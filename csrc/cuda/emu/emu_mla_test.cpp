@@ -26,12 +26,40 @@ static const auto emu_launch = [](auto k, dim3 g, dim3 bl, size_t smem, const au
   emu::launch_smem(k, g, bl, smem, args...);
 };
 
-static bool close(float got, float want, int dt) {
+struct Tol {
+  float atol, rtol;
+};
+// Tolerance of a value of dtype dt. CUDA-core kernel: fp32 arithmetic throughout, so its fp32
+// outputs (o_part, lse_part, lse) get fp32 tolerances and out that of its dtype. Tensor-core
+// kernel (mma: the inputs are 16-bit, dt_in): every fp32 output carries the 16-bit roundings
+// of the kernel, bounded as follows (u = unit roundoff: 2^-8 bf16, 2^-11 fp16).
+//   s = bf16(q * scale) . k: each product off by <= u relative; with independent roundings
+//     |ds| ~ u * scale * |q| |k| (about u for these N(0, 1) tensors at scale 1.3 / sqrt(D)),
+//     a few u at the tail: lse = m + log l is a weighted mean of s, off by about as much.
+//   p rounded to the dtype (<= u / 2 relative), l summed from the rounded p: the weights
+//     p / l sum to 1, each off by ~ |ds| + u / 2; o = sum of weights * v (|v| <= ~4), off by
+//     ~ u * (weighted rms of v) ~ u, a few u at the tail.
+// So 4u absolute + 4u relative for o_part and lse (bf16 0.0156, fp16 0.002); out adds its own
+// rounding (u / 2 relative) to that: the 16-bit tolerances of the CUDA-core kernel's out
+// (bf16 0.016, fp16 0.0025 relative) with the same 4u absolute.
+static Tol tol(int dt, bool mma, int dt_in) {
+  if (mma) {
+    const float u = dt_in == kBF16 ? 0x1p-8f : 0x1p-11f;
+    if (dt == kF32) return {4 * u, 4 * u};
+    return {4 * u, dt == kF16 ? 2.5e-3f : 1.6e-2f};
+  }
+  if (dt == kF32) return {2e-5f, 2e-5f};
+  return dt == kF16 ? Tol{2e-3f, 2.5e-3f} : Tol{1.6e-2f, 1.6e-2f};
+}
+
+static double worst = 0;  // the largest |got - want| / (atol + rtol |want|) of the tensor-core cases
+
+static bool close(float got, float want, Tol t, bool track) {
   if (std::isnan(want)) return std::isnan(got);
   if (std::isinf(want)) return got == want;
-  const float rtol = dt == kF32 ? 2e-5f : dt == kF16 ? 2.5e-3f : 1.6e-2f;
-  const float atol = dt == kF32 ? 2e-5f : dt == kF16 ? 2e-3f : 1.6e-2f;
-  return std::fabs(got - want) <= atol + rtol * std::fabs(want);
+  const double ratio = std::fabs(double(got) - want) / (t.atol + t.rtol * std::fabs(double(want)));
+  if (track && ratio > worst) worst = ratio;
+  return ratio <= 1.0;
 }
 
 struct Case {
@@ -42,18 +70,11 @@ struct Case {
   int64_t n_splits = 1, split_tokens = 1 << 20;
   int64_t q_pad = 0, kv_pad = 0, kv_off = 0;  // q head stride D + q_pad; kv row stride D + kv_pad; kv base offset
   int nan = 0;                                // 1: NaN in q of one head; 2: NaN in a visible key; 3: in a masked one
+  bool tc = true;                             // tensor cores where they apply (false: the CUDA-core kernel)
 };
 
 static void run_case(const Case& c) {
   const int64_t B = int64_t(c.lens.size()), rows = c.s_q * c.H, D = c.D, dv = c.dv;
-  char cfgs[320];
-  std::snprintf(cfgs, sizeof cfgs,
-                "%s B=%lld H=%lld s_q=%lld D=%lld dv=%lld page=%lld causal=%d splits=%lldx%lld q_pad=%lld kv_pad=%lld "
-                "kv_off=%lld nan=%d",
-                dtype_name(c.dt), (long long)B, (long long)c.H, (long long)c.s_q, (long long)D, (long long)dv,
-                (long long)c.page, c.causal, (long long)c.n_splits, (long long)c.split_tokens, (long long)c.q_pad,
-                (long long)c.kv_pad, (long long)c.kv_off, c.nan);
-  const std::string cfg = cfgs;
 
   // Cache: shuffled pages; table rows 2 wider than needed, -1 where unused.
   std::vector<int64_t> nblk(B);
@@ -105,6 +126,16 @@ static void run_case(const Case& c) {
   a.scale = 1.0 / std::sqrt(double(D)) * 1.3;
   a.causal = c.causal;
 
+  const bool mma = c.dt != kF32 && c.tc && ck::mla_mma_ok(a);
+  char cfgs[360];
+  std::snprintf(cfgs, sizeof cfgs,
+                "%s B=%lld H=%lld s_q=%lld D=%lld dv=%lld page=%lld causal=%d splits=%lldx%lld q_pad=%lld kv_pad=%lld "
+                "kv_off=%lld nan=%d tc=%d",
+                dtype_name(c.dt), (long long)B, (long long)c.H, (long long)c.s_q, (long long)D, (long long)dv,
+                (long long)c.page, c.causal, (long long)c.n_splits, (long long)c.split_tokens, (long long)c.q_pad,
+                (long long)c.kv_pad, (long long)c.kv_off, c.nan, int(mma));
+  const std::string cfg = cfgs;
+
   // CPU kernel.
   Buf out_c(c.dt, B * rows * dv), lse_c(kF32, B * rows), op_c(kF32, B * c.n_splits * rows * dv),
       lp_c(kF32, B * c.n_splits * rows);
@@ -119,14 +150,14 @@ static void run_case(const Case& c) {
   out_g.poison(); lse_g.poison(); op_g.poison(); lp_g.poison();
   MlaDecodeArgs ag = a;
   ag.out = out_g.p(); ag.lse = lse_g.p(); ag.o_part = op_g.p(); ag.lse_part = lp_g.p();
-  expect(ck::run_mla_decode(ag, emu_launch), "launched (" + cfg + ")");
+  expect(ck::run_mla_decode(ag, emu_launch, c.tc), "launched (" + cfg + ")");
 
   auto compare = [&](const char* what, const Buf& got, const Buf& want, int dt) {
     ++checks;
     int bad = 0;
     for (int64_t i = 0; i < want.n(); ++i) {
       const float g = got.get(i), w = want.get(i);
-      if (!close(g, w, dt)) {
+      if (!close(g, w, tol(dt, mma, c.dt), mma)) {
         if (bad < 3) std::printf("  MISMATCH %s [%lld] got %g want %g (%s)\n", what, (long long)i, g, w, cfg.c_str());
         ++bad;
       }
@@ -154,6 +185,87 @@ static void run_case(const Case& c) {
   if (c.nan == 1 || c.nan == 2) expect(any_nan, "NaN input gives NaN rows (" + cfg + ")");
 }
 
+
+// The emulated PTX helpers against plain matrix products: one warp loads a 16 x 16 A
+// (row-major, ldmatrix.x4, or 4 x ldmatrix.x1), B as 8 rows of 16 (B^T row-major: ldmatrix.x2)
+// or as 16 rows of 8 (B row-major: ldmatrix.x2.trans, or x4.trans for two k16 steps / x1.trans
+// pieces), multiplies with mma m16n8k16 and writes D: D must be A . B + C in fp32; the
+// fragments of the x1 / x2 / x4 variants must agree. Plus the 16-bit rounding (nearest even).
+template <bool BF16>
+static void ptx_kernel(const uint16_t* a, const uint16_t* bt, const uint16_t* bk, const float* c, float* d,
+                       uint32_t* frag_ok) {
+  FL_DYN_SMEM(uint16_t, sm);  // A 16 x 24 (padded rows), B^T 8 x 24, B 32 x 8
+  uint16_t* sa = sm;
+  uint16_t* sbt = sm + 16 * 24;
+  uint16_t* sbk = sbt + 8 * 24;
+  const int l = int(threadIdx.x), g = l >> 2, q = l & 3;
+  for (int e = l; e < 256; e += 32) sa[(e / 16) * 24 + e % 16] = a[e];
+  for (int e = l; e < 128; e += 32) sbt[(e / 16) * 24 + e % 16] = bt[e];
+  for (int e = l; e < 256; e += 32) sbk[e] = bk[e];
+  __syncwarp();
+  uint32_t fa[4], f1[1], fb[2], fbt[2], fb4[4], fbt1[1];
+  fl_ldmatrix_x4(fa, sa + (l & 15) * 24 + (l >> 4) * 8);
+  bool ok = true;
+  for (int i = 0; i < 4; ++i) {  // matrix i of the x4 = rows 8 (i % 2).., columns 8 (i / 2)..
+    fl_ldmatrix_x1(f1, sa + (8 * (i & 1) + (l & 7)) * 24 + 8 * (i >> 1));
+    ok = ok && f1[0] == fa[i];
+  }
+  fl_ldmatrix_x2(fb, sbt + (l & 7) * 24 + ((l >> 3) & 1) * 8);
+  fl_ldmatrix_x2_trans(fbt, sbk + (l & 15) * 8);
+  fl_ldmatrix_x4_trans(fb4, sbk + l * 8);
+  ok = ok && fb[0] == fbt[0] && fb[1] == fbt[1] && fb4[0] == fbt[0] && fb4[1] == fbt[1];
+  for (int i = 0; i < 2; ++i) {
+    fl_ldmatrix_x1_trans(fbt1, sbk + (8 * i + (l & 7)) * 8);
+    ok = ok && fbt1[0] == fbt[i];
+  }
+  // The documented layouts, element by element: a0 = A[g][2q..], b0 = B[2q..][g].
+  ok = ok && fa[0] == (uint32_t(a[g * 16 + 2 * q]) | uint32_t(a[g * 16 + 2 * q + 1]) << 16);
+  ok = ok && fa[3] == (uint32_t(a[(g + 8) * 16 + 2 * q + 8]) | uint32_t(a[(g + 8) * 16 + 2 * q + 9]) << 16);
+  ok = ok && fb[1] == (uint32_t(bk[(2 * q + 8) * 8 + g]) | uint32_t(bk[(2 * q + 9) * 8 + g]) << 16);
+  frag_ok[l] = ok ? 1u : 0u;
+  float acc[4], cc[4];
+  for (int e = 0; e < 4; ++e) cc[e] = c[(g + 8 * (e >> 1)) * 8 + 2 * q + (e & 1)];
+  fl_mma_16816<BF16>(acc, fa, fb, cc);
+  for (int e = 0; e < 4; ++e) d[(g + 8 * (e >> 1)) * 8 + 2 * q + (e & 1)] = acc[e];
+}
+
+template <bool BF16>
+static void check_ptx_emulation() {
+  const int dt = BF16 ? kBF16 : kF16;
+  Buf a(dt, 256), bk(dt, 256), c(kF32, 128), d(kF32, 128);
+  a.random(); bk.random(); c.random();
+  Buf bt(dt, 128);  // B^T: bt[n][k] = B[k][n]
+  for (int k = 0; k < 16; ++k)
+    for (int n = 0; n < 8; ++n) bt.set(n * 16 + k, bk.get(k * 8 + n));
+  std::vector<uint32_t> ok(32, 0);
+  emu::launch_smem(ptx_kernel<BF16>, dim3(1), dim3(32), size_t(2 * (24 * 24 + 256)),
+                   static_cast<const uint16_t*>(a.p()), static_cast<const uint16_t*>(bt.p()),
+                   static_cast<const uint16_t*>(bk.p()), static_cast<const float*>(c.p()), static_cast<float*>(d.p()),
+                   ok.data());
+  expect(std::count(ok.begin(), ok.end(), 1u) == 32,
+         std::string("ldmatrix x1 / x2 / x4 (.trans) fragments agree with the documented layouts (") + dtype_name(dt) + ")");
+  int bad = 0;
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 8; ++n) {
+      double want = c.get(m * 8 + n);  // exact: 16 products exact in fp32, summed in double
+      for (int k = 0; k < 16; ++k) want += double(a.get(m * 16 + k)) * bk.get(k * 8 + n);
+      if (std::fabs(d.get(m * 8 + n) - want) > 1e-5 * (1 + std::fabs(want))) ++bad;
+    }
+  expect(bad == 0, std::string("mma m16n8k16 = A . B + C in fp32 (") + dtype_name(dt) + ")");
+}
+
+static void check_rounding() {
+  // Ties to even, both dtypes: 1 + half an ulp -> 1; 1 + 1.5 ulp -> 1 + 2 ulp; NaN stays NaN.
+  expect(ck::f32_to_bf16_bits(1.f + 0x1p-8f) == 0x3f80u && ck::f32_to_bf16_bits(1.f + 3 * 0x1p-8f) == 0x3f82u &&
+             ck::f32_to_bf16_bits(-(1.f + 0x1p-8f + 0x1p-20f)) == 0xbf81u,
+         "bf16 rounding: nearest, ties to even");
+  expect(ck::f32_to_f16_bits(1.f + 0x1p-11f) == 0x3c00u && ck::f32_to_f16_bits(1.f + 3 * 0x1p-11f) == 0x3c02u &&
+             ck::f32_to_f16_bits(65520.f) == 0x7c00u,
+         "fp16 rounding: nearest, ties to even, overflow to inf");
+  expect(std::isnan(ck::bf16_bits_to_f32(ck::f32_to_bf16_bits(NAN))) &&
+             std::isnan(ck::f16_bits_to_f32(ck::f32_to_f16_bits(NAN))),
+         "16-bit rounding keeps NaN");
+}
 
 static void check_entry_points() {
   auto never = [](auto, dim3, dim3, size_t, const auto&...) { throw std::logic_error("unexpected launch"); };
@@ -184,6 +296,10 @@ static void check_entry_points() {
   // Shared memory fits an sm_80 block (163 KiB) at the largest D, fp32.
   expect(ck::mla_smem(ck::kMlaMaxD, 4).bytes <= 163u * 1024u, "shared memory <= 163 KiB at D = 768 fp32");
   expect(ck::mla_smem(576, 2).bytes <= 100u * 1024u, "shared memory <= 100 KiB at D = 576 bf16 (2 CTAs / SM)");
+  expect(ck::mla_mma_smem(576).bytes <= 100u * 1024u, "mma shared memory <= 100 KiB at D = 576 (2 CTAs / SM)");
+  expect(ck::mla_mma_smem(ck::kMlaMaxD).bytes <= 163u * 1024u, "mma shared memory <= 163 KiB at D = 768");
+  for (int D : {64, 80, 576, 768})
+    expect((ck::mla_mma_smem(D).ld * 2 / 16) % 2 == 1, "mma rows: an odd number of 16-byte chunks");
   for (int D : {1, 7, 64, 160, 192, 576, 768})
     for (int es : {2, 4}) {
       const ck::MlaSmem L = ck::mla_smem(D, es);
@@ -239,8 +355,58 @@ int main(int argc, char** argv) {
       c.lens = {20, 40}; c.nan = 3; add(c);
     }
   }
+  // Every shape on the CUDA-core kernel (its own dtype), then on the tensor-core kernel in
+  // bf16 and fp16 (the CUDA-core kernel where the shape is not mma-able: D or dv not a
+  // multiple of 16, misaligned cache rows).
+  const size_t n_shapes = cases.size();
+  for (size_t i = 0; i < n_shapes; ++i) {
+    cases[i].tc = false;
+    for (int dt : {kBF16, kF16}) {
+      Case c = cases[i];
+      c.dt = dt;
+      c.tc = true;
+      add(c);
+    }
+  }
+  for (int dt : {kBF16, kF16}) {
+    {  // 512 + 64, 16 heads, mixed lengths incl. 0, pages of 64, 2 splits (one empty for the short row)
+      Case c; c.dt = dt; c.H = 16; c.D = 576; c.dv = 512; c.page = 64; c.lens = {70, 0, 5, 130};
+      c.n_splits = 2; c.split_tokens = 96; add(c);
+    }
+    {  // 512 + 64, 16 heads, s_q 3 causal (48 rows), pages of 16
+      Case c; c.dt = dt; c.H = 16; c.s_q = 3; c.causal = true; c.D = 576; c.dv = 512; c.page = 16;
+      c.lens = {2, 41, 0}; add(c);
+    }
+    {  // 512 + 64, 128 heads (8 row groups), pages of 64, mixed lengths incl. 0
+      Case c; c.dt = dt; c.H = 128; c.D = 576; c.dv = 512; c.page = 64; c.lens = {33, 0, 64}; add(c);
+    }
+    {  // 160 + 64, 4 tiles: the warps' P V work differs (8, 8, 4, 0 n8 tiles), so a warp that runs
+       // ahead and issues the next tile's copies early hits the others' reads of that buffer
+      Case c; c.dt = dt; c.H = 2; c.s_q = 2; c.causal = true; c.D = 224; c.dv = 160; c.page = 32;
+      c.lens = {100}; add(c);
+    }
+    if (!quick) {
+      {  // 512 + 64, 128 heads, s_q 2 causal, pages of 16, 2 splits
+        Case c; c.dt = dt; c.H = 128; c.s_q = 2; c.causal = true; c.D = 576; c.dv = 512; c.page = 16;
+        c.lens = {40, 1}; c.n_splits = 2; c.split_tokens = 32; add(c);
+      }
+      {  // 128 + 64 and 160 + 64 (dv 128 / 160), s_q 4 causal, 8 heads
+        Case c; c.dt = dt; c.H = 8; c.s_q = 4; c.causal = true; c.D = 192; c.dv = 128; c.page = 16;
+        c.lens = {50, 3}; add(c);
+        c.D = 224; c.dv = 160; c.page = 64; c.lens = {0, 66}; add(c);
+      }
+      {  // 64 + 32 (dv 64: 2 n8 tiles a warp), D / 16 odd (the k16 tail), 1 head, s_q 2 causal
+        Case c; c.dt = dt; c.H = 1; c.s_q = 2; c.causal = true; c.D = 80; c.dv = 64; c.page = 16;
+        c.lens = {19, 0, 1}; add(c);
+      }
+    }
+  }
   for (const Case& c : cases) run_case(c);
+  std::printf("tensor-core cases: largest error / tolerance %.3f\n", worst);
   check_entry_points();
+  check_ptx_emulation<true>();
+  check_ptx_emulation<false>();
+  check_rounding();
   std::printf("%d checks, %d failed\n", checks, failures);
   return failures ? 1 : 0;
 }
