@@ -119,6 +119,25 @@ FL_DEV float mla_nan() { return __uint_as_float(0x7fc00000u); }
 
 // The partial kernel. NC x NR accumulators a thread: NC columns (CT = 256 * NR / 16
 // apart), NR rows (RS = 16 / NR apart); needs dv <= NC * CT.
+// What a CTA of the partial kernels works on: query rows [r0, r0 + nrows) of the rows = s_q * H
+// (blockIdx.x), KV split sp (blockIdx.y) of sequence b (blockIdx.z) of length n, tokens [t0, t1)
+// (empty past the sequence's end).
+struct MlaCta {
+  int64_t rows, r0, sp, b, n, t0, t1;
+  int nrows;
+};
+FL_DEV MlaCta mla_cta(const MlaDecodeArgs& a) {
+  MlaCta c;
+  c.rows = a.s_q * a.H;
+  c.r0 = int64_t(blockIdx.x) * kMlaRows;
+  c.nrows = int(c.rows - c.r0 < kMlaRows ? c.rows - c.r0 : kMlaRows);
+  c.sp = blockIdx.y, c.b = blockIdx.z;
+  c.n = a.seqlens[c.b];
+  c.t0 = c.sp * a.split_tokens < c.n ? c.sp * a.split_tokens : c.n;
+  c.t1 = c.t0 + a.split_tokens < c.n ? c.t0 + a.split_tokens : c.n;
+  return c;
+}
+
 template <int DT, int NC, int NR>
 FL_GLOBAL void FL_LAUNCH_BOUNDS(kMlaThreads, 2) mla_partial(MlaDecodeArgs a, MlaSmem L, int log2_page) {
   constexpr int RS = kMlaRows / NR;
@@ -133,13 +152,9 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kMlaThreads, 2) mla_partial(MlaDecodeArgs a, Mla
   float* m_s = l_s + kMlaRows;                                   // kMlaRows (final)
 
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
-  const int64_t rows = a.s_q * a.H;
-  const int64_t r0 = int64_t(blockIdx.x) * kMlaRows;
-  const int nrows = int(rows - r0 < kMlaRows ? rows - r0 : kMlaRows);
-  const int64_t sp = blockIdx.y, b = blockIdx.z;
-  const int64_t n = a.seqlens[b];
-  const int64_t t0 = sp * a.split_tokens < n ? sp * a.split_tokens : n;
-  const int64_t t1 = t0 + a.split_tokens < n ? t0 + a.split_tokens : n;
+  const MlaCta cta = mla_cta(a);
+  const int64_t rows = cta.rows, r0 = cta.r0, sp = cta.sp, b = cta.b, n = cta.n, t0 = cta.t0, t1 = cta.t1;
+  const int nrows = cta.nrows;
   const int D = int(a.D), dv = int(a.dv);
   const float ninf = mla_ninf();
 
@@ -445,13 +460,9 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kMmaThreads, 2) mla_partial_mma(MlaDecodeArgs a,
   float* red_l = red_bad + NW * kMlaRows;                            // NW x kMlaRows
 
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5, g = lane >> 2, qd = lane & 3;
-  const int64_t rows = a.s_q * a.H;
-  const int64_t r0 = int64_t(blockIdx.x) * kMlaRows;
-  const int nrows = int(rows - r0 < kMlaRows ? rows - r0 : kMlaRows);
-  const int64_t sp = blockIdx.y, b = blockIdx.z;
-  const int64_t n = a.seqlens[b];
-  const int64_t t0 = sp * a.split_tokens < n ? sp * a.split_tokens : n;
-  const int64_t t1 = t0 + a.split_tokens < n ? t0 + a.split_tokens : n;
+  const MlaCta cta = mla_cta(a);
+  const int64_t rows = cta.rows, r0 = cta.r0, sp = cta.sp, b = cta.b, n = cta.n, t0 = cta.t0, t1 = cta.t1;
+  const int nrows = cta.nrows;
   const int D = int(a.D), dv = int(a.dv), nvt = dv / 8;
   const float ninf = mla_ninf();
 

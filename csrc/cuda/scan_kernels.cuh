@@ -54,6 +54,21 @@ FL_DEV void scan_st(const View4& v, int64_t off, float x) {
 // torch's softplus (threshold 20); NaN stays NaN.
 FL_DEV float scan_softplus(float x) { return x > 20.f ? x : log1pf(expf(x)); }
 
+// Channel d's constants for this lane: A[k] of its states n = lane + 32 k (0 past N), the states
+// zeroed, delta_bias and D (0 when absent).
+template <int NS>
+FL_DEV void scan_channel(const SelectiveScanArgs& a, int64_t d, int lane, float (&A)[NS], float (&x)[NS], float& bias,
+                         float& Dd) {
+#pragma unroll
+  for (int k = 0; k < NS; ++k) {
+    const int64_t n = lane + 32 * k;
+    A[k] = n < a.N ? scan_ld(a.A, d * a.A.s[0] + n * a.A.s[1]) : 0.f;
+    x[k] = 0.f;
+  }
+  bias = a.delta_bias.p ? scan_ld(a.delta_bias, d * a.delta_bias.s[0]) : 0.f;
+  Dd = a.D.p ? scan_ld(a.D, d * a.D.s[0]) : 0.f;
+}
+
 // One step of the recurrence on the lane's states n = lane + 32 k (< N): x = exp(dt A) x + dt u B_t.
 // With Y, returns the lane's share of y_t = <x_t, C_t> (else 0).
 template <int NS, bool Y>
@@ -85,15 +100,8 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kScanThreads, 4) scan_fwd(SelectiveScanArgs a) {
   float* dtus = dtu_s[w];
   float* part = part_s[w];
 
-  float A[NS], x[NS];
-#pragma unroll
-  for (int k = 0; k < NS; ++k) {
-    const int64_t n = lane + 32 * k;
-    A[k] = n < N ? scan_ld(a.A, d * a.A.s[0] + n * a.A.s[1]) : 0.f;
-    x[k] = 0.f;
-  }
-  const float bias = a.delta_bias.p ? scan_ld(a.delta_bias, d * a.delta_bias.s[0]) : 0.f;
-  const float Dd = a.D.p ? scan_ld(a.D, d * a.D.s[0]) : 0.f;
+  float A[NS], x[NS], bias, Dd;
+  scan_channel(a, d, lane, A, x, bias, Dd);
   const float* Bp = static_cast<const float*>(a.B.p) + b * a.B.s[0] + (d / gb) * a.B.s[1];
   const float* Cp = static_cast<const float*>(a.C.p) + b * a.C.s[0] + (d / gc) * a.C.s[1];
   const int64_t bst = a.B.s[2], cst = a.C.s[2];
@@ -207,15 +215,8 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kScanThreads, (NS == 1 ? 4 : 2)) scan_bwd(Select
   float* pb = pa + TC * 33;
   float* red = pab_s[w];  // this warp's dB or dC rows of a chunk, R a step
 
-  float A[NS], x[NS];
-#pragma unroll
-  for (int k = 0; k < NS; ++k) {
-    const int64_t n = lane + 32 * k;
-    A[k] = n < N ? scan_ld(a.A, d * a.A.s[0] + n * a.A.s[1]) : 0.f;
-    x[k] = 0.f;
-  }
-  const float bias = a.delta_bias.p ? scan_ld(a.delta_bias, d * a.delta_bias.s[0]) : 0.f;
-  const float Dd = a.D.p ? scan_ld(a.D, d * a.D.s[0]) : 0.f;
+  float A[NS], x[NS], bias, Dd;
+  scan_channel(a, d, lane, A, x, bias, Dd);
   const int64_t boff = b * a.B.s[0] + (d / gb) * a.B.s[1], coff = b * a.C.s[0] + (d / gc) * a.C.s[1];
   const float* Bp = static_cast<const float*>(a.B.p) + boff;
   const float* Cp = static_cast<const float*>(a.C.p) + coff;

@@ -73,13 +73,10 @@ if IMPORT_ERROR is None:
             return causal, qq >= 0, qq >= 0, True
 
     @triton.jit
-    def _ssd_fwd_kernel(X, DT, A, B, C, D, Z, INIT, RESET, OUT, FINAL, STATES,
-                        x_s0, x_s1, x_s2, x_s3, z_s0, z_s1, z_s2, z_s3, o_s0, o_s1, o_s2, o_s3,
-                        d_s0, d_s1, i_s0, i_s1, i_s2, i_s3,
-                        L, H, P, N, G, heads_per_group,
-                        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_INIT: tl.constexpr, HAS_RESET: tl.constexpr,
-                        STORE_STATES: tl.constexpr, STORE_OUT: tl.constexpr, PREC: tl.constexpr,
-                        CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _head_program(A, H, P, N, heads_per_group, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+        """A program of the per-head kernels: (batch b, head h of group g) on axis 0, a block of BLOCK_P
+        channels on axis 1. Returns pid, b, h, g, the channel / state / step index vectors pp, nn, qq, their
+        masks p_ok, n_ok, pn_ok, and the head's A."""
         pid = tl.program_id(0).to(tl.int64)
         b = pid // H
         h = pid % H
@@ -88,8 +85,18 @@ if IMPORT_ERROR is None:
         nn = tl.arange(0, BLOCK_N)
         qq = tl.arange(0, CHUNK)
         p_ok, n_ok = pp < P, nn < N
-        pn_ok = p_ok[:, None] & n_ok[None, :]
-        a_h = tl.load(A + h).to(tl.float32)
+        return pid, b, h, g, pp, nn, qq, p_ok, n_ok, p_ok[:, None] & n_ok[None, :], tl.load(A + h).to(tl.float32)
+
+    @triton.jit
+    def _ssd_fwd_kernel(X, DT, A, B, C, D, Z, INIT, RESET, OUT, FINAL, STATES,
+                        x_s0, x_s1, x_s2, x_s3, z_s0, z_s1, z_s2, z_s3, o_s0, o_s1, o_s2, o_s3,
+                        d_s0, d_s1, i_s0, i_s1, i_s2, i_s3,
+                        L, H, P, N, G, heads_per_group,
+                        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_INIT: tl.constexpr, HAS_RESET: tl.constexpr,
+                        STORE_STATES: tl.constexpr, STORE_OUT: tl.constexpr, PREC: tl.constexpr,
+                        CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid, b, h, g, pp, nn, qq, p_ok, n_ok, pn_ok, a_h = _head_program(A, H, P, N, heads_per_group, CHUNK, BLOCK_P,
+                                                                        BLOCK_N)
         if HAS_INIT:
             S = tl.load(INIT + b * i_s0 + h * i_s1 + pp[:, None] * i_s2 + nn[None, :] * i_s3, mask=pn_ok,
                         other=0.0).to(tl.float32)
@@ -147,16 +154,8 @@ if IMPORT_ERROR is None:
         """The reverse inter-chunk recurrence of the state gradient, one program per (batch, head, block of
         BLOCK_P channels): DSTATES[b, h, c] = the gradient of the state leaving chunk c (b, h, n_chunks, p, n)
         fp32; dS_in = decay dS_out + (exp(cs) dy)^T C; DINIT = the gradient of the initial state."""
-        pid = tl.program_id(0).to(tl.int64)
-        b = pid // H
-        h = pid % H
-        g = h // heads_per_group
-        pp = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-        nn = tl.arange(0, BLOCK_N)
-        qq = tl.arange(0, CHUNK)
-        p_ok, n_ok = pp < P, nn < N
-        pn_ok = p_ok[:, None] & n_ok[None, :]
-        a_h = tl.load(A + h).to(tl.float32)
+        pid, b, h, g, pp, nn, qq, p_ok, n_ok, pn_ok, a_h = _head_program(A, H, P, N, heads_per_group, CHUNK, BLOCK_P,
+                                                                        BLOCK_N)
         if HAS_DFINAL:
             dS = tl.load(DFINAL + ((b * H + h) * P + pp[:, None]) * N + nn[None, :], mask=pn_ok,
                          other=0.0).to(tl.float32)
