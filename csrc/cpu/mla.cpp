@@ -394,7 +394,7 @@ FL_AVX2 static void mla_task_avx2(const MlaDecodeArgs& a, int64_t b, int64_t sp,
   int page_shift = 0;  // page is a power of two (checked in Python)
   while ((int64_t(1) << page_shift) < a.page) ++page_shift;
   // Cache rows of the tile starting at token tb (nt of them), in place.
-  auto tile_rows = [&](int64_t tb, int nt, const void** src) {
+  auto tile_rows = [&](int64_t tb, int nt, const char** src) {
     for (int j = 0; j < nt;) {
       const int64_t t = tb + j, row = t & (a.page - 1);
       const char* p = static_cast<const char*>(elem_ptr(a.kv, a.kv_dt, table[t >> page_shift] * a.kv_sblock +
@@ -403,7 +403,7 @@ FL_AVX2 static void mla_task_avx2(const MlaDecodeArgs& a, int64_t b, int64_t sp,
       for (int64_t i = row; i < a.page && j < nt; ++i, ++j, p += stride) src[j] = p;
     }
   };
-  const void* src[kTile];
+  const char* src[kTile];
   const float* rows[kTile];
   const char* pf[kTile];  // rows of the tile kPfDist ahead, its last one repeated to kTile
   for (int64_t tb = t0; tb < t1; tb += kTile) {
@@ -411,7 +411,7 @@ FL_AVX2 static void mla_task_avx2(const MlaDecodeArgs& a, int64_t b, int64_t sp,
     tile_rows(tb, nt, src);
     for (int j = 0; j < nt; ++j) {
       if (in_place) {
-        rows[j] = static_cast<const float*>(src[j]);
+        rows[j] = reinterpret_cast<const float*>(src[j]);
       } else {
         load_row(src[j], a.kv_dt, kb + j * D, D);
         rows[j] = kb + j * D;
@@ -419,7 +419,7 @@ FL_AVX2 static void mla_task_avx2(const MlaDecodeArgs& a, int64_t b, int64_t sp,
     }
     const int64_t pb = tb + kPfDist * kTile;
     const int npf = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kTile, t1 - pb)));
-    tile_rows(pb, npf, reinterpret_cast<const void**>(pf));
+    tile_rows(pb, npf, pf);
     for (int j = npf; j < kTile && npf > 0; ++j) pf[j] = pf[npf - 1];
     mla_scores_tile(qt, Rp, rows, nt, D, st, npf > 0 ? pf : nullptr, dtype_size(a.kv_dt));
     mla_softmax_tile(st, Rp, nt, m, l, alpha, last, tb, a.causal && tb + nt - 1 > n - a.s_q);
