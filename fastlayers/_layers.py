@@ -422,6 +422,15 @@ class PagedLatentCache:
         return torch.tensor([self._len[s] for s in ids], dtype=torch.int32, device=self.kv.device)
 
 
+def check_mla_dims(cls, q_lora_rank, qk_rope_head_dim):
+    """MLA's optional sizes: q_lora_rank None (no query compression) or > 0; qk_rope_head_dim an even int >= 0."""
+    if q_lora_rank is not None:
+        _positive_int(cls, "q_lora_rank", q_lora_rank)
+    if isinstance(qk_rope_head_dim, bool) or not isinstance(qk_rope_head_dim, int) or qk_rope_head_dim < 0 \
+            or qk_rope_head_dim % 2:
+        raise ValueError(f"{cls}: qk_rope_head_dim must be an even int >= 0; got {qk_rope_head_dim!r}")
+
+
 class MLABase(nn.Module):
     """Multi-head Latent Attention parameters (DeepSeek-V2/V3; Zebra-Llama's grouped variant).
 
@@ -440,11 +449,7 @@ class MLABase(nn.Module):
                         ("qk_nope_head_dim", qk_nope_head_dim), ("v_head_dim", v_head_dim),
                         ("max_seq_len", max_seq_len)):
             _positive_int(cls, name, v)
-        if q_lora_rank is not None:
-            _positive_int(cls, "q_lora_rank", q_lora_rank)
-        if isinstance(qk_rope_head_dim, bool) or not isinstance(qk_rope_head_dim, int) or qk_rope_head_dim < 0 \
-                or qk_rope_head_dim % 2:
-            raise ValueError(f"{cls}: qk_rope_head_dim must be an even int >= 0; got {qk_rope_head_dim!r}")
+        check_mla_dims(cls, q_lora_rank, qk_rope_head_dim)
         g = n_heads if n_kv_groups is None else _positive_int(cls, "n_kv_groups", n_kv_groups)
         if n_heads % g:
             raise ValueError(f"{cls}: n_heads ({n_heads}) must be divisible by n_kv_groups ({g})")

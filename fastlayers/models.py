@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from . import reference as _ref
 from . import _layers
-from ._layers import FFNBase, Gain, _positive_int, trunc_normal_
+from ._layers import FFNBase, Gain, _positive_int, check_mla_dims, trunc_normal_
 from .hybridnorm import FeedForward, HybridNormLM  # noqa: F401  (HybridNormLM re-exported)
 from .mla import MLA
 from .ops import rms_norm
@@ -128,11 +128,7 @@ class ZebraLM(nn.Module):
                         ("qk_nope_head_dim", qk_nope_head_dim), ("v_head_dim", v_head_dim),
                         ("ffn_hidden", ffn_hidden), ("d_conv", d_conv), ("max_seq_len", max_seq_len)):
             _positive_int(cls, name, v)
-        if q_lora_rank is not None:
-            _positive_int(cls, "q_lora_rank", q_lora_rank)
-        if isinstance(qk_rope_head_dim, bool) or not isinstance(qk_rope_head_dim, int) or qk_rope_head_dim < 0 \
-                or qk_rope_head_dim % 2:
-            raise ValueError(f"{cls}: qk_rope_head_dim must be an even int >= 0; got {qk_rope_head_dim!r}")
+        check_mla_dims(cls, q_lora_rank, qk_rope_head_dim)
         if n_heads % n_kv_heads:
             raise ValueError(f"{cls}: n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads})")
         if n_heads * head_dim != dim:

@@ -68,3 +68,13 @@ def assert_rel_err(out, ref, tol, what=""):
     out, ref = out.double().cpu(), ref.double().cpu()
     rel = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
     assert rel < tol, f"{what}: relative error {rel:.3g} >= {tol}"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny shapes: one thread (on a busy 2-core machine, thread hand-offs cost 10-50 ms an op). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

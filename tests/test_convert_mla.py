@@ -10,13 +10,7 @@ from fastlayers.convert import attention_to_mla, mla_rope_channels
 from conftest import seed_of
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one thread (on a busy 2-core machine, thread hand-offs cost 10-50 ms an op)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: see tests/conftest.py
 
 
 def llama_attention(x, w_q, w_k, w_v, w_o, n_heads, n_kv_heads, theta, rotated_pairs):

@@ -15,13 +15,7 @@ except ImportError:
 needs_mamba = pytest.mark.skipif(not HAVE_MAMBA, reason="fastlayers.mamba (Mamba2) is not in this tree")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one thread (on a busy 2-core machine, thread hand-offs cost 10-50 ms an op)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: see tests/conftest.py
 
 # dim 32 = 4 heads x 8; MLA at layers 0 and 2 of 4 (mixed), or every layer (MLA-only).
 TINY = dict(vocab_size=61, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, mla_layers=[0, 2],
