@@ -26,13 +26,7 @@ import torch
 
 from . import sm_count
 
-try:
-    import triton
-    import triton.language as tl
-    IMPORT_ERROR = None
-except ImportError as e:  # pragma: no cover - reported by available_backends()
-    triton = tl = None
-    IMPORT_ERROR = e
+from ._triton_import import IMPORT_ERROR, tl, triton
 
 # Longest row (elements) kept in one block; longer rows are processed in chunks.
 # Module attributes, read at every call, so tests can shrink them to reach the chunked path.

@@ -26,13 +26,7 @@ import torch
 
 from . import sm_count
 
-try:
-    import triton
-    import triton.language as tl
-    IMPORT_ERROR = None
-except ImportError as e:  # pragma: no cover - reported by available_backends()
-    triton = tl = None
-    IMPORT_ERROR = e
+from ._triton_import import IMPORT_ERROR, tl, triton
 
 # Target elements (whole heads) per program for head_norm_rope, and its cap on heads per tile.
 HEAD_TILE = 2048

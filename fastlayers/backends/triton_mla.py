@@ -9,13 +9,7 @@ split writes its normalised output and log-sum-exp; the merge kernel combines th
 """
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-    IMPORT_ERROR = None
-except ImportError as e:  # pragma: no cover - reported by available_backends()
-    triton = tl = None
-    IMPORT_ERROR = e
+from ._triton_import import IMPORT_ERROR, tl, triton
 
 BLOCK_T = 32     # cached rows per step
 MIN_SPLIT = 256  # tokens per split at least

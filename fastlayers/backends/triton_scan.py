@@ -6,13 +6,7 @@ by the shapes (no autotuning: a tuning rerun would apply the in-place update twi
 """
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-    IMPORT_ERROR = None
-except ImportError as e:  # pragma: no cover - reported by available_backends()
-    triton = tl = None
-    IMPORT_ERROR = e
+from ._triton_import import IMPORT_ERROR, tl, triton
 
 
 if IMPORT_ERROR is None:

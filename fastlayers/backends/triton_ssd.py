@@ -49,13 +49,7 @@ PyTorch, with torch.autograd (correct, slow, O(L * CHUNK * nheads) memory); the 
 """
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-    IMPORT_ERROR = None
-except ImportError as e:  # pragma: no cover - reported by available_backends()
-    triton = tl = None
-    IMPORT_ERROR = e
+from ._triton_import import IMPORT_ERROR, tl, triton
 
 
 if IMPORT_ERROR is None:
