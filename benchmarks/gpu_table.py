@@ -26,11 +26,20 @@ import fastlayers
 DEVICE = "cuda"
 
 
+DEADLINE = None  # time.monotonic() after which no more timings start (--budget)
+
+
+class OutOfTime(RuntimeError):
+    """Raised by bench() past --budget: the row is reported as skipped, the table still prints."""
+
+
 def bench(fn_of_set, sets):
     """Median time (s) of fn over rotating input sets (on the CPU smoke run: best of 3 calls)."""
+    import time
+    if DEADLINE is not None and time.monotonic() > DEADLINE:
+        raise OutOfTime("--budget spent, not run")
     it = itertools.cycle(sets)
     if DEVICE == "cpu":
-        import time
         fn_of_set(next(it))
         ts = []
         for _ in range(3):
@@ -121,27 +130,12 @@ def make_fn(provider, op, backward):
     return fb
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true", help="one shape per op")
-    p.add_argument("--md", help="also write the table as markdown to this file")
-    p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (CI: the script still runs)")
-    a = p.parse_args(argv)
-    global DEVICE
-    if a.cpu_smoke:
-        DEVICE = "cpu"
-        l2, name = 1 << 20, "cpu (smoke run: tiny shapes, timings meaningless)"
-    else:
-        if not torch.cuda.is_available():
-            sys.exit("gpu_table.py needs a CUDA GPU (or --cpu-smoke)")
-        props = torch.cuda.get_device_properties(0)
-        l2 = getattr(props, "L2_cache_size", 50 << 20)
-        name = torch.cuda.get_device_name()
-    ceiling = copy_gbps(l2)
-    if a.cpu_smoke:
+def norm_rows(gt, ceiling, l2, quick=False, smoke=False):
+    """rms_norm / layer_norm with a residual, forward and forward + backward, every provider."""
+    if smoke:
         shapes = [(64, 256)]
     else:
-        shapes = [(8192, 4096)] if a.quick else [(t, h) for t in (4096, 8192, 16384) for h in (2048, 4096, 8192)]
+        shapes = [(8192, 4096)] if quick else [(t, h) for t in (4096, 8192, 16384) for h in (2048, 4096, 8192)]
     rows = []
     for op, backward, (tok, hid), dtype in itertools.product(
             ("rms_norm", "layer_norm"), (False, True), shapes, (torch.bfloat16, torch.float32)):
@@ -166,22 +160,48 @@ def main(argv=None):
         del sets
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="one shape per op")
+    p.add_argument("--md", help="also write the table as markdown to this file")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (CI: the script still runs)")
+    p.add_argument("--budget", type=float, help="seconds: rows not started by then are reported as not run")
+    a = p.parse_args(argv)
+    global DEVICE, DEADLINE
+    if a.cpu_smoke:
+        DEVICE = "cpu"
+        l2, name = 1 << 20, "cpu (smoke run: tiny shapes, timings meaningless)"
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("gpu_table.py needs a CUDA GPU (or --cpu-smoke)")
+        props = torch.cuda.get_device_properties(0)
+        l2 = getattr(props, "L2_cache_size", 50 << 20)
+        name = torch.cuda.get_device_name()
+    ceiling = copy_gbps(l2)
+    if a.budget:
+        import time
+        DEADLINE = time.monotonic() + a.budget
     from gpu_table_hybridnorm import hybridnorm_rows
-    from gpu_table_mla import mla_rows, scan_rows, state_update_rows
+    from gpu_table_mla import conv1d_rows, mla_rows, scan_rows, state_update_rows
     from gpu_table_ssd import ssd_rows
-    for family in (hybridnorm_rows, mla_rows, state_update_rows, scan_rows, ssd_rows):
-        rows += family(sys.modules[__name__], ceiling, l2, quick=a.quick, smoke=a.cpu_smoke)
     head = ("op", "shape", "dtype", "backend", "time_us", "GB/s", "% of copy / ratio")
     lines = [f"device: {name}; device-to-device copy ceiling {ceiling:.0f} GB/s; torch {torch.__version__}",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:  # GB/s is NaN where it does not apply (attention, block: the last column says what counts)
-        gb = "-" if r[5] != r[5] else f"{r[5]:.0f}"
-        lines.append("| " + " | ".join([r[0], r[1], r[2], r[3], f"{r[4]:.1f}", gb, r[6]]) + " |")
-    text = "\n".join(lines)
-    print(text)
-    if a.md:
-        with open(a.md, "w") as f:
-            f.write(text + "\n")
+    print(lines[0], flush=True)
+    # The open issues' rows first (MLA, the scans), the norms last: with --budget the table ends early
+    # and still prints. Each family's rows print (and the markdown is rewritten) as soon as it finishes.
+    for family in (mla_rows, ssd_rows, scan_rows, state_update_rows, conv1d_rows, hybridnorm_rows, norm_rows):
+        for r in family(sys.modules[__name__], ceiling, l2, quick=a.quick, smoke=a.cpu_smoke):
+            gb = "-" if r[5] != r[5] else f"{r[5]:.0f}"  # NaN where GB/s does not apply (attention, block)
+            lines.append("| " + " | ".join([r[0], r[1], r[2], r[3], f"{r[4]:.1f}", gb, r[6]]) + " |")
+            print(lines[-1], flush=True)
+        if a.md:
+            with open(a.md, "w") as f:
+                f.write("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ triton on a GPU (selective_scan has no triton kernel: cuda alone), cpu on the sm
 selective_scan (Mamba-1, bf16, B/C (batch, N, L)): forward bytes = u, delta, z, out + B, C + last state;
 forward + backward adds u, delta, z, dout, du, ddelta, dz + B, C, dB, dC + dlast (the minimum traffic, none
 of the backward's fp32 scratch: the checkpoints, the dB/dC partial sums).
+causal_conv1d (width 4, bias, silu; x (batch, dim, L)): forward bytes = x read + out written; forward +
+backward adds dout read, x read again and dx written; causal_conv1d_update (one decode step): x, out and
+the conv state read and written.
 """
 import torch
 
@@ -127,4 +130,47 @@ def scan_rows(gt, ceiling, l2, quick=False, smoke=False):
             gt.timed_row(rows, label, call_fb, [None], nbytes_fb, ceiling, grad=True)
             del leaves, g_out, g_last
         del u, delta, z, B, C
+    return rows
+
+
+def conv1d_rows(gt, ceiling, l2, quick=False, smoke=False):
+    dev = gt.DEVICE
+    fast = "triton" if dev == "cuda" else "cpu"
+    dtype = torch.float32 if smoke else torch.bfloat16
+    batch, dim, L, width = (2, 8, 64, 4) if smoke else (8, 4096, 4096, 4)
+    es = torch.tensor([], dtype=dtype).element_size()
+    per = batch * dim * L * es
+    rows = []
+    for backward in (False, True):
+        nbytes = (5 if backward else 2) * per
+        sets = []
+        for _ in range(gt.n_sets(nbytes, l2)):
+            x = torch.randn(batch, dim, L, device=dev).to(dtype).requires_grad_(backward)
+            sets.append((x, torch.randn(batch, dim, L, device=dev).to(dtype) if backward else None))
+        w = torch.randn(dim, width, device=dev).to(dtype).requires_grad_(backward)
+        b = torch.randn(dim, device=dev).to(dtype).requires_grad_(backward)
+
+        def call(s, w=w, b=b, backward=backward):
+            with fastlayers.use_backend(fast):
+                y = fastlayers.causal_conv1d(s[0], w, b, activation="silu")
+            if backward:
+                y.backward(s[1])
+
+        label = ("causal_conv1d fwd+bwd" if backward else "causal_conv1d fwd", f"b{batch} d{dim} L{L} w{width}",
+                 str(dtype)[6:], fast)
+        gt.timed_row(rows, label, call, sets, nbytes, ceiling, grad=backward)
+        del sets
+    ub, ud = (2, 8) if smoke else (64, 8192)
+    state = torch.randn(ub, ud, width - 1, device=dev).to(dtype)
+    x = torch.randn(ub, ud, device=dev).to(dtype)
+    w = torch.randn(ud, width, device=dev).to(dtype)
+    b = torch.randn(ud, device=dev).to(dtype)
+
+    def upd(_s):
+        with fastlayers.use_backend(fast):
+            fastlayers.causal_conv1d_update(x, state, w, b, "silu")
+
+    nbytes = (2 * x.numel() + 2 * state.numel()) * es
+    gt.timed_row(rows, ("causal_conv1d_update", f"b{ub} d{ud} w{width}", str(dtype)[6:], fast), upd, [None],
+                 nbytes, ceiling)
     return rows

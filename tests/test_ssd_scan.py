@@ -9,7 +9,9 @@ from fastlayers import reference
 from conftest import _case, assert_rel_err, seed_of
 
 REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-10}
-BACKENDS = [_case("cpu", "cpu"), _case("cpu", "triton"), _case("cpu", "reference")]
+# The triton cases run under the interpreter on CPU tensors here, on CUDA tensors where a GPU is present
+# (each is skipped, with the reason, where it cannot run). Inputs are made on the CPU; _run moves them.
+BACKENDS = [_case("cpu", "cpu"), _case("cpu", "triton"), _case("cuda", "triton"), _case("cpu", "reference")]
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 
 
@@ -40,14 +42,17 @@ def _ref64(args, **kw):
     return reference.ssd_scan(**hi, **kw)
 
 
-def _run(backend, args, **kw):
+def _run(backend, args, device="cpu", **kw):
+    """ssd_scan on `device` (inputs moved there, differentiably; results moved back to the CPU)."""
+    to = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
     with fastlayers.use_backend(backend):
-        return fastlayers.ssd_scan(**args, **kw)
+        res = fastlayers.ssd_scan(**{k: to(v) for k, v in args.items()}, **{k: to(v) for k, v in kw.items()})
+    return tuple(r.cpu() for r in res) if isinstance(res, tuple) else res.cpu()
 
 
-def _small(backend):
-    """Shapes: the triton interpreter is slow, keep it tiny."""
-    return backend == "triton"
+def _small(device, backend):
+    """Shapes: the triton interpreter is slow, keep it tiny (on a GPU the full shapes run)."""
+    return backend == "triton" and device == "cpu"
 
 
 # ----------------------------------------------------------------------------- forward
@@ -57,8 +62,8 @@ def _small(backend):
 def test_forward(device, backend, dtype, L):
     if backend == "reference" and L == 2049:
         pytest.skip("the reference is what we compare with; its long run only costs time")
-    h, p, n, g = (2, 3, 5, 1) if _small(backend) else (4, 6, 8, 2)
-    if _small(backend) and L == 2049:
+    h, p, n, g = (2, 3, 5, 1) if _small(device, backend) else (4, 6, 8, 2)
+    if _small(device, backend) and L == 2049:
         if dtype != torch.float32:
             pytest.skip("the triton interpreter runs the long case in fp32 only (it is slow)")
         L = 90  # the interpreter walks 6 chunks of 16: still far past one chunk
@@ -66,7 +71,7 @@ def test_forward(device, backend, dtype, L):
     kw = dict(chunk_size=16, dt_softplus=True, return_final_states=True)
     ref_out, ref_fin = _ref64(args, **kw)
     with torch.no_grad():
-        out, fin = _run(backend, args, **kw)
+        out, fin = _run(backend, args, device, **kw)
     assert out.dtype == dtype and out.shape == args["x"].shape
     assert fin.dtype == torch.float32 and fin.shape == (2, h, p, n)
     assert_rel_err(out, ref_out, REL_TOL[dtype], "out")
@@ -80,7 +85,7 @@ OPTS = [(), ("D",), ("z",), ("dt_bias",), ("initial_states",), ("D", "z", "dt_bi
 @pytest.mark.parametrize("opts", OPTS, ids=lambda o: "+".join(o) or "none")
 @pytest.mark.parametrize("variant", ["softplus-final-Dhp", "nosoftplus-nofinal-Dh", "limit-final-Dh"])
 def test_forward_options(device, backend, opts, variant):
-    if backend == "triton" and not (len(opts) == 4 or (not opts and variant.startswith("nosoftplus"))):
+    if _small(device, backend) and not (len(opts) == 4 or (not opts and variant.startswith("nosoftplus"))):
         pytest.skip("the triton interpreter runs the all-on cases and one all-off case (it is slow)")
     softplus = "nosoftplus" not in variant
     final = "nofinal" not in variant
@@ -91,7 +96,7 @@ def test_forward_options(device, backend, opts, variant):
         kw["dt_limit"] = (0.2, 0.5)  # softplus(dt) straddles it: both clamps are reached
     ref = _ref64(args, **kw)
     with torch.no_grad():
-        res = _run(backend, args, **kw)
+        res = _run(backend, args, device, **kw)
     if final:
         assert_rel_err(res[0], ref[0], 1e-5, "out")
         assert_rel_err(res[1], ref[1], 1e-5, "final_states")
@@ -104,7 +109,7 @@ def test_forward_options(device, backend, opts, variant):
 def test_forward_fp64(device, backend):
     if backend == "triton":
         with pytest.raises(TypeError, match="triton"):
-            _run(backend, _inputs(1, 5, 2, 3, 4, 1, torch.float64, _gen("f64t")))
+            _run(backend, _inputs(1, 5, 2, 3, 4, 1, torch.float64, _gen("f64t")), device)
         return
     args = _inputs(2, 77, 4, 3, 5, 2, torch.float64, _gen("f64", backend))
     out, fin = _run(backend, args, dt_softplus=True, return_final_states=True)
@@ -125,7 +130,7 @@ def test_seq_idx_packed_sequences_do_not_leak(device, backend):
     seq_idx = torch.cat([torch.full((m,), i, dtype=torch.int32) for i, m in enumerate(lens)])
     seq_idx = torch.stack([seq_idx, torch.zeros(L, dtype=torch.int32)])
     kw = dict(chunk_size=16, dt_softplus=True)
-    out, fin = _run(backend, args, seq_idx=seq_idx, return_final_states=True, **kw)
+    out, fin = _run(backend, args, device, seq_idx=seq_idx, return_final_states=True, **kw)
     ref_out, ref_fin = _ref64(args, seq_idx=seq_idx, return_final_states=True, **kw)
     assert_rel_err(out, ref_out, 1e-5, "out")
     assert_rel_err(fin, ref_fin, 1e-5, "final_states")
@@ -159,7 +164,7 @@ def test_strided_inputs(device, backend):
     args = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=None, initial_states=init)
     kw = dict(chunk_size=16, dt_softplus=True, return_final_states=True)
     ref_out, ref_fin = _ref64(args, **kw)
-    out, fin = _run(backend, args, **kw)
+    out, fin = _run(backend, args, device, **kw)
     assert_rel_err(out, ref_out, 1e-5, "out")
     assert_rel_err(fin, ref_fin, 1e-5, "final_states")
 
@@ -170,7 +175,7 @@ def test_nan_in_nan_out(device, backend):
     of the group from its step on."""
     args = _inputs(1, 40, 2, 3, 4, 1, torch.float32, _gen("nan", backend))
     args["x"][0, 25, 1, 2] = float("nan")
-    out = _run(backend, args, chunk_size=16, dt_softplus=True)
+    out = _run(backend, args, device, chunk_size=16, dt_softplus=True)
     ref = _ref64(args, chunk_size=16, dt_softplus=True)
     assert torch.isnan(ref[0, 25:, 1, 2]).all()
     assert torch.isnan(out[0, 25:, 1, 2]).all(), "NaN in x must give NaN in its channel at its step and after"
@@ -180,7 +185,7 @@ def test_nan_in_nan_out(device, backend):
         assert not torch.isnan(out[0, :25]).any()
     args["x"][0, 25, 1, 2] = 1.0
     args["B"][0, 30, 0, 1] = float("nan")
-    out = _run(backend, args, chunk_size=16, dt_softplus=True)
+    out = _run(backend, args, device, chunk_size=16, dt_softplus=True)
     assert torch.isnan(out[0, 30:]).all(), "NaN in B must reach every head of its group from its step on"
     if backend != "triton":
         assert not torch.isnan(out[0, :30]).any()
@@ -195,9 +200,9 @@ def test_empty_and_zero_length():
 
 
 # ----------------------------------------------------------------------------- gradients
-def _grads(backend, args, gen, **kw):
+def _grads(backend, args, gen, device="cpu", **kw):
     leaves = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in args.items()}
-    out, fin = _run(backend, leaves, return_final_states=True, **kw)
+    out, fin = _run(backend, leaves, device, return_final_states=True, **kw)
     g_out = torch.randn(out.shape, generator=gen).to(out.dtype)
     g_fin = torch.randn(fin.shape, generator=gen).to(fin.dtype)
     torch.autograd.backward((out, fin), (g_out, g_fin))
@@ -226,7 +231,7 @@ GRAD_CASES = [  # L, g, opts, D shape, softplus, dt_limit, packed
                                                           f"-sp{int(c[4])}-lim{int(bool(c[5]))}-pk{int(c[6])}")
 def test_gradients_match_reference(device, backend, dtype, case):
     L, g, opts, dshape, softplus, limit, packed = case
-    if backend == "triton" and dtype != torch.float32 and L > 40:
+    if _small(device, backend) and dtype != torch.float32 and L > 40:
         pytest.skip("the triton interpreter runs the long cases in fp32 only (it is slow)")
     gen = _gen("grad", str(dtype), case, backend)
     args = _inputs(2, L, 4, 3, 5, g, dtype, gen, opts, dshape, softplus)
@@ -235,7 +240,7 @@ def test_gradients_match_reference(device, backend, dtype, case):
         kw["dt_limit"] = limit
     if packed:
         kw["seq_idx"] = (torch.arange(L)[None, :] * torch.tensor([[3], [1]]) // 40).to(torch.int64)
-    grads, g_out, g_fin = _grads(backend, args, gen, **kw)
+    grads, g_out, g_fin = _grads(backend, args, gen, device, **kw)
     ref = _ref_grads(args, g_out, g_fin, **kw)
     for name in NAMES:
         a = args[name]
@@ -274,8 +279,8 @@ def test_triton_backward_kernel(device, backend, dtype, monkeypatch):
     for mode in ("triton", "torch"):
         monkeypatch.setattr(triton_ssd, "SSD_BWD", mode)
         leaves = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in dev.items()}
-        out = _run(backend, leaves, **{**kw, "seq_idx": seq_idx.to(device)})
-        out.backward(g_out.to(device))
+        out = _run(backend, leaves, device, **kw)
+        out.backward(g_out)
         grads[mode] = {k: v.grad for k, v in leaves.items() if v is not None}
     hi = {k: None if v is None else v.detach().double().requires_grad_() for k, v in args.items()}
     reference.ssd_scan(**hi, **kw).backward(g_out.double())
