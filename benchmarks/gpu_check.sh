@@ -9,9 +9,10 @@
 # its own cap (build 400 s, tests 150, table 300, training 100) and what is left after the later steps'
 # reserve. The table starts with the MLA and scan
 # rows and reports rows it had no time for as not run; the test log lists every test as it finishes.
-# Files in $OUT (at most 7, for a lent machine's 8-file limit): device.txt, build.log, prebuilt.tar
-# (the built modules: GPU_CHECK_PREBUILT=that.tar skips the build on a rerun with unchanged csrc/),
-# tests.log, bench.log, gpu_table.md, train-zebra-small.json.
+# GPU_CHECK_FAMILIES=mla,ssd (say) limits the table to those row families (gpu_table.py --families).
+# Files in $OUT (8, a lent machine's limit): device.txt, build.log, prebuilt.tar (the built modules:
+# GPU_CHECK_PREBUILT=that.tar skips the build on a rerun with unchanged csrc/), tests.log, bench.log,
+# gpu_table.md, train.log, train-zebra-small.json.
 #
 #   bash benchmarks/gpu_check.sh            # results land in $OUT (or ./gpu_check_out)
 #   GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh   # one shape per op in the table
@@ -63,6 +64,7 @@ tail -3 "$OUT/tests.log"
 step "benchmark table"
 TB=$(left 90 300)
 timeout -k 10 $((TB + 40)) $PY benchmarks/gpu_table.py ${GPU_CHECK_QUICK:+--quick} --budget "$TB" --md "$OUT/gpu_table.md" \
+  ${GPU_CHECK_FAMILIES:+--families "$GPU_CHECK_FAMILIES"} \
   > "$OUT/bench.log" 2>&1
 rc=$?
 grep -v "^| " "$OUT/bench.log" | tail -20
@@ -71,10 +73,12 @@ grep -v "^| " "$OUT/bench.log" | tail -20
 step "training on the GPU: tokens/s, fastlayers vs reference (bf16 autocast), zebra-small (MLA + Mamba-2)"
 for preset in zebra-small; do
   timeout -k 10 "$(left 0 100)" $PY -m fastlayers.train --preset $preset --device cuda --steps 20 --batch 16 --seq-len 256 \
-    --check-reference 20 --quiet --json "$OUT/train-$preset.json" 2>&1 | tail -12
-  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "TRAINING CHECK FAILED ($preset)"; status=1; }
+    --check-reference 20 --quiet --json "$OUT/train-$preset.json" > "$OUT/train.log" 2>&1
+  rc=$?
+  tail -15 "$OUT/train.log"
+  [ "$rc" -eq 0 ] || { echo "TRAINING CHECK FAILED ($preset, rc $rc)"; status=1; }
 done
-step "table"
-cat "$OUT/gpu_table.md" 2>/dev/null
+step "table: the MLA and scan rows (all rows: gpu_table.md)"
+grep -E "^\| (mla|ssd|selective|causal)" "$OUT/gpu_table.md" 2>/dev/null | cut -c1-110
 step "done (status $status)"
 exit $status

@@ -163,12 +163,45 @@ def norm_rows(gt, ceiling, l2, quick=False, smoke=False):
     return rows
 
 
+def overhead_rows(gt, ceiling, l2, quick=False, smoke=False):
+    """What the Python wrapper costs: rms_norm with a residual (fwd, bf16) at a size where the kernel is
+    short, through fastlayers.rms_norm, through the backend's launcher alone (buffers made once), and
+    F.rms_norm of x + r (eager) for scale."""
+    from fastlayers.backends import load
+    tok, hid = (64, 256) if smoke else (4096, 2048)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    x, r, y, h = (torch.randn(tok, hid, device=DEVICE, dtype=dtype) for _ in range(4))
+    w = torch.randn(hid, device=DEVICE, dtype=dtype)
+    mean, rstd = (torch.empty(tok, device=DEVICE) for _ in range(2))
+    nbytes = 4 * tok * hid * x.element_size()
+    rows = []
+    for prov in providers():
+        if prov in ("eager", "compile", "liger"):
+            continue
+        be = load(prov)
+
+        def api(_s, prov=prov):
+            with fastlayers.use_backend(prov):
+                fastlayers.rms_norm(x, w, residual=r, prenorm=True)
+
+        def kernel(_s, be=be):
+            be.norm_fwd(x, r, w, None, y, h, mean, rstd, 1e-6, True)
+
+        timed_row(rows, ("rms_norm fwd (API)", f"{tok}x{hid}", str(dtype)[6:], prov), api, [None], nbytes, ceiling)
+        timed_row(rows, ("rms_norm fwd (kernel alone)", f"{tok}x{hid}", str(dtype)[6:], prov), kernel, [None],
+                  nbytes, ceiling)
+    timed_row(rows, ("rms_norm fwd (eager)", f"{tok}x{hid}", str(dtype)[6:], "eager"),
+              lambda _s: F.rms_norm(x + r, (hid,), w, 1e-6), [None], nbytes, ceiling)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="one shape per op")
     p.add_argument("--md", help="also write the table as markdown to this file")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (CI: the script still runs)")
     p.add_argument("--budget", type=float, help="seconds: rows not started by then are reported as not run")
+    p.add_argument("--families", help="comma-separated subset of: mla,ssd,scan,state_update,conv1d,hybridnorm,norm,overhead")
     a = p.parse_args(argv)
     global DEVICE, DEADLINE
     if a.cpu_smoke:
@@ -193,7 +226,15 @@ def main(argv=None):
     print(lines[0], flush=True)
     # The open issues' rows first (MLA, the scans), the norms last: with --budget the table ends early
     # and still prints. Each family's rows print (and the markdown is rewritten) as soon as it finishes.
-    for family in (mla_rows, ssd_rows, scan_rows, state_update_rows, conv1d_rows, hybridnorm_rows, norm_rows):
+    families = (mla_rows, ssd_rows, scan_rows, state_update_rows, conv1d_rows, hybridnorm_rows, norm_rows,
+                overhead_rows)
+    if a.families:
+        want = set(a.families.split(","))
+        unknown = want - {f.__name__[:-5] for f in families}
+        if unknown:
+            sys.exit(f"--families: unknown {sorted(unknown)}")
+        families = [f for f in families if f.__name__[:-5] in want]
+    for family in families:
         for r in family(sys.modules[__name__], ceiling, l2, quick=a.quick, smoke=a.cpu_smoke):
             gb = "-" if r[5] != r[5] else f"{r[5]:.0f}"  # NaN where GB/s does not apply (attention, block)
             lines.append("| " + " | ".join([r[0], r[1], r[2], r[3], f"{r[4]:.1f}", gb, r[6]]) + " |")

@@ -16,6 +16,7 @@ the conv state read and written.
 import torch
 
 import fastlayers
+from fastlayers.backends import load
 
 PAGE = 64
 
@@ -61,6 +62,26 @@ def mla_rows(gt, ceiling, l2, quick=False, smoke=False):
 
             label = ("mla_decode", f"b{b} n{n} h{h} {lat}+{rope}", str(dtype)[6:], fast)
             gt.timed_row(rows, label, call, [None], nbytes, ceiling)
+            if smoke or quick:
+                continue
+            # The kernels alone (no argument checks, no host sync, workspace made once) at the wrapper's
+            # split count and at more splits: what the wrapper costs, and whether more CTAs fill the GPU.
+            be = load(fast)
+            auto, _ = be.mla_decode_splits(b, n, q.device)
+            for n_splits in sorted({auto, 8, 16, 32}):
+                tok = -(-(-(-n // n_splits)) // 32) * 32
+                ws = (torch.empty(b, 1, h, lat, dtype=dtype, device=q.device),
+                      torch.empty(b, h, 1, device=q.device),
+                      torch.empty(b, n_splits, 1, h, lat, device=q.device),
+                      torch.empty(b, n_splits, 1, h, device=q.device))
+
+                def kern(_s, be=be, tok=tok, ws=ws, q=q, kv=kv, table=table, lens=lens, lat=lat):
+                    be.mla_decode(q, kv, table, lens, lat, q.shape[-1] ** -0.5, False, tok, *ws)
+
+                label = ("mla_decode kernel", f"b{b} n{n} h{h} {lat}+{rope} splits {n_splits}"
+                         + (" (auto)" if n_splits == auto else ""), str(dtype)[6:], fast)
+                gt.timed_row(rows, label, kern, [None], nbytes, ceiling)
+                del ws
         del q, kv
     return rows
 

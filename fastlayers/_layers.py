@@ -473,8 +473,9 @@ class MLABase(nn.Module):
             self.kv_norm = Gain(kv_lora_rank, **kw)
         self.wkv_b = nn.Linear(kv_lora_rank, g * (qk_nope_head_dim + v_head_dim), bias=False, **kw)
         self.wo = nn.Linear(n_heads * v_head_dim, dim, bias=False, **kw)
-        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        # On `device`: reset_parameters builds the RoPE tables where these placeholders are.
+        self.register_buffer("rope_cos", torch.empty(0, device=device), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0, device=device), persistent=False)
         self.reset_parameters()
 
     def _make_rope(self, device):

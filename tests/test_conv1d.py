@@ -6,7 +6,7 @@ import fastlayers
 from fastlayers import reference
 from fastlayers.ops import conv1d as conv1d_op
 
-from conftest import FAST_CASES, assert_close_to_ref, assert_rel_err, is_interpreted, seed_of
+from conftest import TRITON_GPU_CASES, assert_close_to_ref, assert_rel_err, is_interpreted, seed_of
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-10}
@@ -74,7 +74,7 @@ def _check_out(res, x, weight, bias, act, init, final):
 
 
 # ----------------------------------------------------------------------------- forward
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("width", [2, 3, 4])
 @pytest.mark.parametrize("seqlen", [1, 3, 123, 2049])
@@ -101,7 +101,7 @@ VARIANTS = {  # name: (bias, activation, initial_states, return_final_states)
 }
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("seqlen", [2, 50])
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -117,7 +117,7 @@ def test_causal_conv1d_variants(device, backend, variant, seqlen, layout):
     _check_out(res, x, weight, bias, act, init, final)
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 def test_causal_conv1d_other_strides(device, backend):
     """x in neither layout (every other time step) is copied once and gives the right answer; mixed dtypes of
     weight/bias (fp32 weights, bf16 x) and a non-contiguous weight view are accepted."""
@@ -131,7 +131,7 @@ def test_causal_conv1d_other_strides(device, backend):
     _check_out(res, x, weight, bias, "silu", None, True)
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_causal_conv1d_many_channels(device, backend, layout):
     """More channels than one block of the kernels (cpu: 512 channel-last, 128 in the decode update; triton:
@@ -171,7 +171,7 @@ def _conv_grads(fn, x, weight, bias, init, dout, dfinal, act):
     return [None if t is None else t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("width", [2, 3, 4])
 @pytest.mark.parametrize("seqlen", [1, 3, 123, 2049])
@@ -201,7 +201,7 @@ def test_causal_conv1d_backward(device, backend, dtype, seqlen, width, layout):
         assert_rel_err(a, w, REL_TOL[dtype], name)
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 @pytest.mark.parametrize("variant", ["no_bias_no_act", "init_not_returned", "final_only_used"])
 def test_causal_conv1d_backward_variants(device, backend, variant):
     """No bias and no activation; initial states without final states; a loss on final_states alone."""
@@ -262,7 +262,7 @@ def test_causal_conv1d_opcheck():
                           (torch.randn(2, 3, 1, generator=g), state, weight, bias, True, "cpu"))
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 def test_causal_conv1d_compile(device, backend):
     """torch.compile(fullgraph=True) of prefill (channel-last, as Mamba-2) + a decode step matches eager."""
     if is_interpreted(device, backend):
@@ -290,7 +290,7 @@ def test_causal_conv1d_compile(device, backend):
 
 
 # ----------------------------------------------------------------------------- decode update
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("width", [2, 3, 4])
 def test_update_is_last_column_of_full_conv(device, backend, dtype, width):
@@ -311,7 +311,7 @@ def test_update_is_last_column_of_full_conv(device, backend, dtype, width):
     assert torch.equal(state, want_state), "conv_state must be shifted left with x appended"
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 @pytest.mark.parametrize("state_len,chunk", [(3, 1), (3, 3), (5, 2)], ids=["S3x1", "S3x3", "S5x2"])
 def test_prefill_then_update_equals_full_conv(device, backend, state_len, chunk):
     """Prefill k steps (final_states -> conv_state), then decode the rest `chunk` steps at a time (a 2-D x for

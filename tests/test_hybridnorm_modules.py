@@ -5,7 +5,7 @@ import torch
 import fastlayers
 from fastlayers import reference
 
-from conftest import FAST_CASES, is_interpreted, seed_of
+from conftest import TRITON_GPU_CASES, is_interpreted, seed_of
 
 NORMS = ("hybrid", "hybrid_star_first", "pre", "post")
 LM_NORMS = ("hybrid", "hybrid_star", "pre", "post")
@@ -55,7 +55,7 @@ def _small(device, backend):
     return dict(dim=96, n_heads=6, n_kv_heads=2, head_dim=16, ffn=160, b=2, t=13)
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 @pytest.mark.parametrize("qkv_norm,pre_norm", [(True, False), (True, True), (False, True), (False, False)])
 def test_attention(device, backend, qkv_norm, pre_norm):
     s = _small(device, backend)
@@ -65,7 +65,7 @@ def test_attention(device, backend, qkv_norm, pre_norm):
     _compare(fast, ref, torch.randn(s["b"], s["t"], s["dim"]), backend, device, torch.float32)
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 @pytest.mark.parametrize("norm", ["hybrid", "pre", "post"])
 def test_feed_forward(device, backend, norm):
     s = _small(device, backend)
@@ -82,7 +82,7 @@ def test_post_norm_ffn_is_hybrid_placement():
     torch.testing.assert_close(m(x), want)
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 @pytest.mark.parametrize("norm", NORMS)
 def test_block(device, backend, norm):
     s = _small(device, backend)
@@ -91,7 +91,7 @@ def test_block(device, backend, norm):
     _compare(fast, ref, torch.randn(s["b"], s["t"], s["dim"]), backend, device, torch.float32)
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 @pytest.mark.parametrize("norm", LM_NORMS)
 def test_lm(device, backend, norm):
     s = _small(device, backend)
@@ -101,7 +101,7 @@ def test_lm(device, backend, norm):
     _compare(fast, ref, tokens, backend, device, torch.float32, call=lambda m, t: m(t)[0])
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 def test_block_bf16(device, backend):
     """bf16 parameters and activations (fp32 math inside the kernels) stay close to the fp64 reference."""
     s = _small(device, backend)

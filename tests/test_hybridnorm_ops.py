@@ -5,7 +5,7 @@ import torch
 import fastlayers
 from fastlayers import reference
 
-from conftest import FAST_CASES, assert_close_to_ref, assert_rel_err, is_interpreted, seed_of
+from conftest import TRITON_GPU_CASES, assert_close_to_ref, assert_rel_err, is_interpreted, seed_of
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-10}
@@ -41,7 +41,7 @@ QKV_SHAPES = [  # (B, T, Hq, Hkv, D): GQA ratios 1/2/4/8, head_dim 64/128/96 and
 ]
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", QKV_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_qkv_norm_rope_forward(device, backend, dtype, shape):
@@ -59,7 +59,7 @@ def test_qkv_norm_rope_forward(device, backend, dtype, shape):
         assert_close_to_ref(o, h, l_, name)
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 @pytest.mark.parametrize("variant", ["qk_only", "rope_only", "norm_only", "int_offset", "hf_tables"])
 def test_qkv_norm_rope_variants(device, backend, variant):
     """v_weight=None (QK-norm only; v passes through), no weights (RoPE only), no tables (norm only),
@@ -84,7 +84,7 @@ def test_qkv_norm_rope_variants(device, backend, variant):
         assert out[2] is v, "v must pass through untouched without v_weight"
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 def test_qkv_norm_rope_nan_and_large(device, backend):
     """NaN in one head gives NaN in that head only; fp16 values whose squares overflow stay finite."""
     b, t, hq, hkv, d = 1, 3, 2, 1, 32
@@ -111,7 +111,7 @@ def _qkv_grads(fn, q, k, v, ws, dqo, dko, dvo):
     return [t.grad for t in leaves] + [None if w is None else w.grad for w in wl]
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("which", ["qkv", "qk"])
 def test_qkv_norm_rope_backward(device, backend, dtype, which):
@@ -138,7 +138,7 @@ def test_qkv_norm_rope_backward(device, backend, dtype, which):
         assert_rel_err(a, w, REL_TOL[dtype], name)
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 @pytest.mark.parametrize("which", ["qkv", "qk"])
 def test_qkv_norm_rope_packed_grad(device, backend, which):
     """The packed entry point writes one (B, T, (Hq + 2 Hkv) D) gradient; it equals the per-view one."""
@@ -172,7 +172,7 @@ def test_qkv_norm_rope_packed_grad(device, backend, which):
             assert_rel_err(a, b_, 1e-6, "packed grad")
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 def test_qkv_norm_rope_view_leaves_and_no_grad_views(device, backend):
     """Views are routed to the one-buffer gradient only when autograd tracks them to a base that needs it:
     views made leaves (requires_grad_) get their own gradients; views taken under no_grad send none back."""
@@ -201,7 +201,7 @@ def test_qkv_norm_rope_view_leaves_and_no_grad_views(device, backend):
     assert base.grad is None, "views taken under no_grad must not send a gradient to their base"
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 def test_qkv_norm_rope_strided_weights_and_odd_head_dim(device, backend):
     b, t, hq, hkv = 2, 3, 2, 1
     g = _gen("odd")
@@ -300,7 +300,7 @@ def test_qkv_norm_rope_bad_input(bad, match, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- swiglu
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1,), (3, 1), (2, 123), (4, 3000), (2, 3, 37)], ids=str)
 @pytest.mark.parametrize("fused", [True, False])
@@ -327,7 +327,7 @@ def test_swiglu(device, backend, dtype, shape, fused):
         assert_rel_err(a.grad, b_.grad, REL_TOL[dtype], "grad")
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 def test_swiglu_special_values(device, backend):
     """Large |gate| (exp overflow paths), inf and NaN follow the reference (NaN in, NaN out)."""
     gate = torch.tensor([[-200.0, -90.0, -20.0, 0.0, 20.0, 90.0, float("nan"), float("inf"), float("-inf")]])
@@ -369,7 +369,7 @@ def test_swiglu_bad_input(args, match):
         fastlayers.swiglu(*args)
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 def test_hybridnorm_ops_compile(device, backend):
     """torch.compile(fullgraph=True) of both ops, forward and backward, matches eager."""
     if is_interpreted(device, backend):

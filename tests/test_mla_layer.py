@@ -5,7 +5,7 @@ import torch
 import fastlayers
 from fastlayers import reference
 
-from conftest import FAST_CASES, seed_of
+from conftest import TRITON_GPU_CASES, seed_of
 
 CONFIGS = {  # (dim, heads, q_lora, kv_lora, nope, rope, v, groups): DeepSeek-like, Zebra-like, no rope
     "deepseek": (64, 4, 48, 32, 16, 16, 24, None),
@@ -27,7 +27,7 @@ def _pair(name, device):
     return m, r
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_mla_forward_and_grads_match_reference(device, backend, name):
     m, r = _pair(name, device)
@@ -46,7 +46,7 @@ def test_mla_forward_and_grads_match_reference(device, backend, name):
         torch.testing.assert_close(p.grad, rp[n].grad, rtol=1e-4, atol=1e-5, msg=n)
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("step", [1, 2])
 def test_mla_prefill_then_decode_equals_full_forward(device, backend, name, step):
@@ -124,3 +124,13 @@ def test_mla_bad_config(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         fastlayers.MLA(**args)
+
+
+@pytest.mark.parametrize("cls", [fastlayers.MLA, reference.MLA], ids=["fast", "reference"])
+def test_mla_rope_tables_on_the_construction_device(cls):
+    """MLA(..., device=d) builds its RoPE tables on d (they were on the CPU, and a ZebraLM made on a GPU
+    then failed in the reference model's RoPE indexing: seen on an H200). The meta device shows it here."""
+    args = CONFIGS["deepseek"]
+    m = cls(*args[:7], n_kv_groups=args[7], max_seq_len=64, device="meta")
+    assert m.rope_cos.device.type == "meta" and m.rope_sin.device.type == "meta"
+    assert m.rope_cos.shape[0] == 64 and m.rope_cos.dtype == torch.float32

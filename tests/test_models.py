@@ -5,7 +5,7 @@ import torch
 import fastlayers
 from fastlayers import models
 
-from conftest import FAST_CASES, seed_of
+from conftest import TRITON_GPU_CASES, seed_of
 
 try:
     from fastlayers.mamba import Mamba2  # noqa: F401
@@ -59,7 +59,7 @@ def test_forward_backward(layout):
     assert kinds == ["mla" if i in m.mla_layers else "mamba" for i in range(4)]
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES + [pytest.param("cpu", "reference", id="cpu-reference-backend")])
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES + [pytest.param("cpu", "reference", id="cpu-reference-backend")])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_fast_matches_reference_model(device, backend, layout):
     """Logits and every parameter's gradient of the fast model (on each backend; and the fast model's code

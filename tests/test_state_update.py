@@ -5,7 +5,7 @@ import torch
 import fastlayers
 from fastlayers import reference
 
-from conftest import FAST_CASES, assert_rel_err, seed_of
+from conftest import TRITON_GPU_CASES, assert_rel_err, seed_of
 
 REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
@@ -50,7 +50,7 @@ CASES = [  # heads, batch, nheads, headdim, dstate, ngroups
 ]
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "heads{}-b{}h{}p{}n{}g{}".format(*c))
 @pytest.mark.parametrize("softplus", [True, False])
@@ -70,7 +70,7 @@ def test_state_update(device, backend, dtype, case, softplus):
     assert_rel_err(state, st_hi, REL_TOL[dtype], "state")
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 @pytest.mark.parametrize("opts", [(), ("D",), ("z",), ("dt_bias",)], ids=lambda o: "+".join(o) or "none")
 def test_state_update_optional_args(device, backend, opts):
     args = _inputs(True, 2, 4, 8, 16, 2, torch.float32, torch.float32, device, _gen("opts", opts), opts)
@@ -82,7 +82,7 @@ def test_state_update_optional_args(device, backend, opts):
     assert_rel_err(state, st_hi, 1e-5, "state")
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 def test_state_update_batch_indices_and_broadcast_views(device, backend):
     """A cache of 5 sequences updated at rows [3, 0]; Mamba-2's stride-0 expanded A, dt, D, dt_bias."""
     gen = _gen("idx")
@@ -105,7 +105,7 @@ def test_state_update_batch_indices_and_broadcast_views(device, backend):
     assert torch.equal(state[[1, 2, 4]], cache[[1, 2, 4]]), "rows outside state_batch_indices changed"
 
 
-@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
 def test_state_update_nan(device, backend):
     args = _inputs(True, 2, 2, 4, 8, 1, torch.float32, torch.float32, device, _gen("nan"))
     args[1][1, 0, 2] = float("nan")

@@ -25,9 +25,10 @@
 // mla_partial_mma<DT, NT> (fp16 / bf16; D and dv multiples of 16; cache rows 16-byte
 // aligned): the same grid and outputs, both products on tensor cores (sm_80+ mma.sync
 // m16n8k16, fp32 accumulators), one CTA of 4 warps, KV tiles of 32 tokens loaded with
-// cp.async (double buffered) and read with ldmatrix; q * scale is rounded once to the input
-// dtype (not split hi / lo: the Triton kernel's tl.dot makes the same rounding), P once to
-// the input dtype (l sums the rounded P). Details above the kernel.
+// cp.async (double buffered) and read with ldmatrix; q enters the mma unscaled (exact: it is
+// already in the input dtype) and the fp32 scores are scaled, P is rounded once to the input
+// dtype for P V while l sums the fp32 P (as flash-attention does): lse is as exact as the fp32
+// path's. Details above the kernel.
 // mla_merge: one CTA of 128 threads per (batch row, query row): the lse-weighted sum of
 // the splits' partials, rounded once to out's dtype.
 //
@@ -433,15 +434,16 @@ FL_DEV float mla_val(uint32_t h) {
   return DT == kBF16 ? bf16_bits_to_f32(h) : f16_bits_to_f32(h);
 }
 
-// One CTA of 4 warps per (row group of 16 query rows, KV split, batch row). q (scaled in
-// fp32, then rounded once to the input dtype) stays in shared memory; per tile of 32
+// One CTA of 4 warps per (row group of 16 query rows, KV split, batch row). q (as given, in
+// the input dtype; the scale is applied to the fp32 scores) stays in shared memory; per tile of 32
 // tokens (cp.async, double buffered: tile i + 1 loads while tile i is computed):
 //   S = Q K^T: warp w computes the 16 x 8 scores of tokens 8w..8w+7 over the full D
 //     (A = q via ldmatrix.x4, B = the tile rows via ldmatrix: row-major K is B's
 //     column-major layout), fp32 accumulators;
-//   online softmax in fp32: per row, the tile max over the 4 warps (quad shuffles, then
-//     shared memory), p = exp(s - m) rounded to the input dtype, l += the sum of the
-//     rounded p (numerator and denominator use the same weights);
+//   online softmax in fp32 on s * scale: per row, the tile max over the 4 warps (quad
+//     shuffles, then shared memory), p = exp(s - m), l += the sum of the fp32 p, p rounded
+//     to the input dtype for P V (rounding q * scale or summing the rounded p instead put
+//     the bf16 lse 1e-4 off the fp64 reference on an H200);
 //   O += P V: the S accumulator pairs (c0, c1) / (c2, c3) of token pair 2q, 2q + 1 are the
 //     A-fragment registers of the next mma once packed to 16 bits: each warp stores its
 //     packed pairs in shared memory and reads the 2 k16 A fragments of all 32 tokens back
@@ -491,14 +493,15 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kMmaThreads, 2) mla_partial_mma(MlaDecodeArgs a,
   };
   if (t0 < t1) issue(t0, 0);
 
-  // q rows of the group: q * scale in fp32, rounded once to DT; zero rows past nrows.
+  // q rows of the group as given (DT to DT: exact); zero rows past nrows. The scale goes on
+  // the fp32 scores.
   const float scale = float(a.scale);
   for (int e = tid; e < kMlaRows * D; e += kMmaThreads) {
     const int r = e / D, c = e - r * D;
     float v = 0.f;
     if (r < nrows) {
       const int64_t rr = r0 + r, qi = rr / a.H, h = rr % a.H;
-      v = mla_load<DT>(a.q, b * a.q_sb + qi * a.q_ss + h * a.q_sh + c) * scale;
+      v = mla_load<DT>(a.q, b * a.q_sb + qi * a.q_ss + h * a.q_sh + c);
     }
     qs[r * L.ld + c] = uint16_t(mla_bits<DT>(v));
   }
@@ -563,7 +566,7 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kMmaThreads, 2) mla_partial_mma(MlaDecodeArgs a,
       for (int h = 0; h < 2; ++h) {
         const int j = warp * 8 + 2 * qd + h;
         const bool vis = rok[i] && j < nt && tb + j <= last[i];
-        const float v = s[2 * i + h];
+        const float v = s[2 * i + h] * scale;
         if (vis && v != v) bad = 1.f;
         s[2 * i + h] = vis ? v : ninf;
       }
@@ -614,7 +617,7 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kMmaThreads, 2) mla_partial_mma(MlaDecodeArgs a,
       }
       const uint32_t h0 = mla_bits<DT>(p0), h1 = mla_bits<DT>(p1);
       ps[r * kMmaPw + warp * 4 + qd] = h0 | (h1 << 16);
-      float sum = mla_val<DT>(h0) + mla_val<DT>(h1);
+      float sum = p0 + p1;  // fp32 p: lse does not carry P's rounding
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
       if (qd == 0) red_l[warp * kMlaRows + r] = sum;

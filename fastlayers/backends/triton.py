@@ -122,10 +122,10 @@ if IMPORT_ERROR is None:
             if IS_RMS:
                 xc = h
             else:
-                mean = tl.sum(h, axis=1) / N
+                mean = _div(tl.sum(h, axis=1), N)
                 xc = tl.where(mask, h - mean[:, None], 0.0)
                 tl.store(MEAN + rows, mean, mask=row_ok)
-            rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / N + eps32)
+            rstd = tl.rsqrt(_div(tl.sum(xc * xc, axis=1), N) + eps32)
             tl.store(RSTD + rows, rstd, mask=row_ok)
             w = tl.cast(tl.load(W + cols, mask=col_ok, other=0.0), tl.float32)
             y = xc * rstd[:, None] * w[None, :]
@@ -155,7 +155,7 @@ if IMPORT_ERROR is None:
                     frac = n_c / (n_a + n_c)
                     mean += delta * frac
                     m2 += tl.sum(d * d, axis=1) + delta * delta * (n_a * frac)
-            rstd = tl.rsqrt(m2 / N + eps32)
+            rstd = tl.rsqrt(_div(m2, N) + eps32)
             tl.store(RSTD + rows, rstd, mask=row_ok)
             if not IS_RMS:
                 tl.store(MEAN + rows, mean, mask=row_ok)
@@ -175,6 +175,13 @@ if IMPORT_ERROR is None:
                 if HAS_BIAS:
                     y += tl.cast(tl.load(B + c, mask=c_ok, other=0.0), tl.float32)[None, :]
                 _store_out(y_rows + c[None, :], y, mask)
+
+    @triton.jit
+    def _div(x, N):
+        """x / N correctly rounded (Triton's fp32 ``/`` is the approximate div.full on NVIDIA GPUs: at N = 1
+        a layer norm's mean was then an ulp off h, and rstd = eps ** -0.5 blew that up to 1.7e-5 in dx on an
+        H200)."""
+        return tl.math.div_rn(x, tl.full(x.shape, 1, tl.float32) * N)
 
     @triton.jit
     def _bwd_tile(X, R, DY, rows64, c, mask, w, mean, rstd, stride_x, stride_r, stride_dy,
@@ -232,11 +239,11 @@ if IMPORT_ERROR is None:
                     mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
                 xhat, dy, g = _bwd_tile(X, R, DY, rows64, cols, mask, w, mean, rstd, stride_x, stride_r, stride_dy,
                                         IS_RMS, HAS_RESIDUAL)
-                c1 = tl.sum(g * xhat, axis=1) / N
+                c1 = _div(tl.sum(g * xhat, axis=1), N)
                 if IS_RMS:
                     dh = (g - xhat * c1[:, None]) * rstd[:, None]
                 else:
-                    c2 = tl.sum(g, axis=1) / N
+                    c2 = _div(tl.sum(g, axis=1), N)
                     dh = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
                 _bwd_store_dh(dh, DH, DX, DR, rows64, cols, mask, stride_dh, stride_dx, stride_dr, HAS_DH, STORE_DR)
                 dw_acc += tl.sum(dy * xhat, axis=0)
@@ -277,8 +284,8 @@ if IMPORT_ERROR is None:
                     c1 += tl.sum(g * xhat, axis=1)
                     if not IS_RMS:
                         c2 += tl.sum(g, axis=1)
-                c1 = c1 / N
-                c2 = c2 / N
+                c1 = _div(c1, N)
+                c2 = _div(c2, N)
                 # Pass 2: dx (= dresidual), and the dw/db partial sums.
                 for start in range(0, N, BLOCK_N):
                     c = start + cols
