@@ -79,6 +79,13 @@ class QKVNormAttention(_layers.AttentionBase):
         return _linear_residual(o, self.o.weight, residual)
 
 
+def _add_norm(x, w, eps, residual, prenorm=False):
+    """rms_norm(x + residual): a float32 residual stream next to a 16-bit sublayer output (bf16 autocast
+    with float32 weights) is summed and kept in float32 (``residual_in_fp32``) instead of refused."""
+    mixed = residual is not None and residual.dtype == torch.float32 and x.dtype != torch.float32
+    return rms_norm(x, w, eps, residual=residual, prenorm=prenorm, residual_in_fp32=mixed)
+
+
 class FeedForward(_layers.FFNBase):
     """SwiGLU FFN with its RMSNorm and residual: ``FeedForward(dim, hidden_dim=None, norm="hybrid")``.
 
@@ -90,18 +97,18 @@ class FeedForward(_layers.FFNBase):
     def forward(self, y, residual=None):
         w = self.norm.weight
         if self.placement == "hybrid":
-            z = rms_norm(y, w, self.eps, residual=residual)
+            z = _add_norm(y, w, self.eps, residual)
             return _linear_residual(swiglu(F.linear(z, self.gate_up.weight)), self.down.weight, z)
         if self.placement == "pre":
             if residual is None:
                 n = rms_norm(y, w, self.eps)
             else:
-                n, y = rms_norm(y, w, self.eps, residual=residual, prenorm=True)
+                n, y = _add_norm(y, w, self.eps, residual, prenorm=True)
             return _linear_residual(swiglu(F.linear(n, self.gate_up.weight)), self.down.weight, y)
         if residual is not None:
             y = y + residual
         s = F.linear(swiglu(F.linear(y, self.gate_up.weight)), self.down.weight)
-        return rms_norm(s, w, self.eps, residual=y)
+        return _add_norm(s, w, self.eps, y)
 
 
 class PostNormFFN(FeedForward):
@@ -127,7 +134,7 @@ class HybridNormBlock(_layers.BlockBase):
         if p == "hybrid":
             return self.ffn(self.attn(x, cache), residual=x)
         if p == "post":
-            y = rms_norm(self.attn(x, cache), self.post_attn_norm.weight, self.eps, residual=x)
+            y = _add_norm(self.attn(x, cache), self.post_attn_norm.weight, self.eps, x)
             return self.ffn(y)
         return self.ffn(self.attn(x, cache, residual=x))
 

@@ -272,3 +272,16 @@ def test_zebra_preset_trains_and_matches_reference(capsys):
     assert train.main([*args, "--check-reference", "3"]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "ZebraLM" in out
+
+
+@needs_cpu
+@pytest.mark.parametrize("preset,norm", [("zebra-tiny", ""), ("hybridnorm-tiny", "pre"), ("hybridnorm-tiny", "post"),
+                                         ("hybridnorm-tiny", "hybrid")])
+def test_check_reference_under_bf16_autocast(preset, norm, capsys):
+    """bf16 autocast (the GPU default) on the CPU: the float32 residual stream meets 16-bit sublayer outputs in
+    the fused residual + RMSNorm. That raised a dtype error in the first GPU training run (H200); both model
+    families and every norm placement that sums a residual inside the norm now train and match the reference."""
+    args = ["--preset", preset, "--device", "cpu", "--dtype", "bf16", "--steps", "2", "--batch", "2", "--seq-len", "32",
+            "--data-bytes", str(256 << 10), "--eval-batches", "1", "--quiet", "--check-reference", "2"]
+    assert train.main(args + (["--norm", norm] if norm else [])) == 0
+    assert "PASS" in capsys.readouterr().out
