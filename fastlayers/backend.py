@@ -19,9 +19,10 @@ _override = contextvars.ContextVar("fastlayers_backend", default=None)
 # Per-op default on CUDA tensors, from GPU measurements (benchmarks/RESULTS.md).
 # Ops not listed default to "cuda" when built, else "triton". The HybridNorm ops have
 # no CUDA C++ kernel (one memory-bound pass each: Triton serves them); nor have the Mamba decode
-# step and the causal conv1d yet. MLA decoding has one (csrc/cuda/mla.cu) that no GPU has measured
-# yet: triton stays its default until benchmarks/gpu_check.sh says otherwise. selective_scan has no
-# triton kernel: CUDA tensors run its CUDA forward and backward (csrc/cuda/scan.cu).
+# step and the causal conv1d yet. MLA decoding has one (csrc/cuda/mla.cu); on an H200 (2026-11-27)
+# the Triton kernel was faster in every 512+64 case and most Zebra-size rows, so triton stays its
+# default. The norms' CUDA kernels beat Triton on most shapes there (cuda stays their default).
+# selective_scan has no triton kernel: CUDA tensors run its CUDA forward and backward (csrc/cuda/scan.cu).
 DEFAULT_CUDA = {"qkv_norm_rope": "triton", "swiglu": "triton", "selective_state_update": "triton",
                 "mla_decode": "triton", "causal_conv1d": "triton", "causal_conv1d_update": "triton", "ssd_scan": "triton"}
 
