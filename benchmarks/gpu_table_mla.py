@@ -67,7 +67,7 @@ def mla_rows(gt, ceiling, l2, quick=False, smoke=False):
             # The kernels alone (no argument checks, no host sync, workspace made once) at the wrapper's
             # split count and at more splits: what the wrapper costs, and whether more CTAs fill the GPU.
             be = load(fast)
-            auto, _ = be.mla_decode_splits(b, n, q.device)
+            auto, _ = be.mla_decode_splits(b, n, q.device, h)
             for n_splits in sorted({auto, 8, 16, 32}):
                 tok = -(-(-(-n // n_splits)) // 32) * 32
                 ws = (torch.empty(b, 1, h, lat, dtype=dtype, device=q.device),

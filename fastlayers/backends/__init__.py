@@ -87,7 +87,8 @@ Contract for the Mamba decode step (``selective_state_update``)
 
 Contract for MLA decoding (``mla_decode*``)
 --------------------------------------------
-``mla_decode_splits(batch, max_len, device) -> (n_splits, split_tokens)``: the KV split the backend wants.
+``mla_decode_splits(batch, max_len, device, rows=1) -> (n_splits, split_tokens)``: the KV split the backend
+wants (rows = s_q x heads).
 ``mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causal, split_tokens, out, lse,
              o_part, lse_part)``
     q          (B, s_q, H, D), any strides with the last dim contiguous; fp32/fp16/bf16 (fp64 on cpu)

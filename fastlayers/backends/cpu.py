@@ -101,7 +101,7 @@ def selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, out, state_batc
                               bool(dt_softplus), ws.data_ptr(), parts)
 
 
-def mla_decode_splits(batch, max_len, device):
+def mla_decode_splits(batch, max_len, device, rows=1):
     """(n_splits, split_tokens): enough (sequence, split) tasks to keep every thread busy, >= 256 tokens each."""
     want = 4 * torch.get_num_threads()
     n_splits = max(1, min(-(-want // max(batch, 1)), -(-max_len // 256)))

@@ -63,9 +63,12 @@ MLA_MIN_SPLIT = 256  # tokens: below this a split's fixed cost (q load, partial 
 MLA_TILE = 32        # tokens a CTA reads per step
 
 
-def mla_decode_splits(batch, max_len, device):
-    """(n_splits, split_tokens): batch x splits fills the GPU (2 CTAs per SM), each split >= 256 tokens."""
-    want = 2 * sm_count(device)
+def mla_decode_splits(batch, max_len, device, rows=1):
+    """(n_splits, split_tokens): batch x splits fills the GPU, each split >= 256 tokens. CTAs aimed at: 4 an
+    SM when one CTA covers every query row (rows = s_q x heads <= 16), else 2 (each row group of 16 is a
+    CTA already). On an H200 (benchmarks/RESULTS.md, 2026-11-27) 8 splits beat 2 an SM's 5 by 10-25% at
+    batch 64, 16 heads; at 128 heads more splits were slower."""
+    want = (4 if rows <= 16 else 2) * sm_count(device)
     n_splits = max(1, min(-(-want // max(batch, 1)), -(-max_len // MLA_MIN_SPLIT)))
     split = max(1, -(-max_len // n_splits))
     return n_splits, -(-split // MLA_TILE) * MLA_TILE

@@ -103,10 +103,11 @@ if IMPORT_ERROR is None:
         tl.store(LSE + (b * H + h) * S_Q + qi, tl.where(total == 0.0, float("-inf"), mx + tl.log(total)))
 
 
-def mla_decode_splits(batch, max_len, device):
-    """Splits so that batch x splits fills the GPU (2 programs per SM), each >= MIN_SPLIT tokens."""
+def mla_decode_splits(batch, max_len, device, rows=1):
+    """Splits so that batch x splits fills the GPU, each >= MIN_SPLIT tokens: 4 programs an SM when
+    rows = s_q x heads <= 16, else 2 (as the CUDA kernel's, from the same H200 measurements)."""
     device = torch.device(device)
-    want = 2 * sm_count(device) if device.type == "cuda" else 2
+    want = (4 if rows <= 16 else 2) * sm_count(device) if device.type == "cuda" else 2
     n_splits = max(1, min(-(-want // max(batch, 1)), -(-max_len // MIN_SPLIT)))
     split = max(1, -(-max_len // n_splits))
     return n_splits, -(-split // BLOCK_T) * BLOCK_T

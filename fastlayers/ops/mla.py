@@ -77,7 +77,7 @@ def _run(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causal, max
     be = load(backend)
     b, sq, h, d = q.shape
     stat = stat_dtype(q.dtype)
-    n_splits, split_tokens = be.mla_decode_splits(b, max_len, q.device)
+    n_splits, split_tokens = be.mla_decode_splits(b, max_len, q.device, sq * h)
     out = torch.empty(b, sq, h, head_dim_v, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, sq, dtype=stat, device=q.device)
     o_part = torch.empty(b, n_splits, sq, h, head_dim_v, dtype=stat, device=q.device)
