@@ -178,9 +178,9 @@ if IMPORT_ERROR is None:
 
     @triton.jit
     def _div(x, N):
-        """x / N correctly rounded (Triton's fp32 ``/`` is the approximate div.full on NVIDIA GPUs: at N = 1
-        a layer norm's mean was then an ulp off h, and rstd = eps ** -0.5 blew that up to 1.7e-5 in dx on an
-        H200)."""
+        """x / N correctly rounded. With plain ``/`` (which Triton lowers to the approximate div.full on
+        NVIDIA GPUs) the width-1 layer-norm backward gave dx = 1.7e-5 instead of 0 on an H200: at N = 1,
+        rstd = eps ** -0.5 amplifies an ulp (the cause is inferred; with div_rn that test passes there)."""
         return tl.math.div_rn(x, tl.full(x.shape, 1, tl.float32) * N)
 
     @triton.jit
