@@ -429,10 +429,6 @@ template <int DT>
 FL_DEV uint32_t mla_bits(float v) {  // round to DT (nearest even), raw bits
   return DT == kBF16 ? f32_to_bf16_bits(v) : f32_to_f16_bits(v);
 }
-template <int DT>
-FL_DEV float mla_val(uint32_t h) {
-  return DT == kBF16 ? bf16_bits_to_f32(h) : f16_bits_to_f32(h);
-}
 
 // One CTA of 4 warps per (row group of 16 query rows, KV split, batch row). q (as given, in
 // the input dtype; the scale is applied to the fp32 scores) stays in shared memory; per tile of 32
