@@ -142,6 +142,38 @@ def test_mla_decode_block_table_bounds():
         fastlayers.mla_decode(q, kv, padded, lens, 64)
 
 
+@pytest.mark.parametrize("path", ["C", "torch"])
+def test_mla_decode_checks_both_paths(path, monkeypatch):
+    """The argument checks of CPU tensors run in one C++ pass (_C.mla_check_table); without _C the torch
+    ops do them. Both give the same errors, on strided (non-contiguous) tables and lengths too."""
+    import fastlayers.ops.mla as mla_op
+    if path == "torch":
+        monkeypatch.setattr(mla_op._cpu_backend, "_C", None)
+    elif mla_op._cpu_backend._C is None:
+        pytest.skip("fastlayers._C is not built")
+    q, kv, bt, lens = _case(3, 1, 4, 64, 32, 16, [40, 0, 17], torch.float32, "cpu", 9)
+    wide = torch.full((bt.shape[1] + 2, 3), -7, dtype=torch.int32)
+    table = wide.t()[:, 1:bt.shape[1] + 1]  # a strided view holding bt
+    table.copy_(bt)
+    assert not table.is_contiguous()
+    lens2 = torch.stack([lens, lens + 99], 1)[:, 0]  # stride 2
+    with torch.no_grad(), fastlayers.use_backend("reference"):
+        want, _ = fastlayers.mla_decode(q, kv, bt, lens, 64)
+        out, _ = fastlayers.mla_decode(q, kv, table, lens2, 64)
+    torch.testing.assert_close(out, want)
+    table[2, 1] = kv.shape[0]  # row 2 uses 2 blocks (17 tokens, page 16)
+    with pytest.raises(ValueError, match="block_table row 2 points outside"):
+        fastlayers.mla_decode(q, kv, table, lens2, 64)
+    table[2, 1] = bt[2, 1]
+    table[1, 0] = -1  # row 1 has no tokens: its entries are not used
+    lens2[0] = 10 ** 4
+    with pytest.raises(ValueError, match="sequence 0 has 10000 cached tokens"):
+        fastlayers.mla_decode(q, kv, table, lens2, 64)
+    lens2[0] = -2
+    with pytest.raises(ValueError, match="cache_seqlens must be >= 0; got -2"):
+        fastlayers.mla_decode(q, kv, table, lens2, 64)
+
+
 # ----------------------------------------------------------------------------- the CPU kernels
 def _cpu_kernels():
     from fastlayers.backends import cpu as cpu_backend

@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <array>
 #include <tuple>
 #include <omp.h>
@@ -158,6 +159,29 @@ PYBIND11_MODULE(_C, m) {
         "Accumulators per thread of mla_decode for (rows = s_q * H, D, dv).");
   m.def("mla_decode_has_avx2", &cpu::mla_decode_has_avx2,
         "Whether mla_decode's vectorised (AVX2 + FMA) kernel can run on this CPU.");
+  // mla_decode's argument check on CPU tensors, one pass instead of a dozen small torch ops:
+  // (min length, max length, the sequence holding the max, the first sequence whose used block
+  // table entries, ceil(len / page) of them, leave [0, num_blocks); -1 when none).
+  m.def(
+      "mla_check_table",
+      [](uintptr_t block_table, int64_t bt_s0, int64_t bt_s1, int64_t max_blocks, uintptr_t seqlens, int64_t lens_s,
+         int64_t B, int64_t page, int64_t num_blocks) {
+        const int32_t* bt = static_cast<const int32_t*>(P(block_table));
+        const int32_t* lens = static_cast<const int32_t*>(P(seqlens));
+        int64_t lo = 0, hi = 0, arg_hi = 0, bad = -1;
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t n = lens[b * lens_s];
+          if (b == 0 || n < lo) lo = n;
+          if (b == 0 || n > hi) hi = n, arg_hi = b;
+          const int64_t used = n > 0 ? std::min(max_blocks, (n + page - 1) / page) : 0;
+          for (int64_t j = 0; j < used && bad < 0; ++j) {
+            const int64_t e = bt[b * bt_s0 + j * bt_s1];
+            if (e < 0 || e >= num_blocks) bad = b;
+          }
+        }
+        return std::make_tuple(lo, hi, arg_hi, bad);
+      },
+      "mla_decode's checks of cache_seqlens and block_table (int32 CPU tensors).");
   m.def(
       "mla_decode",
       [](uintptr_t q, S3 qs, int q_dt, uintptr_t kv, int64_t kv_sblock, int64_t kv_srow, int kv_dt,
