@@ -27,7 +27,9 @@ def _inputs(b, n, h, lat, rope, dtype):
     g = torch.Generator(device=DEVICE).manual_seed(0)
     d = lat + rope
     blocks = -(-n // PAGE)
-    kv = torch.randn(b * blocks, PAGE, 1, d, generator=g, device=DEVICE).to(dtype)
+    # The cache as fastlayers.PagedLatentCache allocates it (on the CPU: advised onto huge pages).
+    kv = fastlayers.PagedLatentCache(b * blocks, PAGE, lat, rope, dtype, DEVICE).kv
+    kv.copy_(torch.randn(b * blocks, PAGE, 1, d, generator=g, device=DEVICE))
     table = torch.randperm(b * blocks, generator=g, device=DEVICE).view(b, blocks).to(torch.int32)
     lens = torch.full((b,), n, dtype=torch.int32, device=DEVICE)
     q = torch.randn(b, 1, h, d, generator=g, device=DEVICE).to(dtype)
