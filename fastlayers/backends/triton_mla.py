@@ -6,6 +6,10 @@ program loads each cached row once for BLOCK_R rows (the latent cache is a singl
 head; MLA decoding is MQA). Per block of BLOCK_T tokens: scores = q_nope k_nope^T +
 q_rope k_rope^T on tensor cores, an online softmax, acc += p v with v = k_nope. The
 split writes its normalised output and log-sum-exp; the merge kernel combines the splits.
+
+The grid runs the row blocks of one (sequence, split) next to each other (grid axis 0): with
+more query rows than BLOCK_R (many heads) they read the same KV tiles at about the same time,
+so all but the first find them in L2 instead of DRAM.
 """
 import torch
 
@@ -13,6 +17,10 @@ from ._triton_import import IMPORT_ERROR, tl, triton
 
 BLOCK_T = 32     # cached rows per step
 MIN_SPLIT = 256  # tokens per split at least
+# Overrides of the split kernel's launch configuration, for tuning sweeps (benchmarks/gpu_table_mla.py):
+# "block_r" (query rows a program, a power of two >= 16; auto: 16 up to 16 rows, else 32) and
+# "num_stages" (Triton's software pipelining depth; auto: Triton's default). None = auto.
+CONFIG = {"block_r": None, "num_stages": None}
 
 
 if IMPORT_ERROR is None:
@@ -22,9 +30,9 @@ if IMPORT_ERROR is None:
                           DV: tl.constexpr, DR: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DR: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, CAUSAL: tl.constexpr,
                           IEEE: tl.constexpr, UPCAST: tl.constexpr):
-        b = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(2).to(tl.int64)
         sp = tl.program_id(1)
-        r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rows = S_Q * H
         r_ok = r < rows
         qi, h = r // H, r % H
@@ -122,17 +130,21 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causa
     if B == 0 or rows == 0:
         return
     dr = D - head_dim_v
-    block_r = 16 if rows <= 16 else 32
+    block_r = CONFIG["block_r"] or (16 if rows <= 16 else 32)
+    if block_r < 16 or block_r & (block_r - 1):
+        raise ValueError(f"triton mla_decode: block_r must be a power of two >= 16; got {block_r}")
     block_dv = _next_pow2(head_dim_v)
     block_dr = max(16, _next_pow2(max(dr, 1)))
     upcast = bool(getattr(_INTERPRETER_BF16_FIX, "value", _INTERPRETER_BF16_FIX))
     meta = dict(DV=head_dim_v, DR=dr, BLOCK_DV=block_dv, BLOCK_DR=block_dr, BLOCK_R=block_r, BLOCK_T=BLOCK_T,
                 CAUSAL=bool(causal), IEEE=q.dtype == torch.float32, UPCAST=upcast)
-    num_warps = 4 if block_dv <= 256 else 8
+    num_warps = 4 if block_dv <= 256 and block_r * block_dv <= 8192 else 8
     args = (q, kv_cache, block_table, cache_seqlens, o_part, lse_part,
             q.stride(0), q.stride(1), q.stride(2), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
             H, s_q, n_splits, split_tokens, kv_cache.shape[1], float(scale))
-    _launch(_mla_split_kernel, (B, n_splits, triton.cdiv(rows, block_r)), q.device, args, meta, num_warps)
+    if CONFIG["num_stages"]:
+        meta["num_stages"] = int(CONFIG["num_stages"])
+    _launch(_mla_split_kernel, (triton.cdiv(rows, block_r), n_splits, B), q.device, args, meta, num_warps)
     _launch(_mla_merge_kernel, (B, rows), q.device, (o_part, lse_part, out, lse, H, s_q, n_splits),
             dict(DV=head_dim_v, BLOCK_DV=block_dv, BLOCK_S=max(2, _next_pow2(n_splits))), 4)
 
