@@ -199,6 +199,51 @@ def test_mla_decode_checks_both_paths(path, monkeypatch):
         fastlayers.mla_decode(q, kv, table, lens2, 64)
 
 
+def test_mla_decode_gpu_lens_check_reuse(monkeypatch):
+    """The GPU path's check of cache_seqlens (a host sync) is skipped for a tensor already checked at the same
+    version, table width and page, only when asked (the Triton backend on CUDA). Run here on CPU tensors with
+    the C++ check off, which takes that path."""
+    import fastlayers.ops.mla as mla_op
+    monkeypatch.setattr(mla_op._cpu_backend, "_C", None)
+    q, kv, bt, lens = _case(2, 1, 4, 64, 32, 16, [40, 17], torch.float32, "cpu", 9)
+    args = (q, kv, bt, lens, 64, None)
+    assert mla_op._check("t", *args, reuse=True) == 40
+    lens.numpy()[0] = 10 ** 4  # a raw write: no version bump, the check is reused
+    assert mla_op._check("t", *args, reuse=True) == 40
+    with pytest.raises(ValueError, match="sequence 0 has 10000 cached tokens"):
+        mla_op._check("t", *args)  # not asked to reuse: checked
+    with pytest.raises(ValueError, match="block_table holds"):
+        mla_op._check("t", q, kv, bt[:, :1], lens, 64, None, reuse=True)  # another table width
+    lens[0] = 10 ** 4  # an in-place op bumps the version
+    with pytest.raises(ValueError, match="sequence 0 has 10000 cached tokens"):
+        mla_op._check("t", *args, reuse=True)
+    with torch.inference_mode():
+        ilens = torch.tensor([40, 17], dtype=torch.int32)
+        assert mla_op._check("t", q, kv, bt, ilens, 64, None, reuse=True) == 40
+        ilens[0] = 10 ** 4  # no version counter: checked every call
+        with pytest.raises(ValueError, match="sequence 0 has 10000"):
+            mla_op._check("t", q, kv, bt, ilens, 64, None, reuse=True)
+
+
+@pytest.mark.parametrize("device,backend", TRITON_CASES)
+def test_mla_decode_triton_clamps_lengths(device, backend):
+    """The Triton kernel reads no block-table entry past the table's width, even for lengths the wrapper did
+    not see (a reused check): it attends over the tokens the table holds."""
+    from fastlayers.backends import triton_mla
+    q, kv, bt, lens = _case(2, 1, 4, 64, 32, 16, [40, 17], torch.float32, device, 12, wide_table=False)
+    bt = torch.where(bt < 0, torch.zeros_like(bt), bt)  # every entry a valid block: the full table is read
+    cap = bt.shape[1] * 16
+    want = reference.mla_decode(q, kv, bt, torch.tensor([cap, 17], dtype=torch.int32, device=device), 64, 0.1,
+                                False)
+    over = torch.tensor([cap + 1000, 17], dtype=torch.int32, device=device)
+    out, lse = torch.empty(2, 1, 4, 64, device=device), torch.empty(2, 4, 1, device=device)
+    n_splits, tok = triton_mla.mla_decode_splits(2, cap, torch.device(device), 4)
+    ws = torch.empty(2, n_splits, 1, 4, 64, device=device), torch.empty(2, n_splits, 1, 4, device=device)
+    triton_mla.mla_decode(q, kv, bt, over, 64, 0.1, False, tok, out, lse, *ws)
+    torch.testing.assert_close(out, want[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse, want[1], rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- the CPU kernels
 def _cpu_kernels():
     from fastlayers.backends import cpu as cpu_backend

@@ -26,7 +26,7 @@ CONFIG = {"block_r": None, "num_stages": None}
 if IMPORT_ERROR is None:
     @triton.jit
     def _mla_split_kernel(Q, KV, BT, LENS, OP, LP,
-                          q_sb, q_ss, q_sh, kv_sb, kv_sr, bt_s, H, S_Q, N_SPLITS, split_tokens, PAGE, scale,
+                          q_sb, q_ss, q_sh, kv_sb, kv_sr, bt_s, H, S_Q, N_SPLITS, split_tokens, PAGE, MAX_T, scale,
                           DV: tl.constexpr, DR: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DR: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, CAUSAL: tl.constexpr,
                           IEEE: tl.constexpr, UPCAST: tl.constexpr):
@@ -44,7 +44,8 @@ if IMPORT_ERROR is None:
         qr = tl.load(q_row[:, None] + DV + cr[None, :], mask=r_ok[:, None] & cr_ok[None, :], other=0.0)
         if UPCAST:
             qn, qr = qn.to(tl.float32), qr.to(tl.float32)
-        n = tl.load(LENS + b).to(tl.int32)
+        # Clamped to what the block table holds (the wrapper has checked it, but may reuse that check).
+        n = tl.minimum(tl.load(LENS + b).to(tl.int32), MAX_T)
         t0 = tl.minimum(n, sp * split_tokens)
         t1 = tl.minimum(n, t0 + split_tokens)
         if CAUSAL:  # newest key each row sees: query qi is position n - S_Q + qi
@@ -141,7 +142,8 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causa
     num_warps = 4 if block_dv <= 256 and block_r * block_dv <= 8192 else 8
     args = (q, kv_cache, block_table, cache_seqlens, o_part, lse_part,
             q.stride(0), q.stride(1), q.stride(2), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
-            H, s_q, n_splits, split_tokens, kv_cache.shape[1], float(scale))
+            H, s_q, n_splits, split_tokens, kv_cache.shape[1], block_table.shape[1] * kv_cache.shape[1],
+            float(scale))
     if CONFIG["num_stages"]:
         meta["num_stages"] = int(CONFIG["num_stages"])
     _launch(_mla_split_kernel, (triton.cdiv(rows, block_r), n_splits, B), q.device, args, meta, num_warps)

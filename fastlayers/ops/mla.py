@@ -7,6 +7,7 @@ holding ``[c_kv ; k_pe]`` rows, a block table and the cached lengths. Split-KV
 merged by their log-sum-exp; the split workspace is allocated here.
 """
 import math
+import weakref
 from typing import Tuple
 
 import torch
@@ -20,7 +21,26 @@ from ._common import GPU_DTYPES, check_same_device, check_tensor
 
 
 
-def _check(op, q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale):
+# GPU cache_seqlens already checked, by tensor: reading them costs a host-device sync (the call waits for
+# the GPU to drain), which a decode step would pay in every MLA layer. A tensor is checked again once it
+# changes: PyTorch's in-place ops bump its version counter (a write from a raw pointer does not: hand
+# such lengths over as a new tensor). Inference tensors keep no version counter and are checked every
+# call. Used for the Triton kernels, which also clamp each length to what the block table holds.
+_GPU_LENS_CHECKED = {}  # id(tensor) -> (weakref to it, (version, table width, page), max length)
+
+
+def _forget(key):
+    return lambda _ref: _GPU_LENS_CHECKED.pop(key, None)
+
+
+def _lens_version(t):
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor
+        return None
+
+
+def _check(op, q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, reuse=False):
     check_tensor(op, "q", q)
     check_tensor(op, "kv_cache", kv_cache)
     if q.dim() != 4:
@@ -62,6 +82,10 @@ def _check(op, q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scal
             cache_seqlens.data_ptr(), cache_seqlens.stride(0), b, page, kv_cache.shape[0])
         page_checked = True
     else:
+        key = (_lens_version(cache_seqlens), block_table.shape[1], page) if reuse else (None,)
+        seen = _GPU_LENS_CHECKED.get(id(cache_seqlens)) if key[0] is not None else None
+        if seen is not None and seen[0]() is cache_seqlens and seen[1] == key:
+            return seen[2]
         lens = cache_seqlens.cpu()
         lo, hi = int(lens.min()), int(lens.max())
         i = int(lens.argmax())
@@ -83,6 +107,8 @@ def _check(op, q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scal
     if bad_row >= 0:
         raise ValueError(f"fastlayers.{op}: block_table row {bad_row} points outside "
                          f"the cache's {kv_cache.shape[0]} blocks")
+    if not page_checked and key[0] is not None:
+        _GPU_LENS_CHECKED[id(cache_seqlens)] = (weakref.ref(cache_seqlens, _forget(id(cache_seqlens))), key, hi)
     return hi
 
 
@@ -126,11 +152,18 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scal
     softmax_scale defaults to ``D ** -0.5``. With ``causal`` the s_q new tokens attend causally
     among themselves (speculative decoding). A sequence of length 0 gives out 0 and lse -inf.
     Any kv_lora_rank and rope_dim, any power-of-two page size, fp32/fp16/bf16. Forward only.
+
+    The arguments are checked before any kernel runs. Checking GPU ``cache_seqlens`` means reading
+    them on the host, a sync; on the Triton backend a tensor already checked is not read again until
+    a PyTorch in-place op changes it (every layer of a decode step shares one), so lengths written
+    through a raw pointer must come as a new tensor (the Triton kernels clamp them to the block table).
     """
     op = "mla_decode"
-    max_len = _check(op, q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale)
-    scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
+    check_tensor(op, "q", q)
     backend = resolve(op, q.device)
+    max_len = _check(op, q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
+                     reuse=backend == "triton" and q.device.type == "cuda")
+    scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
     if torch.is_grad_enabled() and q.requires_grad:
         raise RuntimeError(f"fastlayers.{op} is forward only (decoding); call it under torch.no_grad()")
     if backend == "reference":
