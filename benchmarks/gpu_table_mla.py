@@ -46,18 +46,20 @@ SWEEP = {(16, 512), (128, 512), (16, 128)}
 
 def _triton_sweep(gt, rows, kern, nbytes, ceiling, b, n, h, lat, rope, dtype):
     """The Triton split kernel alone at the wrapper's splits, over its tuning overrides (triton_mla.CONFIG):
-    query rows a program (16, 32, and 64 where the accumulator fits: latent <= 256) x pipelining depth."""
+    query rows a program (16, 32, and 64 where the accumulator fits: latent <= 256) x cached rows a step
+    (32, 64) x pipelining depth."""
     from fastlayers.backends import triton_mla
     saved = dict(triton_mla.CONFIG)
     try:
         for block_r in (16, 32, 64) if lat <= 256 else (16, 32):
             if block_r > max(16, h) * 2:
                 continue
-            for stages in (None, 2, 4):
-                triton_mla.CONFIG.update(block_r=block_r, num_stages=stages)
-                label = ("mla_decode kernel", f"b{b} n{n} h{h} {lat}+{rope} block_r {block_r} stages "
-                         f"{stages or 'auto'}", str(dtype)[6:], "triton")
-                gt.timed_row(rows, label, kern, [None], nbytes, ceiling)
+            for block_t in (32, 64):
+                for stages in (None, 2, 4):
+                    triton_mla.CONFIG.update(block_r=block_r, block_t=block_t, num_stages=stages)
+                    label = ("mla_decode kernel", f"b{b} n{n} h{h} {lat}+{rope} block_r {block_r} block_t "
+                             f"{block_t} stages {stages or 'auto'}", str(dtype)[6:], "triton")
+                    gt.timed_row(rows, label, kern, [None], nbytes, ceiling)
     finally:
         triton_mla.CONFIG.update(saved)
 

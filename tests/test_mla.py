@@ -78,12 +78,13 @@ TRITON_CASES = [c for c in FAST_CASES if c.values[1] == "triton"]
 
 
 @pytest.mark.parametrize("device,backend", TRITON_CASES)
-@pytest.mark.parametrize("block_r,num_stages", [(16, None), (32, 2), (64, 3)])
-def test_mla_decode_triton_configs(device, backend, block_r, num_stages, monkeypatch):
+@pytest.mark.parametrize("block_r,block_t,num_stages", [(16, None, None), (32, 64, 2), (64, 16, 3)])
+def test_mla_decode_triton_configs(device, backend, block_r, block_t, num_stages, monkeypatch):
     """The tuning overrides of the Triton split kernel (block of query rows, pipelining depth) give the
     reference's result: 2 queries x 20 heads = 40 rows, 1-3 row blocks (the last partial), causal."""
     from fastlayers.backends import triton_mla
     monkeypatch.setitem(triton_mla.CONFIG, "block_r", block_r)
+    monkeypatch.setitem(triton_mla.CONFIG, "block_t", block_t)
     monkeypatch.setitem(triton_mla.CONFIG, "num_stages", num_stages)
     q, kv, bt, lens = _case(2, 2, 20, 64, 32, 16, [50, 33], torch.float32, device, block_r)
     _check(device, backend, q, kv, bt, lens, 64, True)
@@ -92,11 +93,13 @@ def test_mla_decode_triton_configs(device, backend, block_r, num_stages, monkeyp
 @pytest.mark.parametrize("device,backend", TRITON_CASES)
 def test_mla_decode_triton_config_errors(device, backend, monkeypatch):
     from fastlayers.backends import triton_mla
-    monkeypatch.setitem(triton_mla.CONFIG, "block_r", 24)
     q, kv, bt, lens = _case(1, 1, 2, 64, 32, 16, [5], torch.float32, device, 1)
-    with pytest.raises(ValueError, match="block_r must be a power of two"), torch.no_grad(), \
-            fastlayers.use_backend(backend):
-        fastlayers.mla_decode(q, kv, bt, lens, 64)
+    for name, bad in (("block_r", 24), ("block_t", 8)):
+        monkeypatch.setitem(triton_mla.CONFIG, name, bad)
+        with pytest.raises(ValueError, match=f"{name} must be a power of two"), torch.no_grad(), \
+                fastlayers.use_backend(backend):
+            fastlayers.mla_decode(q, kv, bt, lens, 64)
+        monkeypatch.setitem(triton_mla.CONFIG, name, None)
 
 
 @pytest.mark.parametrize("device,backend", FAST_CASES)

@@ -18,9 +18,10 @@ from ._triton_import import IMPORT_ERROR, tl, triton
 BLOCK_T = 32     # cached rows per step
 MIN_SPLIT = 256  # tokens per split at least
 # Overrides of the split kernel's launch configuration, for tuning sweeps (benchmarks/gpu_table_mla.py):
-# "block_r" (query rows a program, a power of two >= 16; auto: 16 up to 16 rows, else 32) and
-# "num_stages" (Triton's software pipelining depth; auto: Triton's default). None = auto.
-CONFIG = {"block_r": None, "num_stages": None}
+# "block_r" (query rows a program, a power of two >= 16; auto: 16 up to 16 rows, else 32), "block_t"
+# (cached rows a step, a power of two >= 16; auto: BLOCK_T) and "num_stages" (Triton's software
+# pipelining depth; auto: Triton's default). None = auto.
+CONFIG = {"block_r": None, "block_t": None, "num_stages": None}
 
 
 if IMPORT_ERROR is None:
@@ -132,12 +133,14 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causa
         return
     dr = D - head_dim_v
     block_r = CONFIG["block_r"] or (16 if rows <= 16 else 32)
-    if block_r < 16 or block_r & (block_r - 1):
-        raise ValueError(f"triton mla_decode: block_r must be a power of two >= 16; got {block_r}")
+    block_t = CONFIG["block_t"] or BLOCK_T
+    for name, v in (("block_r", block_r), ("block_t", block_t)):
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"triton mla_decode: {name} must be a power of two >= 16; got {v}")
     block_dv = _next_pow2(head_dim_v)
     block_dr = max(16, _next_pow2(max(dr, 1)))
     upcast = bool(getattr(_INTERPRETER_BF16_FIX, "value", _INTERPRETER_BF16_FIX))
-    meta = dict(DV=head_dim_v, DR=dr, BLOCK_DV=block_dv, BLOCK_DR=block_dr, BLOCK_R=block_r, BLOCK_T=BLOCK_T,
+    meta = dict(DV=head_dim_v, DR=dr, BLOCK_DV=block_dv, BLOCK_DR=block_dr, BLOCK_R=block_r, BLOCK_T=block_t,
                 CAUSAL=bool(causal), IEEE=q.dtype == torch.float32, UPCAST=upcast)
     num_warps = 4 if block_dv <= 256 and block_r * block_dv <= 8192 else 8
     args = (q, kv_cache, block_table, cache_seqlens, o_part, lse_part,
