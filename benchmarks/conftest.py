@@ -19,10 +19,12 @@ def sync():
 
 
 def measure_copy_gbps(nbytes=128 << 20):
-    """Copy bandwidth into a preallocated buffer (read + write bytes / time), median of 7."""
+    """Copy bandwidth into a preallocated buffer (read + write bytes / time), median of 7. On the CPU both
+    buffers are advised onto huge pages like the large buffers fastlayers allocates (the MLA cache)."""
+    from fastlayers._alloc import empty
     n = max(nbytes // 4, 1024)
-    a = torch.randn(n, device=DEVICE)
-    b = torch.empty_like(a)
+    a = empty((n,), torch.float32, DEVICE).normal_()
+    b = empty((n,), torch.float32, DEVICE)
     b.copy_(a)
     ts = []
     for _ in range(7):
