@@ -228,11 +228,11 @@ def test_mla_decode_gpu_lens_check_reuse(monkeypatch):
             mla_op._check("t", q, kv, bt, ilens, 64, None, reuse=True)
 
 
-@pytest.mark.parametrize("device,backend", TRITON_CASES)
-def test_mla_decode_triton_clamps_lengths(device, backend):
-    """The Triton kernel reads no block-table entry past the table's width, even for lengths the wrapper did
-    not see (a reused check): it attends over the tokens the table holds."""
-    from fastlayers.backends import triton_mla
+@pytest.mark.parametrize("device,backend", FAST_CASES)
+def test_mla_decode_kernels_clamp_lengths(device, backend):
+    """The kernels read no block-table entry past the table's width, even for lengths the wrapper did not
+    see (a reused check): they attend over the tokens the table holds."""
+    be = fastlayers.backends.load(backend)
     q, kv, bt, lens = _case(2, 1, 4, 64, 32, 16, [40, 17], torch.float32, device, 12, wide_table=False)
     bt = torch.where(bt < 0, torch.zeros_like(bt), bt)  # every entry a valid block: the full table is read
     cap = bt.shape[1] * 16
@@ -240,9 +240,9 @@ def test_mla_decode_triton_clamps_lengths(device, backend):
                                 False)
     over = torch.tensor([cap + 1000, 17], dtype=torch.int32, device=device)
     out, lse = torch.empty(2, 1, 4, 64, device=device), torch.empty(2, 4, 1, device=device)
-    n_splits, tok = triton_mla.mla_decode_splits(2, cap, torch.device(device), 4)
+    n_splits, tok = be.mla_decode_splits(2, cap, torch.device(device), 4)
     ws = torch.empty(2, n_splits, 1, 4, 64, device=device), torch.empty(2, n_splits, 1, 4, device=device)
-    triton_mla.mla_decode(q, kv, bt, over, 64, 0.1, False, tok, out, lse, *ws)
+    be.mla_decode(q, kv, bt, over, 64, 0.1, False, tok, out, lse, *ws)
     torch.testing.assert_close(out, want[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(lse, want[1], rtol=1e-5, atol=1e-5)
 

@@ -51,6 +51,12 @@ constexpr int64_t kPfDist = 1;  // tiles ahead that the scores kernel prefetches
 
 static int64_t round8(int64_t n) { return (n + 7) / 8 * 8; }
 
+// Cached tokens of sequence b, clamped to what the block table holds (MlaDecodeArgs::max_tokens).
+static inline int64_t mla_len(const MlaDecodeArgs& a, int64_t b) {
+  const int64_t n = a.seqlens[b];
+  return a.max_tokens > 0 && n > a.max_tokens ? a.max_tokens : n;
+}
+
 // Floats one thread of the vectorised kernel needs (see mla_task_avx2 for the layout).
 static int64_t mla_vec_workspace(int64_t rows, int64_t D, int64_t dv) {
   const int64_t Rp = round8(rows);
@@ -71,7 +77,7 @@ FL_INLINE void mla_task(const MlaDecodeArgs& a, int64_t b, int64_t sp, Acc* ws) 
   Acc* m = o + rows * dv;         // rows
   Acc* l = m + rows;              // rows
   const Acc ninf = -std::numeric_limits<Acc>::infinity();
-  const int64_t n = a.seqlens[b];
+  const int64_t n = mla_len(a, b);
   const int64_t t0 = std::min<int64_t>(n, sp * a.split_tokens), t1 = std::min<int64_t>(n, t0 + a.split_tokens);
   Acc* o_part = static_cast<Acc*>(a.o_part) + ((b * a.n_splits + sp) * rows) * dv;
   Acc* lse_part = static_cast<Acc*>(a.lse_part) + (b * a.n_splits + sp) * rows;
@@ -371,7 +377,7 @@ FL_AVX2 static void mla_task_avx2(const MlaDecodeArgs& a, int64_t b, int64_t sp,
   float* kb = alpha + 2 * Rp;     // kTile x D: fp16/bf16 cache rows converted to fp32
   float* qrow = kb + kTile * D;   // D: one query row
   const float ninf = -std::numeric_limits<float>::infinity();
-  const int64_t n = a.seqlens[b];
+  const int64_t n = mla_len(a, b);
   const int64_t t0 = std::min<int64_t>(n, sp * a.split_tokens), t1 = std::min<int64_t>(n, t0 + a.split_tokens);
   float* o_part = static_cast<float*>(a.o_part) + ((b * a.n_splits + sp) * R) * dv;
   float* lse_part = static_cast<float*>(a.lse_part) + (b * a.n_splits + sp) * R;

@@ -134,6 +134,7 @@ FL_DEV MlaCta mla_cta(const MlaDecodeArgs& a) {
   c.nrows = int(c.rows - c.r0 < kMlaRows ? c.rows - c.r0 : kMlaRows);
   c.sp = blockIdx.y, c.b = blockIdx.z;
   c.n = a.seqlens[c.b];
+  if (a.max_tokens > 0 && c.n > a.max_tokens) c.n = a.max_tokens;
   c.t0 = c.sp * a.split_tokens < c.n ? c.sp * a.split_tokens : c.n;
   c.t1 = c.t0 + a.split_tokens < c.n ? c.t0 + a.split_tokens : c.n;
   return c;

@@ -129,7 +129,8 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causa
     _C.mla_decode(ptr(q), _s3(q), code(q), ptr(kv_cache), kv_cache.stride(0), kv_cache.stride(1), code(kv_cache),
                   ptr(block_table), block_table.stride(0), ptr(cache_seqlens), ptr(o_part), ptr(lse_part), ptr(out),
                   code(out), ptr(lse), B, s_q, H, D, head_dim_v, kv_cache.shape[1], n_splits, split_tokens,
-                  float(scale), bool(causal), ws.data_ptr(), parts, _MLA_KERNELS[MLA_KERNEL])
+                  float(scale), bool(causal), block_table.shape[1] * kv_cache.shape[1], ws.data_ptr(), parts,
+                  _MLA_KERNELS[MLA_KERNEL])
 # ----------------------------------------------------------------------------- causal conv1d
 def _s(t):
     return (0, 0, 0) if t is None else tuple(t.stride())

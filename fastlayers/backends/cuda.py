@@ -82,7 +82,8 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causa
         _cuda.mla_decode(ptr(q), q.stride()[:3], code(q), ptr(kv_cache), kv_cache.stride(0), kv_cache.stride(1),
                          code(kv_cache), ptr(block_table), block_table.stride(0), ptr(cache_seqlens), ptr(o_part),
                          ptr(lse_part), ptr(out), code(out), ptr(lse), B, s_q, H, D, head_dim_v, kv_cache.shape[1],
-                         n_splits, split_tokens, float(scale), bool(causal), _stream(q.device))
+                         n_splits, split_tokens, float(scale), bool(causal), block_table.shape[1] * kv_cache.shape[1],
+                         _stream(q.device))
 
 
 # ----------------------------------------------------------------------------- selective scan (Mamba-1)

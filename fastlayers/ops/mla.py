@@ -25,7 +25,8 @@ from ._common import GPU_DTYPES, check_same_device, check_tensor
 # the GPU to drain), which a decode step would pay in every MLA layer. A tensor is checked again once it
 # changes: PyTorch's in-place ops bump its version counter (a write from a raw pointer does not: hand
 # such lengths over as a new tensor). Inference tensors keep no version counter and are checked every
-# call. Used for the Triton kernels, which also clamp each length to what the block table holds.
+# call. The GPU kernels also clamp each length to what the block table holds, so a stale check never
+# makes them read past the table.
 _GPU_LENS_CHECKED = {}  # id(tensor) -> (weakref to it, (version, table width, page), max length)
 
 
@@ -154,15 +155,15 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scal
     Any kv_lora_rank and rope_dim, any power-of-two page size, fp32/fp16/bf16. Forward only.
 
     The arguments are checked before any kernel runs. Checking GPU ``cache_seqlens`` means reading
-    them on the host, a sync; on the Triton backend a tensor already checked is not read again until
-    a PyTorch in-place op changes it (every layer of a decode step shares one), so lengths written
-    through a raw pointer must come as a new tensor (the Triton kernels clamp them to the block table).
+    them on the host, a sync; a GPU tensor already checked is not read again until a PyTorch in-place
+    op changes it (every layer of a decode step shares one), so lengths written through a raw pointer
+    must come as a new tensor (the kernels clamp them to the block table either way).
     """
     op = "mla_decode"
     check_tensor(op, "q", q)
     backend = resolve(op, q.device)
     max_len = _check(op, q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
-                     reuse=backend == "triton" and q.device.type == "cuda")
+                     reuse=backend in ("triton", "cuda") and q.device.type == "cuda")
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
     if torch.is_grad_enabled() and q.requires_grad:
         raise RuntimeError(f"fastlayers.{op} is forward only (decoding); call it under torch.no_grad()")

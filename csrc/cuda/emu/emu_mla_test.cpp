@@ -69,6 +69,7 @@ struct Case {
   int64_t q_pad = 0, kv_pad = 0, kv_off = 0;  // q head stride D + q_pad; kv row stride D + kv_pad; kv base offset
   int nan = 0;                                // 1: NaN in q of one head; 2: NaN in a visible key; 3: in a masked one
   bool tc = true;                             // tensor cores where they apply (false: the CUDA-core kernel)
+  int64_t over = 0;                           // added to sequence 0's length past what its table holds
 };
 
 static void run_case(const Case& c) {
@@ -94,6 +95,9 @@ static void run_case(const Case& c) {
     seqlens[b] = int32_t(c.lens[b]);
     for (int64_t i = 0; i < nblk[b]; ++i) table[b * bt_stride + i] = perm[k++];
   }
+  // A length past the table (a check the wrapper reused): both kernels clamp it to width x page and read
+  // no entry past the table (the entries past it are -1 here).
+  if (c.over) seqlens[0] = int32_t(c.lens[0] + c.over);
   const int64_t q_sh = D + c.q_pad, q_ss = c.H * q_sh, q_sb = c.s_q * q_ss;
   Buf q(c.dt, B * q_sb);
   q.random();
@@ -123,6 +127,7 @@ static void run_case(const Case& c) {
   a.n_splits = c.n_splits; a.split_tokens = c.split_tokens;
   a.scale = 1.0 / std::sqrt(double(D)) * 1.3;
   a.causal = c.causal;
+  a.max_tokens = width * c.page;
 
   const bool mma = c.dt != kF32 && c.tc && ck::mla_mma_ok(a);
   char cfgs[360];
@@ -320,6 +325,10 @@ int main(int argc, char** argv) {
   }
   {  // 512 + 64, 16 heads, pages of 64, bf16
     Case c; c.dt = kBF16; c.H = 16; c.D = 576; c.dv = 512; c.page = 64; c.lens = {65, 0}; add(c);
+  }
+  {  // a length 100 past its table (2 pages of 16): clamped to 32 tokens, fp32 and bf16 (3 splits)
+    Case c; c.dt = kF32; c.H = 4; c.D = 160; c.dv = 128; c.page = 16; c.lens = {32, 5}; c.over = 100; add(c);
+    c.dt = kBF16; c.n_splits = 3; c.split_tokens = 48; add(c);
   }
   {  // 512 + 64, 16 heads, s_q 2 causal (32 rows: two row groups), pages of 16, fp32, 2 splits
     Case c; c.dt = kF32; c.H = 16; c.s_q = 2; c.causal = true; c.D = 576; c.dv = 512; c.page = 16;

@@ -120,7 +120,8 @@ struct StateUpdateArgs {
 // blk at kv + blk * kv_sblock + r * kv_srow; block_table (B, *) int32 with row stride bt_stride;
 // seqlens (B,) int32. Phase 1 writes per-split partials o_part (B, S, s_q, H, dv) (normalised)
 // and lse_part (B, S, s_q, H) (accumulation dtype); phase 2 merges them into out (B, s_q, H, dv)
-// contiguous in out_dt and lse (B, H, s_q) in the accumulation dtype.
+// contiguous in out_dt and lse (B, H, s_q) in the accumulation dtype. Each length is clamped to
+// max_tokens (the block table's width x page: no entry past the table is read) when max_tokens > 0.
 struct MlaDecodeArgs {
   const void* q; int64_t q_sb, q_ss, q_sh; int q_dt;
   const void* kv; int64_t kv_sblock, kv_srow; int kv_dt;
@@ -132,6 +133,7 @@ struct MlaDecodeArgs {
   int64_t B, s_q, H, D, dv, page, n_splits, split_tokens;
   double scale;
   bool causal;
+  int64_t max_tokens;
 };
 
 // Mamba-1 selective scan over (batch, dim) channels of L steps and N states (mamba_ssm's
