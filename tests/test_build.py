@@ -76,7 +76,7 @@ def test_cuda_mla_and_scan_entry_points_without_a_gpu():
 
     def mla(q_dt=2, D=576, dv=512):
         cu.mla_decode(p, (0, 0, D), q_dt, p, 64 * D, D, q_dt, p, 4, p, p, p, p, q_dt, p, 2, 1, 16, D, dv, 64, 3,
-                      256, 0.1, False, 0)
+                      256, 0.1, False, 4 * 64, 0)
 
     with pytest.raises(ValueError, match="unsupported dtype float64"):
         mla(q_dt=3)
