@@ -1,7 +1,10 @@
 """Shared benchmark plumbing: devices, the machine's copy ceiling, GB/s bookkeeping.
 
-Run: ``pytest benchmarks/ --benchmark-only``. ``FASTLAYERS_BENCH_SMOKE=1`` shrinks every
-shape so CI can run the files once with ``--benchmark-disable`` (they never rot).
+Run: ``pytest benchmarks/ --benchmark-only`` (one family: ``-k norm``). ``FASTLAYERS_BENCH_SMOKE=1`` shrinks
+every shape so CI can run the files once with ``--benchmark-disable`` (they never rot). The run ends with
+benchmarks/summary.py's table: one block per family, one line per case, a column per provider with time,
+GB/s, % of the copy ceiling and the speed-ups over torch eager and torch.compile. pytest-benchmark's own
+table is cut to the median and rounds, rows sorted by name (``--benchmark-columns`` etc. still override).
 """
 import os
 import time
@@ -11,6 +14,31 @@ import torch
 
 SMOKE = os.environ.get("FASTLAYERS_BENCH_SMOKE", "0") not in ("", "0")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pytest_sessionstart(session):
+    """pytest-benchmark's own table: median and rounds only, sorted by name, unless asked otherwise."""
+    bs = getattr(session.config, "_benchmarksession", None)
+    if bs is None:
+        return
+    args = " ".join(session.config.invocation_params.args)
+    if "--benchmark-columns" not in args:
+        bs.columns = ["median", "rounds"]
+    if "--benchmark-sort" not in args:
+        bs.sort = "fullname"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    bs = getattr(config, "_benchmarksession", None)
+    if bs is None or not bs.benchmarks:
+        return
+    from summary import lines
+    out = lines(bs.benchmarks)
+    if out:
+        terminalreporter.write_sep("=", "fastlayers benchmark summary (also in --benchmark-json)")
+        for line in out:
+            terminalreporter.write_line(line)
 
 
 def sync():

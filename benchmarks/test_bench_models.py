@@ -71,3 +71,45 @@ def test_zebra_decode(benchmark, batch, provider):
     if benchmark.stats is not None:
         info["tokens_per_s"] = round(batch * STEPS / benchmark.stats.stats.median, 1)
     benchmark.extra_info.update(info)
+
+
+# --- generate() at the default thread count vs one thread (issue: small decode ops must not oversubscribe) ---
+GEN_PRESETS = ["hybridnorm-tiny", "zebra-tiny"]
+GEN_TOKENS = 4 if SMOKE else 32
+_gen_medians = {}
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="thread oversubscription is a CPU question")
+@pytest.mark.parametrize("threads", ["default", "1"])
+@pytest.mark.parametrize("preset", GEN_PRESETS)
+def test_generate_threads(benchmark, preset, threads):
+    """Greedy ``generate`` of GEN_TOKENS tokens after an 8-token prompt, batch 1, at torch's default thread
+    count and at one thread (what ``OMP_NUM_THREADS=1`` gives). The ``default`` row records
+    ``slowdown_vs_1_thread`` (target <= 1.2: below a work threshold the CPU kernels run on one thread)."""
+    torch.manual_seed(0)
+    m = models.build(preset).eval()
+    prompt = torch.randint(0, m.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1 if threads == "1" else n)
+    try:
+        def gen():
+            with torch.no_grad():
+                m.generate(prompt, GEN_TOKENS, temperature=0)
+        gen()
+        benchmark.pedantic(gen, rounds=1 if SMOKE else 5, iterations=1, warmup_rounds=0 if SMOKE else 1)
+        nthreads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(n)
+    info = dict(op="generate", preset=preset, batch=1, prompt=8, steps=GEN_TOKENS, provider=f"threads-{threads}",
+                device=DEVICE, threads=nthreads)
+    if benchmark.stats is not None:
+        t = benchmark.stats.stats.median
+        info["tokens_per_s"] = round(GEN_TOKENS / t, 1)
+        _gen_medians[(preset, threads)] = t
+        other = _gen_medians.get((preset, "1" if threads == "default" else "default"))
+        if other is not None:
+            t_default, t_one = (t, other) if threads == "default" else (other, t)
+            info["slowdown_vs_1_thread"] = round(t_default / t_one, 2)
+            print(f"\ngenerate {preset}: {nthreads if threads == 'default' else n} threads {t_default * 1e3:.0f} ms, "
+                  f"1 thread {t_one * 1e3:.0f} ms, ratio {t_default / t_one:.2f} (target <= 1.2)")
+    benchmark.extra_info.update(info)

@@ -272,6 +272,7 @@ class LMBase(nn.Module):
         if labels is not None and tuple(labels.shape) != tuple(tokens.shape):
             raise ValueError(f"{cls}: labels must have the shape of tokens {tuple(tokens.shape)}; "
                              f"got {tuple(labels.shape)}")
+        check_token_ids(cls, tokens, self.vocab_size)
 
     @staticmethod
     def loss(logits, labels):
@@ -290,6 +291,47 @@ class LMBase(nn.Module):
 
 
 @torch.no_grad()
+def check_token_ids(cls, tokens, vocab_size):
+    """Token ids must lie in ``[0, vocab_size)`` (else the embedding raises a bare IndexError on the CPU and a
+    device-side assert on a GPU). Reading the range syncs a CUDA tensor with the host: the check is skipped
+    while torch.compile traces or a CUDA graph is being captured."""
+    if tokens.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if tokens.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(tokens))
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        where = tuple(int(i) for i in (tokens == bad).nonzero()[0])
+        raise ValueError(f"{cls}: token ids must lie in [0, vocab_size={vocab_size}); got {bad} at {where}")
+
+
+# Decode steps whose work (batch x parameters, multiply-adds a token) is below this run on one thread:
+# a one-token step of a small model is dozens of tiny ops, and on shared cores each multi-threaded op
+# can wait milliseconds at its barrier for a descheduled thread. Measured on the 2-core machine
+# (2026-12-04, other processes running, greedy generate of 32 tokens after 8, batch 1):
+# hybridnorm-tiny (1.5M parameters) 495 ms at 2 threads vs 120 ms at 1, zebra-tiny (1.6M) 850 vs 187 ms;
+# on an idle machine 2 threads gained 12% on hybridnorm-tiny and 27% on hybridnorm-small (13M), so the
+# bar sits between the two.
+DECODE_PARALLEL_MIN_WORK = 1 << 23
+
+
+class _decode_threads:
+    """Within: torch's CPU thread count is 1 when ``work`` is below DECODE_PARALLEL_MIN_WORK (CPU only)."""
+
+    def __init__(self, device, work):
+        self.one = device.type == "cpu" and work < DECODE_PARALLEL_MIN_WORK and torch.get_num_threads() > 1
+
+    def __enter__(self):
+        if self.one:
+            self.n = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.one:
+            torch.set_num_threads(self.n)
+
+
 def generate(model, tokens, max_new_tokens, temperature=1.0, top_k=None, generator=None):
     """Prefill ``tokens`` ``(batch, T)`` into ``model.new_cache(batch, T + max_new_tokens)``, then decode
     ``max_new_tokens`` one at a time; ``model(tokens, cache=cache)`` returns ``(logits, loss)``.
@@ -305,11 +347,13 @@ def generate(model, tokens, max_new_tokens, temperature=1.0, top_k=None, generat
     cache = model.new_cache(tokens.shape[0], total)
     logits, _ = model(tokens, cache=cache)
     out = [tokens]
-    for i in range(max_new_tokens):
-        nxt = sample(logits[:, -1], temperature, top_k, generator)
-        out.append(nxt)
-        if i + 1 < max_new_tokens:
-            logits, _ = model(nxt, cache=cache)
+    work = tokens.shape[0] * sum(p.numel() for p in model.parameters())
+    with _decode_threads(tokens.device, work):
+        for i in range(max_new_tokens):
+            nxt = sample(logits[:, -1], temperature, top_k, generator)
+            out.append(nxt)
+            if i + 1 < max_new_tokens:
+                logits, _ = model(nxt, cache=cache)
     return torch.cat(out, dim=1)
 
 

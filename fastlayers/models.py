@@ -213,6 +213,7 @@ class ZebraLM(nn.Module):
         if labels is not None and (not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(tokens.shape)):
             raise ValueError(f"{cls}: labels must have the shape of tokens {tuple(tokens.shape)}; "
                              f"got {tuple(getattr(labels, 'shape', ()))}")
+        _layers.check_token_ids(cls, tokens, self.vocab_size)
 
     @staticmethod
     def loss(logits, labels):

@@ -349,6 +349,7 @@ def no_kernels(monkeypatch):
     (dict(x=torch.ones(2, 4, 5, dtype=torch.int32)), TypeError, "x must be a floating tensor"),
     (dict(weight=torch.randn(4, 5)), ValueError, r"weight must have shape \(4, width\)"),
     (dict(weight=torch.randn(4, 1)), ValueError, "width 2, 3 or 4"),
+    (dict(x=torch.randn(2, 5, 4)), ValueError, r"looks like \(batch, seqlen, dim\).*pass x.transpose\(1, 2\)"),
     (dict(weight=torch.randn(3, 4)), ValueError, r"weight must have shape \(4, width\)"),
     (dict(bias=torch.randn(5)), ValueError, r"bias must have shape \(4,\)"),
     (dict(activation="relu"), ValueError, "activation must be None, 'silu' or 'swish'"),

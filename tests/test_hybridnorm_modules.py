@@ -240,6 +240,12 @@ def test_bad_lm_config_and_input():
         m(torch.zeros(1, 9, dtype=torch.long))
     with pytest.raises(ValueError, match="integer tensor"):
         m(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, vocab_size=10\); got 10 at \(0, 3\)"):
+        m(torch.tensor([[0, 1, 9, 10]]))
+    with pytest.raises(ValueError, match="got -2"):
+        m.generate(torch.tensor([[3, -2]]), 2)
+    with pytest.raises(ValueError, match="token ids must lie"):
+        fastlayers.reference.HybridNormLM(10, 32, 1, 4, max_seq_len=8)(torch.tensor([[10]]))
     with pytest.raises(ValueError, match="exceed max_seq_len"):
         m.generate(torch.zeros(1, 4, dtype=torch.long), 5)
 

@@ -260,6 +260,14 @@ def test_bad_inputs_raise():
         m(torch.zeros(2, 3, dtype=torch.long), labels=torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="max_seq_len"):
         m(torch.zeros(1, 33, dtype=torch.long))
+    bad = torch.zeros(2, 3, dtype=torch.long)
+    bad[1, 2] = m.vocab_size
+    with pytest.raises(ValueError, match=rf"token ids must lie in \[0, vocab_size={m.vocab_size}\); got {m.vocab_size} at \(1, 2\)"):
+        m(bad)
+    with pytest.raises(ValueError, match=r"got -1 at \(0, 0\)"):
+        m.generate(torch.full((1, 2), -1, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="token ids must lie"):
+        m.reference_copy()(bad)
     cache = m.new_cache(2, 8)
     with pytest.raises(ValueError, match="made for 2"):
         m(torch.zeros(3, 2, dtype=torch.long), cache=cache)

@@ -11,13 +11,23 @@ except ImportError as e:  # pragma: no cover - reported by available_backends()
     IMPORT_ERROR = e
 
 
-def _parts(M):
-    return max(1, min(torch.get_num_threads(), M))
+# Elements of work per thread below which a kernel does not fork: waking the OpenMP team costs more than
+# the work, and on shared cores a thread that is descheduled holds up the barrier for milliseconds (decode
+# steps run dozens of these small ops). Measured on the 2-core machine (2026-12-04, rms_norm with residual
+# and swiglu, M x N fp32, 1 vs 2 threads, best of 5 x 100 calls, other processes running): 2 threads
+# were no faster up to 32K elements (rms_norm 1024 x 32: 48 vs 113 us) and faster from 64K-128K on
+# (rms_norm 1024 x 128: 172 vs 106 us; swiglu 1024 x 64: 148 vs 103 us). So 2 threads from 32K elements.
+MIN_PER_THREAD = 1 << 14
+
+
+def _parts(items, elems, per_thread=None):
+    """Threads for a kernel of `items` independent rows touching `elems` elements in all."""
+    return max(1, min(torch.get_num_threads(), items, elems // (per_thread or MIN_PER_THREAD)))
 
 
 def norm_fwd(x, residual, weight, bias, y, h, mean, rstd, eps, is_rms):
     M, N = x.shape
-    parts = _parts(M)
+    parts = _parts(M, M * N)
     ws = torch.empty(parts * 4 * N, dtype=stat_dtype(x.dtype))
     _C.norm_fwd(ptr(x), stride0(x), code(x), ptr(residual), stride0(residual), code(residual),
                 ptr(weight), code(weight), ptr(bias), code(bias), ptr(y), stride0(y), code(y),
@@ -26,7 +36,7 @@ def norm_fwd(x, residual, weight, bias, y, h, mean, rstd, eps, is_rms):
 
 
 def norm_bwd_parts(M, N, device):
-    return _parts(M)
+    return _parts(M, M * N)
 
 
 def norm_bwd(dy, x, residual, weight, bias, mean, rstd, dh, dx, dresidual, dw_part, db_part, is_rms):
@@ -46,7 +56,7 @@ def _s3(t):
 
 def head_norm_rope_fwd(x, weight, out, cos, sin, offsets, eps):
     B, T, H, D = x.shape
-    parts = _parts(B * T * H)
+    parts = _parts(B * T * H, B * T * H * D)
     ws = torch.empty(parts * 4 * D, dtype=stat_dtype(x.dtype))
     _C.head_norm_rope_fwd(ptr(x), _s3(x), code(x), ptr(weight), code(weight), ptr(out), _s3(out), code(out),
                           ptr(cos), ptr(sin), stride0(cos), ptr(offsets), B, T, H, D, float(eps),
@@ -54,12 +64,12 @@ def head_norm_rope_fwd(x, weight, out, cos, sin, offsets, eps):
 
 
 def head_norm_rope_bwd_parts(rows, D, device):
-    return _parts(rows)
+    return _parts(rows, rows * D)
 
 
 def head_norm_rope_bwd(dout, x, weight, cos, sin, offsets, eps, dx, dw_part):
     B, T, H, D = x.shape
-    parts = dw_part.shape[0] if dw_part is not None else _parts(B * T * H)
+    parts = dw_part.shape[0] if dw_part is not None else head_norm_rope_bwd_parts(B * T * H, D, None)
     ws = torch.empty(parts * 4 * D, dtype=stat_dtype(x.dtype))
     _C.head_norm_rope_bwd(ptr(dout), _s3(dout), code(dout), ptr(x), _s3(x), code(x), ptr(weight), code(weight),
                           ptr(cos), ptr(sin), stride0(cos), ptr(offsets), ptr(dx), _s3(dx), code(dx), ptr(dw_part),
@@ -68,7 +78,7 @@ def head_norm_rope_bwd(dout, x, weight, cos, sin, offsets, eps, dx, dw_part):
 
 def _swiglu(gate, up, dout, out, dup):
     M, F = gate.shape
-    parts = _parts(M)
+    parts = _parts(M, M * F)
     ws = torch.empty(parts * 4 * F, dtype=stat_dtype(gate.dtype))
     _C.swiglu(ptr(gate), stride0(gate), code(gate), ptr(up), stride0(up), code(up), ptr(dout), stride0(dout),
               code(dout), ptr(out), stride0(out), code(out), ptr(dup), stride0(dup), code(dup), M, F,
@@ -94,7 +104,7 @@ def _view4(t):
 def selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, out, state_batch_indices, dt_softplus):
     batch, H, P = x.shape
     N, G = state.shape[-1], B.shape[1]
-    parts = _parts(batch * H * P)
+    parts = _parts(batch * H * P, batch * H * P * N)
     ws = torch.empty(parts * 4 * N, dtype=stat_dtype(state.dtype))
     _C.selective_state_update(_view4(state), _view4(x), _view4(dt), _view4(A), _view4(B), _view4(C), _view4(D),
                               _view4(z), _view4(dt_bias), _view4(out), ptr(state_batch_indices), batch, H, P, N, G,
@@ -123,7 +133,7 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causa
                lse_part):
     B, s_q, H, D = q.shape
     n_splits = o_part.shape[1]
-    parts = max(1, min(torch.get_num_threads(), B * n_splits))
+    parts = _parts(B * n_splits, B * n_splits * split_tokens * D * s_q * H)
     per = _C.mla_decode_workspace(s_q * H, D, head_dim_v)
     ws = torch.empty(parts * per, dtype=stat_dtype(q.dtype))
     _C.mla_decode(ptr(q), _s3(q), code(q), ptr(kv_cache), kv_cache.stride(0), kv_cache.stride(1), code(kv_cache),
@@ -146,7 +156,7 @@ CONV_MIN_PER_THREAD = 1 << 15
 
 
 def _conv_parts(elems, items):
-    return max(1, min(_parts(items), elems // CONV_MIN_PER_THREAD))
+    return _parts(items, elems, CONV_MIN_PER_THREAD)
 
 
 def _conv_workspace(x, W, items):
@@ -200,7 +210,7 @@ _NONE4 = (0, -1, (0, 0, 0, 0))
 def _scan_parts(batch, dim, L, N):
     # Small scans run on one thread: waking the OpenMP team costs more than the work (and milliseconds
     # when the cores are shared).
-    return 1 if batch * dim * L * N < (1 << 16) else _parts(batch * dim)
+    return _parts(batch * dim, batch * dim * L * N, 1 << 15)
 
 
 def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, out, last, GB, GC, delta_softplus):
@@ -232,7 +242,7 @@ def selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, du, dde
 
 # ----------------------------------------------------------------------------- ssd_scan (Mamba-2)
 def _ssd_parts(batch, H, L, P, N):
-    return 1 if batch * H * L * P * N < (1 << 16) else _parts(batch * H)
+    return _parts(batch * H, batch * H * L * P * N, 1 << 15)
 
 
 def _ssd_ws(x, L, P, N, backward, parts):

@@ -218,7 +218,11 @@ def _check_conv(op, x, weight, bias, activation, initial_states, return_final_st
     check_tensor(op, "x", x)
     if x.dim() != 3:
         raise ValueError(f"fastlayers.{op}: x must be 3-D (batch, dim, seqlen); got shape {tuple(x.shape)}")
-    b, d, _ = x.shape
+    b, d, seqlen = x.shape
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] != d and weight.shape[0] == seqlen:
+        raise ValueError(f"fastlayers.{op}: x {tuple(x.shape)} looks like (batch, seqlen, dim) = "
+                         f"({b}, {d}, {seqlen}) with dim = {seqlen} from weight {tuple(weight.shape)}; x must be "
+                         f"(batch, dim, seqlen): pass x.transpose(1, 2) (read in place, no copy)")
     _check_weight(op, weight, bias, d)
     silu = _check_silu(op, activation)
     if initial_states is not None:
