@@ -442,7 +442,7 @@ def format_summary(s):
             f"  {s['tokens_per_s']:,.0f} tokens/s | {s['flops_per_s'] / 1e9:.3f} GFLOP/s achieved (6N per token) | "
             f"train {s['train_seconds']:.1f} s, eval {s['eval_seconds']:.1f} s\n"
             f"  steady state (steps after the first {s['warmup_steps']}): {s['steady_tokens_per_s']:,.0f} tokens/s, "
-            f"{s['steady_flops_per_s'] / 1e9:.3f} GFLOP/s | warm-up {s['warmup_seconds']:.1f} s")
+            f"{s['steady_flops_per_s'] / 1e9:.3f} GFLOP/s | warm-up {s['warmup_seconds']:.2f} s")
 
 
 # ----------------------------------------------------------------------------------------- check-reference
@@ -480,8 +480,8 @@ def check_reference(cfg, steps, tol=None, progress=True, out=print):
         fs, rs = fast.summary, ref.summary
         out(f"  speed: fastlayers {fs['tokens_per_s']:,.0f} tokens/s, reference {rs['tokens_per_s']:,.0f} tokens/s; "
             f"steady state (after {fs['warmup_steps']} warm-up steps): fastlayers {fs['steady_tokens_per_s']:,.0f}, "
-            f"reference {rs['steady_tokens_per_s']:,.0f} tokens/s; warm-up fastlayers {fs['warmup_seconds']:.1f} s, "
-            f"reference {rs['warmup_seconds']:.1f} s")
+            f"reference {rs['steady_tokens_per_s']:,.0f} tokens/s; warm-up fastlayers {fs['warmup_seconds']:.2f} s, "
+            f"reference {rs['warmup_seconds']:.2f} s")
     return ok and vok, fast, ref
 
 
