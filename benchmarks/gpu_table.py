@@ -498,7 +498,7 @@ def main(argv=None):
     graphs = DEVICE == "cuda" and GRAPH_REP_MS > 0
     lines = [f"device: {name}; device-to-device copy ceiling {ceiling:.0f} GB/s; torch {torch.__version__}; "
              f"graph_us: {'CUDA-graph replay' if graphs else 'n/a (no CUDA graphs)'}", *md_head()]
-    print(lines[0], flush=True)
+    print("\n".join(lines), flush=True)
     # The open issues' rows first (MLA, the scans), the norms last: with --budget the table ends early
     # and still prints. Each family's rows print (and the markdown and JSON are rewritten) as it finishes.
     families = (mla_rows, ssd_rows, scan_rows, state_update_rows, conv1d_rows, hybridnorm_rows, norm_rows,
