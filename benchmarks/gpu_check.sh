@@ -35,7 +35,9 @@
 #   decode 25 | ncu 45 (cap GPU_CHECK_NCU_CAP; GPU_CHECK_NCU=0: off) | merge 5   = 480 s.
 # Each step's reserve is the sum of the later steps' caps (the build's is 300: a cut build ends the run).
 # GPU_CHECK_FAMILIES=mla,ssd (say) limits the table to those row families (gpu_table.py --families);
-# GPU_CHECK_QUICK=1: one shape per op in the table.
+# GPU_CHECK_QUICK=1: one shape per op in the table. GPU_CHECK_REP (default 50) and GPU_CHECK_GRAPH_REP (10):
+# the ms of repeats per timing (do_bench, do_bench_cudagraph; gpu_table.py's own default is 100 and 10): the
+# full table (about 350 rows with the peers) does not fit 130 s even so, and its last rows are "not run".
 #
 # Dry run (GPU_CHECK_DRY_RUN=1; no GPU, default budget 1800 s, caps x4): nvidia-smi skipped, the build skipped
 # when the modules import (else a CPU-only build), the peers installed the same way, the tests collected only
@@ -143,6 +145,7 @@ step table "fastlayers and peers, plain / CUDA graph / kernel alone -> $RESULTS,
 # No timing starts after TB - 10 s; the row in flight (a torch.compile, say) may take the rest.
 TB=$(left 200 130 45)
 timeout -k 10 $((TB + 10)) $PY benchmarks/gpu_table.py ${DRY:+--cpu-smoke} ${GPU_CHECK_QUICK:+--quick} --budget $((TB > 20 ? TB - 10 : 10)) \
+  --rep "${GPU_CHECK_REP:-50}" --graph-rep "${GPU_CHECK_GRAPH_REP:-10}" \
   --md "$OUT/gpu_table.md" --json "$OUT/$RESULTS" ${GPU_CHECK_FAMILIES:+--families "$GPU_CHECK_FAMILIES"} \
   > "$OUT/bench.log" 2>&1
 rc=$?
