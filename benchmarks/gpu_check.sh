@@ -107,7 +107,10 @@ step peers "Liger-Kernel, mamba_ssm (Triton), einops from benchmarks/peers/*.whl
 PEERS_SITE=${TMPDIR:-/tmp}/fastlayers-peers
 if ls benchmarks/peers/*.whl > /dev/null 2>&1; then
   rm -rf "$PEERS_SITE"
-  if $PY -m pip install -q --no-deps --no-index --target "$PEERS_SITE" benchmarks/peers/*.whl >> "$OUT/setup.log" 2>&1; then
+  # pip where it works; else unpacked (a pure-Python wheel is a zip of the installed files and their metadata).
+  if $PY -m pip install -q --no-deps --no-index --target "$PEERS_SITE" benchmarks/peers/*.whl >> "$OUT/setup.log" 2>&1 \
+     || ( echo "peers: pip failed (setup.log): unpacking the wheels instead" | tee -a "$OUT/setup.log"
+          for w in benchmarks/peers/*.whl; do $PY -m zipfile -e "$w" "$PEERS_SITE" || exit 1; done ); then
     export PYTHONPATH="$PYTHONPATH:$PEERS_SITE"
     echo "peers: installed $(cd benchmarks/peers && ls *.whl | tr '\n' ' ')into $PEERS_SITE" | tee -a "$OUT/setup.log"
   else
