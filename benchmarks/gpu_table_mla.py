@@ -193,7 +193,7 @@ def scan_rows(gt, ceiling, l2, quick=False, smoke=False):
         impls = [(fastlayers.selective_scan, "fastlayers", f) for f in _fast(gt, ("cuda",))]
         impls += [(ms.selective_scan_fn, "mamba_ssm", "cuda")] if ms is not None else []
         for scan, prov, fast in impls:
-            def call(_s, fast=fast, scan=scan, args=(u, delta, A, B, C, D, z, bias)):
+            def call(_s, fast=fast, scan=scan, prov=prov, args=(u, delta, A, B, C, D, z, bias)):
                 with fastlayers.use_backend(fast if prov == "fastlayers" else None):
                     scan(*args, delta_softplus=True, return_last_state=True)
 
@@ -206,7 +206,7 @@ def scan_rows(gt, ceiling, l2, quick=False, smoke=False):
             g_out, g_last = torch.randn_like(u), torch.randn(batch, dim, n, device=dev)
             nbytes_fb = nbytes + 7 * u.numel() * es + 4 * B.numel() * es + batch * dim * n * 4
 
-            def call_fb(_s, fast=fast, scan=scan, leaves=leaves, g_out=g_out, g_last=g_last):
+            def call_fb(_s, fast=fast, scan=scan, prov=prov, leaves=leaves, g_out=g_out, g_last=g_last):
                 with fastlayers.use_backend(fast if prov == "fastlayers" else None):
                     out, last = scan(*leaves, delta_softplus=True, return_last_state=True)
                     torch.autograd.grad((out, last), leaves, (g_out, g_last))
