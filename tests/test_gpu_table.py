@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+import fastlayers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCH)
@@ -27,7 +29,8 @@ SMOKE_FAMILIES = "mla,ssd,scan,state_update,conv1d,norm,overhead"
 
 def _smoke(tmp_path, *args):
     out = tmp_path / "x.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(fastlayers.__file__)))  # the fastlayers under test
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [pkg_parent, os.environ.get("PYTHONPATH")])))
     r = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_table.py"), "--cpu-smoke", "--json", str(out), *args],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
