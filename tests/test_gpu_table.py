@@ -77,10 +77,11 @@ def test_cpu_smoke_writes_rows_and_metadata(tmp_path):
 
 
 def test_budget_spent_rows_say_not_run(tmp_path):
-    doc, _ = _smoke(tmp_path, "--families", "ssd,state_update", "--budget", "1e-6")
-    timed = [r for r in doc["rows"] if r["provider"] == "fastlayers"]
+    doc, stdout = _smoke(tmp_path, "--families", "ssd,state_update", "--budget", "1e-6")
+    timed = [r for r in doc["rows"] if r["provider"] in ("fastlayers", "torch")]
     assert timed and all(r["status"] == "not run" for r in timed)
-    assert {r["family"] for r in timed} == {"ssd", "state_update"}
+    assert {r["family"] for r in timed} == {"ssd", "state_update"} and doc["complete"] is True
+    assert "NOT RUN: --budget spent" in stdout
 
 
 def test_missing_peers_are_rows(monkeypatch):
