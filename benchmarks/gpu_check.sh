@@ -33,7 +33,8 @@
 #   device + peers 10 | build 70 (cap 150; 0 with GPU_CHECK_PREBUILT) | tests 70 | table 130 (its --budget: the
 #   rows past it are "not run", every family keeps its share) | 2 trainings 40 + 40 | compile check 45 |
 #   decode 25 | ncu 45 (cap GPU_CHECK_NCU_CAP; GPU_CHECK_NCU=0: off) | merge 5   = 480 s.
-# Each step's reserve is the sum of the later steps' caps (the build's is 300: a cut build ends the run).
+# Each step's reserve is the sum of the later steps' caps; a step squeezed by an earlier overrun still gets
+# 20-30% of what is left (the build: all of it, up to its cap: a cut build ends the run).
 # GPU_CHECK_FAMILIES=mla,ssd (say) limits the table to those row families (gpu_table.py --families);
 # GPU_CHECK_QUICK=1: one shape per op in the table. GPU_CHECK_REP (default 50) and GPU_CHECK_GRAPH_REP (10):
 # the ms of repeats per timing (do_bench, do_bench_cudagraph; gpu_table.py's own default is 100 and 10): the
@@ -166,7 +167,7 @@ for preset in zebra-small hybridnorm-small; do
     ARGS=(--device cuda --steps 20 --batch 16 --seq-len 256 --check-reference 20 --timing-warmup 3)
   fi
   echo "--- $preset: fastlayers.train ${ARGS[*]}" >> "$OUT/models.log"
-  timeout -k 10 "$(left $R 40)" $PY -m fastlayers.train --preset $preset "${ARGS[@]}" --quiet \
+  timeout -k 10 "$(left $R 40 30)" $PY -m fastlayers.train --preset $preset "${ARGS[@]}" --quiet \
     --json "$PARTS/train-$preset.json" > "$PARTS/train.log" 2>&1
   rc=$?
   cat "$PARTS/train.log" >> "$OUT/models.log"
@@ -176,7 +177,7 @@ done
 
 step compile "torch.compile of a hybridnorm-tiny training step, loss vs eager within the bf16 tolerance"
 echo "--- compile check" >> "$OUT/models.log"
-timeout -k 10 "$(left 75 45)" $PY benchmarks/gpu_models.py compile ${DRY:+--device cpu --tiny} \
+timeout -k 10 "$(left 75 45 30)" $PY benchmarks/gpu_models.py compile ${DRY:+--device cpu --tiny} \
   --json "$PARTS/compile.json" > "$PARTS/compile.log" 2>&1
 rc=$?
 cat "$PARTS/compile.log" >> "$OUT/models.log"; tail -4 "$PARTS/compile.log"
@@ -184,7 +185,7 @@ cat "$PARTS/compile.log" >> "$OUT/models.log"; tail -4 "$PARTS/compile.log"
 
 step decode "zebra-small and hybridnorm-small decode tokens/s, fastlayers vs reference"
 echo "--- decode" >> "$OUT/models.log"
-timeout -k 10 "$(left 50 25)" $PY benchmarks/gpu_models.py decode ${DRY:+--device cpu --tiny} \
+timeout -k 10 "$(left 50 25 30)" $PY benchmarks/gpu_models.py decode ${DRY:+--device cpu --tiny} \
   --json "$PARTS/decode.json" > "$PARTS/decode.log" 2>&1
 rc=$?
 cat "$PARTS/decode.log" >> "$OUT/models.log"; tail -6 "$PARTS/decode.log"
