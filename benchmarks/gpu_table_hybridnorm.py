@@ -1,7 +1,10 @@
 """HybridNorm rows of the GPU table (benchmarks/gpu_table.py).
 
 - qkv_norm_rope and swiglu, forward and forward+backward: fastlayers vs the eager composition
-  (benchmarks/test_bench_hybridnorm.py) and torch.compile of it; GB/s and % of the copy ceiling.
+  (benchmarks/test_bench_hybridnorm.py), torch.compile of it, and Liger-Kernel (qkv_norm_rope: its RMSNorm on
+  each of q, k, v over head_dim, then its RoPE on q, k, as a Liger user would compose them; swiglu: its fused
+  gate-up SiLU-mul where the installed version has it, else SiLU-mul on the two halves); GB/s and % of the copy
+  ceiling; the forward rows also time fastlayers' kernels alone.
 - QKV-norm attention, forward+backward at 16k tokens, head_dim 64 and 128: qkv_norm_rope on the
   fused projection output + SDPA, against SDPA alone on already-normalised q, k, v. Target <= 1.15x.
 - HybridNormBlock forward+backward (bf16): fastlayers vs the reference block, eager and compiled.
@@ -10,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import fastlayers
+import gpu_peers as peers
 from fastlayers import reference
+from fastlayers.backends import load
 
 from test_bench_hybridnorm import _eager_swiglu, eager_qkv_norm_rope
 
@@ -23,27 +28,46 @@ def _compile(key, fn):
     return _compiled[key]
 
 
-def _row(op, shape, dtype, prov, t, nbytes, ceiling):
-    if t != t:
-        return (op, shape, str(dtype)[6:], prov, float("nan"), float("nan"), "ERROR")
-    gbps = nbytes / t / 1e9
-    return (op, shape, str(dtype)[6:], prov, t * 1e6, gbps, f"{gbps / ceiling:.0%}")
+def _liger_qkv(lg):
+    """Liger's pieces for per-head RMSNorm + RoPE: RMSNorm over head_dim on each of q, k, v (rows of D), then
+    RoPE on q and k ((B, H, T, D) views of (B, T, H, D) memory, half-width tables: rotary_dim = D)."""
+    def f(q, k, v, qw, kw, vw, cos, sin, eps=1e-5):
+        d = q.shape[-1]
+        qn, kn, vn = (lg.rms_norm.apply(x.reshape(-1, d), w, eps, 0.0, "llama", False).view(x.shape)
+                      for x, w in ((q, qw), (k, kw), (v, vw)))
+        t = q.shape[1]
+        qr, kr = lg.rope.apply(qn.transpose(1, 2), kn.transpose(1, 2), cos[:t], sin[:t], None, 1, d)
+        return qr.transpose(1, 2), kr.transpose(1, 2), vn
+    return f
 
 
-def _timed(gt, fn, sets, rows, label):
-    try:
-        return gt.bench(fn, sets)
-    except Exception as e:  # report, don't hide
-        rows.append((*label, float("nan"), float("nan"), f"ERROR {type(e).__name__}: {e}"[:80]))
-        return None
+def _qkv_kernel(fast, b, t, hq, hkv, d, dtype, cos, sin):
+    """fastlayers' head_norm_rope_fwd on q, k (RoPE) and v (norm only), outputs made once."""
+    be = load(fast)
+    dev = cos.device
+    outs = [torch.empty(b, t, h, d, device=dev, dtype=dtype) for h in (hq, hkv, hkv)]
+    ct, st = cos[:, : d // 2].float().contiguous(), sin[:, : d // 2].float().contiguous()
+    offs = torch.zeros(b, dtype=torch.int64, device=dev)
+
+    def kern(s):
+        qkv, ws, _ = s
+        x = qkv.view(b, t, hq + 2 * hkv, d)
+        parts = (x[:, :, :hq], x[:, :, hq:hq + hkv], x[:, :, hq + hkv:])
+        for i, (xi, wi, oi) in enumerate(zip(parts, ws, outs)):
+            be.head_norm_rope_fwd(xi, wi, oi, *((ct, st, offs) if i < 2 else (None, None, None)), 1e-5)
+    return kern
 
 
 def _qkv_rows(gt, ceiling, l2, smoke, quick):
     dev = gt.DEVICE
-    fast = "triton" if dev == "cuda" else "cpu"
     shape = (1, 16, 4, 2, 32) if smoke else (2, 8192, 32, 8, 128)
     b, t, hq, hkv, d = shape
     rows = []
+    lg, why = peers.liger()
+    if lg is None:
+        gt.peer_missing_rows(rows, ("qkv_norm_rope",), "liger", why)
+    provs = [("fastlayers", f) for f in gt.fast_backends() if f != "cuda"] + [("torch", "eager"), ("torch", "compile")]
+    provs += [("liger", "triton")] if lg is not None else []
     for backward in (False, True):
         for dtype in ((torch.float32,) if smoke else (torch.bfloat16,) if quick else (torch.bfloat16, torch.float32)):
             esz = torch.tensor([], dtype=dtype).element_size()
@@ -56,13 +80,15 @@ def _qkv_rows(gt, ceiling, l2, smoke, quick):
                 ws = [(torch.rand(d, device=dev, dtype=dtype) + 0.5).requires_grad_(backward) for _ in range(3)]
                 grads = [torch.randn(b, t, h, d, device=dev, dtype=dtype) for h in (hq, hkv, hkv)]
                 sets.append((qkv, ws, grads))
-            for prov in (fast, "eager", "compile"):
-                if prov == fast:
-                    def f(q, k, v, *a, _p=prov):
+            for prov, backend in provs:
+                if prov == "fastlayers":
+                    def f(q, k, v, *a, _p=backend):
                         with fastlayers.use_backend(_p):
                             return fastlayers.qkv_norm_rope(q, k, v, *a)
+                elif prov == "liger":
+                    f = _liger_qkv(lg)
                 else:
-                    f = eager_qkv_norm_rope if prov == "eager" else _compile(("qkv", backward), eager_qkv_norm_rope)
+                    f = eager_qkv_norm_rope if backend == "eager" else _compile(("qkv", backward), eager_qkv_norm_rope)
 
                 def call(s, f=f):
                     qkv, ws, grads = s
@@ -75,33 +101,45 @@ def _qkv_rows(gt, ceiling, l2, smoke, quick):
                         torch.autograd.backward(outs, grads)
 
                 op = "qkv_norm_rope" + (" fwd+bwd" if backward else " fwd")
-                label = (op, f"{b}x{t}x{hq}/{hkv}x{d}", str(dtype)[6:], prov)
-                with torch.enable_grad() if backward else torch.no_grad():
-                    tm = _timed(gt, call, sets, rows, label)
-                if tm is not None:
-                    rows.append(_row(op, label[1], dtype, prov, tm, nbytes, ceiling))
+                kern = _qkv_kernel(backend, b, t, hq, hkv, d, dtype, cos, sin) \
+                    if prov == "fastlayers" and not backward else None
+                note = "rms_norm x3 + rope (copies of the q, k, v slices)" if prov == "liger" else ""
+                gt.timed_row(rows, (op, f"{b}x{t}x{hq}/{hkv}x{d}", dtype, prov, backend), call, sets, nbytes,
+                             ceiling, grad=backward, kernel=kern, note=note)
             del sets
     return rows
 
 
 def _swiglu_rows(gt, ceiling, l2, smoke, quick):
     dev = gt.DEVICE
-    fast = "triton" if dev == "cuda" else "cpu"
     tok, f_ = (16, 64) if smoke else (16384, 4096)
     rows = []
+    lg, why = peers.liger()
+    if lg is None:
+        gt.peer_missing_rows(rows, ("swiglu",), "liger", why)
+    provs = [("fastlayers", f) for f in gt.fast_backends() if f != "cuda"] + [("torch", "eager"), ("torch", "compile")]
+    provs += [("liger", "triton")] if lg is not None else []
     for backward in (False, True):
         dtype = torch.float32 if smoke else torch.bfloat16
         per = tok * f_ * torch.tensor([], dtype=dtype).element_size()
         nbytes = (8 if backward else 3) * per
         sets = [(torch.randn(tok, 2 * f_, device=dev, dtype=dtype, requires_grad=backward),
                  torch.randn(tok, f_, device=dev, dtype=dtype)) for _ in range(gt.n_sets(nbytes, l2))]
-        for prov in (fast, "eager", "compile"):
-            if prov == fast:
-                def f(x, _p=prov):
+        for prov, backend in provs:
+            note = ""
+            if prov == "fastlayers":
+                def f(x, _p=backend):
                     with fastlayers.use_backend(_p):
                         return fastlayers.swiglu(x)
+            elif prov == "liger" and lg.fused_gate_up is not None:
+                def f(x):
+                    return lg.fused_gate_up.apply(x)
+            elif prov == "liger":
+                def f(x):
+                    return lg.silu_mul.apply(x[:, :f_], x[:, f_:])
+                note = "SiLU-mul on the two halves (copies them)"
             else:
-                f = _eager_swiglu if prov == "eager" else _compile(("swiglu", backward), _eager_swiglu)
+                f = _eager_swiglu if backend == "eager" else _compile(("swiglu", backward), _eager_swiglu)
 
             def call(s, f=f):
                 x, dout = s
@@ -110,12 +148,15 @@ def _swiglu_rows(gt, ceiling, l2, smoke, quick):
                     x.grad = None
                     y.backward(dout)
 
+            kern = None
+            if prov == "fastlayers" and not backward:
+                be, out = load(backend), torch.empty(tok, f_, device=dev, dtype=dtype)
+
+                def kern(s, be=be, out=out):
+                    be.swiglu_fwd(s[0][:, :f_], s[0][:, f_:], out)
             op = "swiglu" + (" fwd+bwd" if backward else " fwd")
-            label = (op, f"{tok}x{f_}", str(dtype)[6:], prov)
-            with torch.enable_grad() if backward else torch.no_grad():
-                tm = _timed(gt, call, sets, rows, label)
-            if tm is not None:
-                rows.append(_row(op, label[1], dtype, prov, tm, nbytes, ceiling))
+            gt.timed_row(rows, (op, f"{tok}x{f_}", dtype, prov, backend), call, sets, nbytes, ceiling, grad=backward,
+                         kernel=kern, note=note)
     return rows
 
 
@@ -154,13 +195,15 @@ def _attention_rows(gt, smoke):
             sdpa(q, k, v).backward(go)
 
         shape = f"{b}x{t}x{hq}/{hkv}x{d}"
-        t_alone = _timed(gt, alone, sets, rows, ("SDPA alone fwd+bwd", shape, str(dtype)[6:], "torch"))
-        t_fused = _timed(gt, fused, sets, rows, ("QKV-norm attention fwd+bwd", shape, str(dtype)[6:], "fastlayers"))
+        t_alone = gt.timed_row(rows, ("SDPA alone fwd+bwd", shape, dtype, "torch", "sdpa"), alone, sets, None,
+                               1.0, grad=True)
+        r_alone = rows[-1]
+        t_fused = gt.timed_row(rows, ("QKV-norm attention fwd+bwd", shape, dtype, "fastlayers", "default"), fused,
+                               sets, None, 1.0, grad=True)
         if t_alone and t_fused:
-            rows.append(("SDPA alone fwd+bwd", shape, str(dtype)[6:], "torch", t_alone * 1e6, float("nan"), "1.00x"))
             ratio = t_fused / t_alone
-            rows.append(("QKV-norm attention fwd+bwd", shape, str(dtype)[6:], "fastlayers", t_fused * 1e6,
-                         float("nan"), f"{ratio:.3f}x SDPA ({'ok' if ratio <= 1.15 else 'MISS'}: target <= 1.15x)"))
+            gt._add_note(r_alone, "1.00x")
+            gt._add_note(rows[-1], f"{ratio:.3f}x SDPA ({'ok' if ratio <= 1.15 else 'MISS'}: target <= 1.15x)")
     return rows
 
 
@@ -178,20 +221,21 @@ def _block_rows(gt, smoke):
     dy = torch.randn_like(x)
     rows, times = [], {}
     shape = f"{c['b']}x{c['t']}x{c['dim']}"
-    for prov, m in (("fastlayers", fast), ("reference", ref), ("reference-compile", _compile("block", ref))):
+    for prov, backend, m in (("fastlayers", "default", fast), ("torch", "eager (reference)", ref),
+                             ("torch", "compile (reference)", _compile("block", ref))):
         def step(_s, m=m):
             x.grad = None
             for p in m.parameters():
                 p.grad = None
             m(x).backward(dy)
-        tm = _timed(gt, step, [None], rows, ("HybridNormBlock fwd+bwd", shape, str(dtype)[6:], prov))
+        tm = gt.timed_row(rows, ("HybridNormBlock fwd+bwd", shape, dtype, prov, backend), step, [None], None, 1.0,
+                          grad=True)
         if tm is not None:
-            times[prov] = tm
-    for prov, tm in times.items():
+            times[backend] = (tm, rows[-1])
+    for backend, (tm, row) in times.items():
         tok_s = c["b"] * c["t"] / tm
-        vs = "; ".join(f"{times[o] / tm:.2f}x vs {o}" for o in times if o != prov and prov == "fastlayers")
-        rows.append(("HybridNormBlock fwd+bwd", shape, str(dtype)[6:], prov, tm * 1e6, float("nan"),
-                     f"{tok_s / 1e3:.1f}k tok/s" + (f"; {vs}" if vs else "")))
+        vs = "; ".join(f"{times[o][0] / tm:.2f}x vs {o}" for o in times if o != backend and backend == "default")
+        gt._add_note(row, f"{tok_s / 1e3:.1f}k tok/s" + (f"; {vs}" if vs else ""))
     return rows
 
 

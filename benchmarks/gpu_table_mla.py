@@ -12,10 +12,17 @@ of the backward's fp32 scratch: the checkpoints, the dB/dC partial sums).
 causal_conv1d (width 4, bias, silu; x (batch, dim, L)): forward bytes = x read + out written; forward +
 backward adds dout read, x read again and dx written; causal_conv1d_update (one decode step): x, out and
 the conv state read and written.
+Peers on the same inputs: mamba_ssm's Triton selective_state_update; its CUDA selective_scan_fn and
+causal-conv1d (CUDA extensions) where installed, else rows that say why; FlashMLA: a row that says it is not
+installed. torch eager: fastlayers.reference's selective_state_update and causal_conv1d (fp32 math).
+The public mla_decode, selective_state_update and causal_conv1d_update rows also time the kernel alone.
 """
 import torch
+import torch.nn.functional as F
 
 import fastlayers
+import gpu_peers as peers
+from fastlayers import reference
 from fastlayers.backends import load
 
 PAGE = 64
@@ -58,7 +65,7 @@ def _triton_sweep(gt, rows, kern, nbytes, ceiling, b, n, h, lat, rope, dtype):
                 for stages in (None, 2, 4):
                     triton_mla.CONFIG.update(block_r=block_r, block_t=block_t, num_stages=stages)
                     label = ("mla_decode kernel", f"b{b} n{n} h{h} {lat}+{rope} block_r {block_r} block_t "
-                             f"{block_t} stages {stages or 'auto'}", str(dtype)[6:], "triton")
+                             f"{block_t} stages {stages or 'auto'}", dtype, "fastlayers", "triton")
                     gt.timed_row(rows, label, kern, [None], nbytes, ceiling)
     finally:
         triton_mla.CONFIG.update(saved)
@@ -74,6 +81,8 @@ def mla_rows(gt, ceiling, l2, quick=False, smoke=False):
         cases = [(b, 4096, h, 512, 64) for b in (64, 128) for h in (16, 128)] + \
                 [(64, 4096, 16, lat, rope) for lat, rope in ((128, 32), (128, 64), (160, 64))]
     rows = []
+    _, why = peers.flash_mla()
+    gt.peer_missing_rows(rows, ("mla_decode",), "flash_mla", why)
     for b, n, h, lat, rope in cases:
         q, kv, table, lens = _mla_case(gt, b, n, h, lat, rope, dtype)
         nbytes = (kv[: b * (-(-n // PAGE))].numel() * kv.element_size() + q.numel() * q.element_size()
@@ -84,14 +93,21 @@ def mla_rows(gt, ceiling, l2, quick=False, smoke=False):
                 with fastlayers.use_backend(fast):
                     fastlayers.mla_decode(q, kv, table, lens, lat)
 
-            label = ("mla_decode", f"b{b} n{n} h{h} {lat}+{rope}", str(dtype)[6:], fast)
-            gt.timed_row(rows, label, call, [None], nbytes, ceiling)
+            # The kernel alone at the wrapper's splits (no argument checks, no host sync, workspace made once).
+            be = load(fast)
+            auto, auto_tok = be.mla_decode_splits(b, n, q.device, h)
+            ws_auto = (torch.empty(b, 1, h, lat, dtype=dtype, device=q.device), torch.empty(b, h, 1, device=q.device),
+                       torch.empty(b, auto, 1, h, lat, device=q.device), torch.empty(b, auto, 1, h, device=q.device))
+
+            def kern_auto(_s, be=be, tok=auto_tok, ws=ws_auto, q=q, kv=kv, table=table, lens=lens, lat=lat):
+                be.mla_decode(q, kv, table, lens, lat, q.shape[-1] ** -0.5, False, tok, *ws)
+
+            label = ("mla_decode", f"b{b} n{n} h{h} {lat}+{rope}", dtype, "fastlayers", fast)
+            gt.timed_row(rows, label, call, [None], nbytes, ceiling, kernel=kern_auto)
+            del ws_auto
             if smoke or quick:
                 continue
-            # The kernels alone (no argument checks, no host sync, workspace made once) at the wrapper's
-            # split count and at more splits: what the wrapper costs, and whether more CTAs fill the GPU.
-            be = load(fast)
-            auto, _ = be.mla_decode_splits(b, n, q.device, h)
+            # The kernels alone at the wrapper's split count and at more splits: whether more CTAs fill the GPU.
             for n_splits in sorted({auto, 8, 16, 32}):
                 tok = -(-(-(-n // n_splits)) // 32) * 32
                 ws = (torch.empty(b, 1, h, lat, dtype=dtype, device=q.device),
@@ -103,7 +119,7 @@ def mla_rows(gt, ceiling, l2, quick=False, smoke=False):
                     be.mla_decode(q, kv, table, lens, lat, q.shape[-1] ** -0.5, False, tok, *ws)
 
                 label = ("mla_decode kernel", f"b{b} n{n} h{h} {lat}+{rope} splits {n_splits}"
-                         + (" (auto)" if n_splits == auto else ""), str(dtype)[6:], fast)
+                         + (" (auto)" if n_splits == auto else ""), dtype, "fastlayers", fast)
                 gt.timed_row(rows, label, kern, [None], nbytes, ceiling)
                 if fast == "triton" and n_splits == auto and (h, lat) in SWEEP:
                     _triton_sweep(gt, rows, kern, nbytes, ceiling, b, n, h, lat, rope, dtype)
@@ -117,6 +133,9 @@ def state_update_rows(gt, ceiling, l2, quick=False, smoke=False):
     fast = "triton" if dev == "cuda" else "cpu"
     shapes = [(2, 2, 4, 8, 1)] if smoke else [(16, 80, 64, 128, 1), (16, 32, 64, 64, 32)]
     rows = []
+    mb, why = peers.mamba()
+    if mb is None:
+        gt.peer_missing_rows(rows, ("selective_state_update",), "mamba_ssm", why)
     for batch, h, p, n, g in shapes:
         state = torch.randn(batch, h, p, n, device=dev)
         x, z = torch.randn(batch, h, p, device=dev), torch.randn(batch, h, p, device=dev)
@@ -124,14 +143,27 @@ def state_update_rows(gt, ceiling, l2, quick=False, smoke=False):
         A = -torch.rand(h, device=dev)[:, None, None].expand(h, p, n)
         B, C = torch.randn(batch, g, n, device=dev), torch.randn(batch, g, n, device=dev)
         D = torch.randn(h, device=dev)[:, None].expand(h, p)
+        dt_bias = torch.randn(h, device=dev)[:, None].expand(h, p)  # tied over head_dim, as Mamba-2 passes it
+        args = (state, x, dt, A, B, C, D, z, dt_bias, True)
         nbytes = 4 * (2 * state.numel() + 4 * x.numel() + 2 * B.numel())
+        label = ("selective_state_update", f"b{batch} h{h} p{p} n{n} g{g}", "float32")
 
-        def call(_s, state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z):
+        def call(_s):
             with fastlayers.use_backend(fast):
-                fastlayers.selective_state_update(state, x, dt, A, B, C, D, z, None, True)
+                fastlayers.selective_state_update(*args)
 
-        label = ("selective_state_update", f"b{batch} h{h} p{p} n{n} g{g}", "float32", fast)
-        gt.timed_row(rows, label, call, [None], nbytes, ceiling)
+        be, out = load(fast), torch.empty_like(x)
+
+        def kern(_s, be=be, out=out):
+            be.selective_state_update(*args[:9], out, None, True)
+
+        gt.timed_row(rows, (*label, "fastlayers", fast), call, [None], nbytes, ceiling, kernel=kern)
+        gt.timed_row(rows, (*label, "torch", "eager (reference)"),
+                     lambda _s: reference.selective_state_update(*args), [None], nbytes, ceiling)
+        if mb is not None:
+            gt.timed_row(rows, (*label, "mamba_ssm", "triton"),
+                         lambda _s: mb.selective_state_update(*args[:7], z=z, dt_bias=dt_bias, dt_softplus=True),
+                         [None], nbytes, ceiling)
     return rows
 
 
@@ -147,6 +179,9 @@ def scan_rows(gt, ceiling, l2, quick=False, smoke=False):
     else:
         shapes = [(8, 2048, 2048, 16), (4, 5120, 2048, 16), (8, 2048, 2048, 64)]
     rows = []
+    ms, why = peers.mamba_scan()
+    if ms is None:
+        gt.peer_missing_rows(rows, ("selective_scan fwd", "selective_scan fwd+bwd"), "mamba_ssm", why)
     for batch, dim, L, n in shapes:
         u, delta, z = (torch.randn(batch, dim, L, device=dev).to(dtype) for _ in range(3))
         A = -torch.rand(dim, n, device=dev) - 0.1
@@ -154,13 +189,16 @@ def scan_rows(gt, ceiling, l2, quick=False, smoke=False):
         D, bias = torch.randn(dim, device=dev), torch.randn(dim, device=dev)
         es = u.element_size()
         nbytes = 4 * u.numel() * es + 2 * B.numel() * es + batch * dim * n * 4
-        for fast in _fast(gt, ("cuda",)):
-            def call(_s, fast=fast, args=(u, delta, A, B, C, D, z, bias)):
-                with fastlayers.use_backend(fast):
-                    fastlayers.selective_scan(*args, delta_softplus=True, return_last_state=True)
+        shape = f"b{batch} d{dim} L{L} n{n}"
+        impls = [(fastlayers.selective_scan, "fastlayers", f) for f in _fast(gt, ("cuda",))]
+        impls += [(ms.selective_scan_fn, "mamba_ssm", "cuda")] if ms is not None else []
+        for scan, prov, fast in impls:
+            def call(_s, fast=fast, scan=scan, prov=prov, args=(u, delta, A, B, C, D, z, bias)):
+                with fastlayers.use_backend(fast if prov == "fastlayers" else None):
+                    scan(*args, delta_softplus=True, return_last_state=True)
 
-            label = ("selective_scan fwd", f"b{batch} d{dim} L{L} n{n}", str(dtype)[6:], fast)
-            if gt.timed_row(rows, label, call, [None], nbytes, ceiling) is None:
+            if gt.timed_row(rows, ("selective_scan fwd", shape, dtype, prov, fast), call, [None], nbytes,
+                            ceiling) is None:
                 continue
             # Forward + backward (the training step's cost): the forward's bytes, then the backward's
             # reads of u, delta, z, dout, B, C, dlast and writes of du, ddelta, dz, dB, dC.
@@ -168,13 +206,13 @@ def scan_rows(gt, ceiling, l2, quick=False, smoke=False):
             g_out, g_last = torch.randn_like(u), torch.randn(batch, dim, n, device=dev)
             nbytes_fb = nbytes + 7 * u.numel() * es + 4 * B.numel() * es + batch * dim * n * 4
 
-            def call_fb(_s, fast=fast, leaves=leaves, g_out=g_out, g_last=g_last):
-                with fastlayers.use_backend(fast):
-                    out, last = fastlayers.selective_scan(*leaves, delta_softplus=True, return_last_state=True)
+            def call_fb(_s, fast=fast, scan=scan, prov=prov, leaves=leaves, g_out=g_out, g_last=g_last):
+                with fastlayers.use_backend(fast if prov == "fastlayers" else None):
+                    out, last = scan(*leaves, delta_softplus=True, return_last_state=True)
                     torch.autograd.grad((out, last), leaves, (g_out, g_last))
 
-            label = ("selective_scan fwd+bwd", f"b{batch} d{dim} L{L} n{n}", str(dtype)[6:], fast)
-            gt.timed_row(rows, label, call_fb, [None], nbytes_fb, ceiling, grad=True)
+            gt.timed_row(rows, ("selective_scan fwd+bwd", shape, dtype, prov, fast), call_fb, [None], nbytes_fb,
+                         ceiling, grad=True)
             del leaves, g_out, g_last
         del u, delta, z, B, C
     return rows
@@ -188,6 +226,20 @@ def conv1d_rows(gt, ceiling, l2, quick=False, smoke=False):
     es = torch.tensor([], dtype=dtype).element_size()
     per = batch * dim * L * es
     rows = []
+    cc, why = peers.causal_conv1d()
+    if cc is None:
+        gt.peer_missing_rows(rows, ("causal_conv1d fwd", "causal_conv1d fwd+bwd", "causal_conv1d_update"),
+                             "causal-conv1d", why)
+
+    def eager(x, w, b):  # what a torch user writes (mamba_ssm's fallback): depthwise conv1d, cut, silu
+        return F.silu(F.conv1d(x, w[:, None, :], b, padding=w.shape[1] - 1, groups=x.shape[1])[..., :x.shape[-1]])
+
+    def fl(x, w, b):
+        with fastlayers.use_backend(fast):
+            return fastlayers.causal_conv1d(x, w, b, activation="silu")
+
+    impls = [("fastlayers", fast, fl), ("torch", "eager", eager)]
+    impls += [("causal-conv1d", "cuda", lambda x, w, b: cc.fn(x, w, b, activation="silu"))] if cc is not None else []
     for backward in (False, True):
         nbytes = (5 if backward else 2) * per
         sets = []
@@ -196,16 +248,16 @@ def conv1d_rows(gt, ceiling, l2, quick=False, smoke=False):
             sets.append((x, torch.randn(batch, dim, L, device=dev).to(dtype) if backward else None))
         w = torch.randn(dim, width, device=dev).to(dtype).requires_grad_(backward)
         b = torch.randn(dim, device=dev).to(dtype).requires_grad_(backward)
+        for prov, backend, f in impls:
+            def call(s, w=w, b=b, backward=backward, f=f):
+                y = f(s[0], w, b)
+                if backward:
+                    y.backward(s[1])
 
-        def call(s, w=w, b=b, backward=backward):
-            with fastlayers.use_backend(fast):
-                y = fastlayers.causal_conv1d(s[0], w, b, activation="silu")
-            if backward:
-                y.backward(s[1])
-
-        label = ("causal_conv1d fwd+bwd" if backward else "causal_conv1d fwd", f"b{batch} d{dim} L{L} w{width}",
-                 str(dtype)[6:], fast)
-        gt.timed_row(rows, label, call, sets, nbytes, ceiling, grad=backward)
+            label = ("causal_conv1d fwd+bwd" if backward else "causal_conv1d fwd", f"b{batch} d{dim} L{L} w{width}",
+                     dtype, prov, backend)
+            gt.timed_row(rows, label, call, sets, nbytes, ceiling, grad=backward,
+                         note="F.conv1d + silu" if prov == "torch" else "")
         del sets
     ub, ud = (2, 8) if smoke else (64, 8192)
     state = torch.randn(ub, ud, width - 1, device=dev).to(dtype)
@@ -217,7 +269,17 @@ def conv1d_rows(gt, ceiling, l2, quick=False, smoke=False):
         with fastlayers.use_backend(fast):
             fastlayers.causal_conv1d_update(x, state, w, b, "silu")
 
+    be, out = load(fast), torch.empty(ub, ud, 1, device=dev, dtype=dtype)
+
+    def kern(_s):
+        be.causal_conv1d_update(x[..., None], state, w, b, out, True)
+
     nbytes = (2 * x.numel() + 2 * state.numel()) * es
-    gt.timed_row(rows, ("causal_conv1d_update", f"b{ub} d{ud} w{width}", str(dtype)[6:], fast), upd, [None],
-                 nbytes, ceiling)
+    label = ("causal_conv1d_update", f"b{ub} d{ud} w{width}", dtype)
+    gt.timed_row(rows, (*label, "fastlayers", fast), upd, [None], nbytes, ceiling, kernel=kern)
+    gt.timed_row(rows, (*label, "torch", "eager (reference)"),
+                 lambda _s: reference.causal_conv1d_update(x, state, w, b, "silu"), [None], nbytes, ceiling)
+    if cc is not None:
+        gt.timed_row(rows, (*label, "causal-conv1d", "cuda"), lambda _s: cc.update(x, state, w, b, "silu"), [None],
+                     nbytes, ceiling)
     return rows

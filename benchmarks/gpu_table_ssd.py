@@ -9,10 +9,13 @@ Forward+backward: bytes = the forward's + x, z, dout, dt, B, C read and dx, dz, 
 (not the fp32 scratch: chunk states and state gradients); FLOPs = the forward's, the backward's recompute
 of it (chunk Q' = 32) and the backward kernels' products: per token and head 4 Q' (N + P) + 8 P N, per
 token and group 2 Q' N (C B^T). The last column gives the % of the device-to-device copy and the TFLOP/s.
+Peer: mamba_ssm's ``mamba_chunk_scan_combined`` (Triton) on the same inputs (chunk 256, its Mamba2 default),
+with the same byte and FLOP counts (its own chunking does other work: the ratio of times is what compares).
 """
 import torch
 
 import fastlayers
+import gpu_peers as peers
 
 
 def ssd_rows(gt, ceiling, l2, quick=False, smoke=False):
@@ -21,6 +24,9 @@ def ssd_rows(gt, ceiling, l2, quick=False, smoke=False):
     dtype = torch.float32 if smoke else torch.bfloat16
     shapes = [(1, 64, 2, 8, 4, 1)] if smoke else [(8, 4096, 32, 64, 128, 1)]
     rows = []
+    mb, why = peers.mamba()
+    if mb is None:
+        gt.peer_missing_rows(rows, ("ssd_scan fwd", "ssd_scan fwd+bwd"), "mamba_ssm", why)
     for (b, L, h, p, n, g), backward in [(s, bw) for s in shapes for bw in (False, True)]:
         esz = torch.tensor([], dtype=dtype).element_size()
         nbytes = 3 * b * L * h * p * esz + 4 * b * L * h + 2 * b * L * g * n * esz
@@ -49,8 +55,19 @@ def ssd_rows(gt, ceiling, l2, quick=False, smoke=False):
             if backward:
                 y.backward(dout)
 
-        label = ("ssd_scan fwd+bwd" if backward else "ssd_scan fwd", f"b{b} l{L} h{h} p{p} n{n} g{g}",
-                 str(dtype)[6:], fast)
-        gt.timed_row(rows, label, call, sets, nbytes, ceiling, grad=backward, flops=flops)
+        op, shape = ("ssd_scan fwd+bwd" if backward else "ssd_scan fwd"), f"b{b} l{L} h{h} p{p} n{n} g{g}"
+        gt.timed_row(rows, (op, shape, dtype, "fastlayers", fast), call, sets, nbytes, ceiling, grad=backward,
+                     flops=flops)
+        if mb is not None:
+            chunk = 32 if smoke else 256
+
+            def peer(s, A=A, D=D, dtb=dtb, backward=backward, chunk=chunk):
+                x, dt, B, C, z, dout = s
+                y = mb.chunk_scan_combined(x, dt, A, B, C, chunk, D=D, z=z, dt_bias=dtb, dt_softplus=True)
+                if backward:
+                    y.backward(dout)
+
+            gt.timed_row(rows, (op, shape, dtype, "mamba_ssm", "triton"), peer, sets, nbytes, ceiling, grad=backward,
+                         flops=flops, note=f"chunk {chunk}")
         del sets
     return rows

@@ -31,6 +31,11 @@ margin; the cpu SwiGLU forward scaled by 1.01 (a deliberately broken kernel) mov
 at step 1 (at least 2.5e-5 in each of the first 10 steps, up to 4.9e-2 later). Under bf16 autocast the
 default is 2e-2 (a guess, not measured: no GPU here).
 
+Speed: the summary's ``tokens_per_s`` divides all the run's tokens by its training time (eval excluded);
+``steady_tokens_per_s`` leaves out the run's first ``--timing-warmup`` K steps (default min(5, max(1,
+steps // 10))), where Triton compiles, autotuning and torch.compile land, and ``warmup_seconds`` reports
+their time apart. The JSON also lists every step's time (``step_seconds``).
+
 Checkpoints (``--save DIR``, every ``--save-every`` steps and at the end): ``DIR/step-NNNNNN/checkpoint.safetensors``
 holds the model, the AdamW state, the torch RNG state; its metadata the step, the configuration and the
 loss history. ``--resume`` (a checkpoint directory, or a ``--save`` directory: its latest step) continues
@@ -134,6 +139,7 @@ class Config:
     data_bytes: int = 0
     compile: bool = False
     fsdp: bool = False
+    timing_warmup: int = -1  # -1: min(5, max(1, steps // 10)), at most steps - 1
 
     def resolved(self):
         c = Config(**asdict(self))
@@ -145,6 +151,9 @@ class Config:
             c.warmup = max(1, c.steps // 10)
         if c.eval_every < 0:
             c.eval_every = max(1, c.steps // 4)
+        if c.timing_warmup < 0:
+            c.timing_warmup = min(5, max(1, c.steps // 10))
+        c.timing_warmup = max(0, min(c.timing_warmup, c.steps - 1))
         return c
 
 
@@ -152,6 +161,7 @@ class Config:
 class Result:
     losses: list = field(default_factory=list)      # training loss of steps 1..steps (global mean)
     evals: list = field(default_factory=list)       # (step, validation loss)
+    step_seconds: list = field(default_factory=list)  # wall time of each step of this run (eval excluded)
     summary: dict = field(default_factory=dict)
 
 
@@ -379,7 +389,9 @@ def train(cfg, backend=None, save=None, save_every=0, resume=None, progress=True
             lv = dist.mean(float(loss.detach()))
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            train_time += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            train_time += dt
+            result.step_seconds.append(dt)
             result.losses.append(lv)
             if not math.isfinite(lv):
                 raise FloatingPointError(f"training loss is {lv} at step {step}")
@@ -391,6 +403,10 @@ def train(cfg, backend=None, save=None, save_every=0, resume=None, progress=True
             if save and dist.rank == 0 and ((save_every and step % save_every == 0) or step == cfg.steps):
                 save_checkpoint(save, step, model, opt, cfg, result)
     done = cfg.steps - start
+    # Steady state: the steps after this run's first ``timing_warmup`` (Triton compiles, autotuning,
+    # torch.compile and allocator warm-up land there); their time is reported apart.
+    k = min(cfg.timing_warmup, max(0, done - 1))
+    warm_time, steady_time = sum(result.step_seconds[:k]), sum(result.step_seconds[k:])
     tokens = cfg.steps * tokens_per_step
     flops = scaling.flops(n_params, tokens) if tokens else 0.0
     run_flops = 6.0 * n_params * done * tokens_per_step
@@ -402,7 +418,10 @@ def train(cfg, backend=None, save=None, save_every=0, resume=None, progress=True
         tokens=tokens, params=total_params, non_embedding_params=n_params, flops=flops,
         train_seconds=train_time, eval_seconds=eval_time,
         tokens_per_s=done * tokens_per_step / train_time if train_time else 0.0,
-        flops_per_s=run_flops / train_time if train_time else 0.0)
+        flops_per_s=run_flops / train_time if train_time else 0.0,
+        warmup_steps=k, warmup_seconds=warm_time, steady_seconds=steady_time,
+        steady_tokens_per_s=(done - k) * tokens_per_step / steady_time if steady_time else 0.0,
+        steady_flops_per_s=6.0 * n_params * (done - k) * tokens_per_step / steady_time if steady_time else 0.0)
     return result
 
 
@@ -421,7 +440,9 @@ def format_summary(s):
             f"  tokens D {s['tokens']:,} | non-embedding params N {s['non_embedding_params']:,} "
             f"(total {s['params']:,}) | FLOPs 6ND {s['flops']:.3e}\n"
             f"  {s['tokens_per_s']:,.0f} tokens/s | {s['flops_per_s'] / 1e9:.3f} GFLOP/s achieved (6N per token) | "
-            f"train {s['train_seconds']:.1f} s, eval {s['eval_seconds']:.1f} s")
+            f"train {s['train_seconds']:.1f} s, eval {s['eval_seconds']:.1f} s\n"
+            f"  steady state (steps after the first {s['warmup_steps']}): {s['steady_tokens_per_s']:,.0f} tokens/s, "
+            f"{s['steady_flops_per_s'] / 1e9:.3f} GFLOP/s | warm-up {s['warmup_seconds']:.2f} s")
 
 
 # ----------------------------------------------------------------------------------------- check-reference
@@ -456,8 +477,11 @@ def check_reference(cfg, steps, tol=None, progress=True, out=print):
         out(f"check-reference: {steps} steps, tolerance |loss - loss_ref| <= {tol:g} * loss_ref; "
             f"max relative difference {worst:.2e} (train), {abs(vf - vr) / abs(vr):.2e} (final val "
             f"{vf:.6f} vs {vr:.6f}): {'PASS' if ok and vok else 'FAIL'}")
-        out(f"  speed: fastlayers {fast.summary['tokens_per_s']:,.0f} tokens/s, reference "
-            f"{ref.summary['tokens_per_s']:,.0f} tokens/s")
+        fs, rs = fast.summary, ref.summary
+        out(f"  speed: fastlayers {fs['tokens_per_s']:,.0f} tokens/s, reference {rs['tokens_per_s']:,.0f} tokens/s; "
+            f"steady state (after {fs['warmup_steps']} warm-up steps): fastlayers {fs['steady_tokens_per_s']:,.0f}, "
+            f"reference {rs['steady_tokens_per_s']:,.0f} tokens/s; warm-up fastlayers {fs['warmup_seconds']:.2f} s, "
+            f"reference {rs['warmup_seconds']:.2f} s")
     return ok and vok, fast, ref
 
 
@@ -537,6 +561,8 @@ def parser():
     p.add_argument("--save-every", type=int, default=0, metavar="K", help="checkpoint every K steps (and at the end)")
     p.add_argument("--resume", metavar="DIR", help="continue from a checkpoint (directory, or a --save directory: latest)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--timing-warmup", type=int, default=d.timing_warmup, metavar="K",
+                   help="steps left out of the steady-state tokens/s (default: min(5, max(1, steps // 10)))")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP under torchrun")
     p.add_argument("--json", metavar="FILE", help="write the per-step losses, evals and summary as JSON")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -553,6 +579,8 @@ def _validate(p, a):
     for name in ("lr",):
         if not a.lr > 0 or not math.isfinite(a.lr):
             p.error(f"--lr must be a positive number; got {a.lr}")
+    if a.timing_warmup < -1:
+        p.error(f"--timing-warmup must be a number of steps (>= 0); got {a.timing_warmup}")
     if a.check_reference < 0:
         p.error(f"--check-reference must be a positive number of steps; got {a.check_reference}")
     if not 0 <= a.min_lr_ratio <= 1:
@@ -602,7 +630,7 @@ def _main(p, a):
     cfg = Config(preset=a.preset, steps=a.steps, batch=a.batch, seq_len=a.seq_len, lr=a.lr, min_lr_ratio=a.min_lr_ratio,
                  warmup=a.warmup, weight_decay=a.weight_decay, clip=a.clip, seed=a.seed, device=a.device, dtype=a.dtype,
                  backend=a.backend, norm=a.norm, model_args=dict(a.model_arg), eval_every=a.eval_every, eval_batches=a.eval_batches,
-                 data_bytes=a.data_bytes, compile=a.compile, fsdp=a.fsdp)
+                 data_bytes=a.data_bytes, compile=a.compile, fsdp=a.fsdp, timing_warmup=a.timing_warmup)
     try:
         corpus_ = corpus(a.data_bytes)
         _data._check(corpus_.train, a.seq_len, "training")

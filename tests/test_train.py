@@ -285,3 +285,32 @@ def test_check_reference_under_bf16_autocast(preset, norm, capsys):
             "--data-bytes", str(256 << 10), "--eval-batches", "1", "--quiet", "--check-reference", "2"]
     assert train.main(args + (["--norm", norm] if norm else [])) == 0
     assert "PASS" in capsys.readouterr().out
+
+
+@needs_cpu
+def test_steady_state_speed_leaves_out_the_warmup_steps(tmp_path, monkeypatch):
+    """The summary's steady-state tokens/s is over the steps after the first K (--timing-warmup); the first
+    steps' time (compiles, autotuning) is reported apart. A slow first step (0.4 s of data loading, inside
+    the timed step) must land in warmup_seconds and not in the steady figure."""
+    orig = data.train_batch
+
+    def slow_first(corpus_, step, *a, **k):
+        if step == 1:
+            import time
+            time.sleep(0.4)
+        return orig(corpus_, step, *a, **k)
+
+    monkeypatch.setattr(data, "train_batch", slow_first)
+    r = run_json(tmp_path, "--steps", "5", "--batch", "2", "--eval-every", "5", "--eval-batches", "1",
+                 "--timing-warmup", "2")["run"]
+    s, times = r["summary"], r["step_seconds"]
+    assert len(times) == 5 and times[0] >= 0.4
+    assert s["warmup_steps"] == 2
+    assert s["warmup_seconds"] == pytest.approx(sum(times[:2])) and s["warmup_seconds"] >= 0.4
+    assert s["steady_seconds"] == pytest.approx(sum(times[2:])) and s["steady_seconds"] < 0.4
+    assert s["steady_tokens_per_s"] == pytest.approx(3 * 2 * 32 / sum(times[2:]))
+    assert s["tokens_per_s"] == pytest.approx(5 * 2 * 32 / sum(times))
+    assert s["steady_tokens_per_s"] > s["tokens_per_s"]
+    # Default K: min(5, max(1, steps // 10)); a 1-step run keeps its only step (no steady state to report).
+    assert train.Config(steps=20).resolved().timing_warmup == 2
+    assert train.Config(steps=1).resolved().timing_warmup == 0
