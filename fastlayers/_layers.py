@@ -290,7 +290,6 @@ class LMBase(nn.Module):
         return generate(self, tokens, max_new_tokens, temperature, top_k, generator)
 
 
-@torch.no_grad()
 def check_token_ids(cls, tokens, vocab_size):
     """Token ids must lie in ``[0, vocab_size)`` (else the embedding raises a bare IndexError on the CPU and a
     device-side assert on a GPU). Reading the range syncs a CUDA tensor with the host: the check is skipped
@@ -332,6 +331,7 @@ class _decode_threads:
             torch.set_num_threads(self.n)
 
 
+@torch.no_grad()
 def generate(model, tokens, max_new_tokens, temperature=1.0, top_k=None, generator=None):
     """Prefill ``tokens`` ``(batch, T)`` into ``model.new_cache(batch, T + max_new_tokens)``, then decode
     ``max_new_tokens`` one at a time; ``model(tokens, cache=cache)`` returns ``(logits, loss)``.
