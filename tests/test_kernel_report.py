@@ -202,8 +202,8 @@ def test_cuda_launch_probe(tmp_path):
     """A recorded norm_fwd call (4096 x 4096 bf16, as fastlayers.backends.cuda passes it) goes through
     run_norm_fwd; an argument the probe does not know fails it (out of step with bindings.cpp)."""
     cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None or kr.find_nvcc() is None:
-        pytest.skip("no g++ / nvcc: the CUDA launch probe is not built without them")
+    if cxx is None:
+        pytest.skip("no C++ compiler: the CUDA launch probe (the kernel headers on the CPU emulation) needs one")
     exe = kr.build_probe(kr.Cache(tmp_path), cxx)
     base = 1 << 40
     args = dict(x=base, x_stride=4096, x_dt=2, r=base * 2, r_stride=4096, r_dt=2, w=base * 3, w_dt=2, b=0, b_dt=-1,
