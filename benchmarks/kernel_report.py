@@ -523,7 +523,7 @@ def capture(quiet=False, sweep=False, families=None):
 
     fast = ("triton", "cuda", "fastlayers")
 
-    def bench(fn, sets):
+    def bench(fn, sets, deadline=True):
         if label[0][3] in fast:
             active[0] = True
             try:
@@ -536,10 +536,6 @@ def capture(quiet=False, sweep=False, families=None):
         label[0] = lab
         return _orig(rows, lab, *a, **k)
 
-    def timed(gt_, fn, sets, rows, lab, _orig=gh._timed):
-        label[0] = lab
-        return _orig(gt_, fn, sets, rows, lab)
-
     errors = []
     try:
         patch(JITFunction, "run", run)
@@ -549,7 +545,7 @@ def capture(quiet=False, sweep=False, families=None):
         patch(gt, "DEVICE", "cuda")
         patch(gt, "bench", bench)
         patch(gt, "timed_row", timed_row)
-        patch(gh, "_timed", timed)
+        patch(gt, "bench_graph", lambda *a, **k: None)  # no CUDA-graph replay: the same launches again
         if not sweep:
             patch(gm, "_triton_sweep", lambda *a, **k: None)
         saved_sm = dict(fl_backends._SM_COUNT)
@@ -566,8 +562,9 @@ def capture(quiet=False, sweep=False, families=None):
                 if families is not None and fam.__name__ not in families:
                     continue
                 for r in fam(gt, 1000.0, 50 << 20):
-                    if isinstance(r[-1], str) and r[-1].startswith("ERROR") and r[3] in fast:
-                        errors.append(f"{' '.join(map(str, r[:4]))}: {r[-1]}")
+                    if r["status"] == "error" and r["provider"] in fast:
+                        errors.append(f"{r['op']} {r['shape']} {r['dtype']} {r['provider']} {r['backend']}: "
+                                      f"{r['note']}")
     finally:
         for obj, attr, old in reversed(patches):
             setattr(obj, attr, old)
