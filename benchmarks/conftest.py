@@ -69,6 +69,11 @@ def copy_gbps():
     return measure_copy_gbps(1 << 20 if SMOKE else 128 << 20)
 
 
+# A call slower than this (after its warm-up) is timed over 3 rounds with no more warm-up rounds: the median of
+# 3 such calls is as steady as of 5, and the eager references of a family would otherwise take minutes.
+SLOW_CALL_S = 0.25
+
+
 def run(benchmark, fn, nbytes, copy_gbps, rounds=5, warmup=3, **info):
     """Benchmark ``fn`` and record analytic GB/s and its fraction of the copy ceiling.
     ``warmup=0``: no warm-up call at all (for references that take seconds a call)."""
@@ -78,6 +83,11 @@ def run(benchmark, fn, nbytes, copy_gbps, rounds=5, warmup=3, **info):
 
     if warmup:
         call()  # warm-up (and compilation for torch.compile providers)
+        if not SMOKE:
+            t = time.perf_counter()
+            call()
+            if time.perf_counter() - t > SLOW_CALL_S:  # a slow call (an eager reference): 3 rounds, no more warm-up
+                rounds, warmup = min(rounds, 3), 0
     benchmark.pedantic(call, rounds=1 if SMOKE else rounds, iterations=1, warmup_rounds=0 if SMOKE else warmup)
     info.update(bytes=nbytes, copy_gbps=round(copy_gbps, 2), device=DEVICE,
                 device_name=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",

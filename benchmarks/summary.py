@@ -93,7 +93,8 @@ def lines(benchmarks):
     for fam, ops in families.items():
         rows = [r for cases in ops.values() for c in cases.values() for r in c.values()]
         ceilings = sorted({r[1]["copy_gbps"] for r in rows if r[1].get("copy_gbps")})
-        head = f"--- {fam}: {rows[0][1].get('device_name', '?')}, {rows[0][1].get('threads', '?')} threads"
+        info = rows[0][1]
+        head = f"--- {fam}: {info.get('device_name') or info.get('device', '?')}, {info.get('threads', '?')} threads"
         head += f", copy ceiling {ceilings[-1]:.3g} GB/s" if ceilings else ""
         out.append(head + " (time, GB/s, % of the ceiling, speed-up over torch eager xE / torch.compile xC) ---")
         for cases in ops.values():
