@@ -29,7 +29,7 @@ def norm(x, weight, bias=None, eps=1e-6, residual=None, prenorm=False, residual_
     if not prenorm:
         return y
     h_dtype = torch.float32 if residual_in_fp32 and x.dtype != torch.float64 else x.dtype
-    return y, h.to(h_dtype)
+    return y, h.to(h_dtype, copy=True)  # a copy: h is saved for the backward, callers may modify this one
 
 
 def rms_norm(x, weight, eps=1e-6, residual=None, prenorm=False, residual_in_fp32=False):
@@ -243,7 +243,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if z is not None:
         y = y * F.silu(z.to(acc))
     out = y.to(u.dtype)
-    return (out, x) if return_last_state else out
+    return (out, x.clone()) if return_last_state else out  # a copy: x is saved for the backward
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
@@ -286,7 +286,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, initi
     if z is not None:
         y = y * F.silu(z.to(acc))
     out = y.to(x.dtype)
-    return (out, s) if return_final_states else out
+    return (out, s.clone()) if return_final_states else out  # a copy: s is saved for the backward
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -440,7 +440,7 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, re
     out = out.to(x.dtype)
     if not return_final_states:
         return out
-    return out, xx[..., t:].to(x.dtype)
+    return out, xx[..., t:].to(x.dtype, copy=True)  # a copy, not a view of xx: callers may modify it
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):

@@ -255,3 +255,62 @@ def test_extension_modules_are_torch_free():
         out = subprocess.run(["ldd", p], capture_output=True, text=True).stdout
         for lib in ("libtorch", "libc10", "libcudart.so"):
             assert lib not in out, f"{p} links {lib}:\n{out}"
+
+
+def _inplace_cases():
+    """(name, backend, fn(leaves) -> outputs, leaves): every op with a backward, on CPU tensors."""
+    g = torch.Generator().manual_seed(7)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    q, k, v, w8 = r(1, 3, 4, 8), r(1, 3, 2, 8), r(1, 3, 2, 8), 1 + 0.1 * r(8)
+    cases = [
+        ("causal_conv1d_channel_last", lambda x, w: fastlayers.causal_conv1d(x.transpose(1, 2), w, None, "silu",
+                                                                               None, True), [r(2, 7, 5), r(5, 4)]),
+        ("causal_conv1d", lambda x, w: fastlayers.causal_conv1d(x, w), [r(2, 5, 7), r(5, 3)]),
+        ("rms_norm", lambda x, res, w: fastlayers.rms_norm(x, w, residual=res, prenorm=True), [r(3, 8), r(3, 8), w8]),
+        ("layer_norm", lambda x, w, b: fastlayers.layer_norm(x, w, b), [r(3, 8), w8, r(8)]),
+        ("swiglu", lambda x: fastlayers.swiglu(x), [r(3, 8)]),
+        ("qkv_norm_rope_no_v_weight", lambda q, k, v, w: fastlayers.qkv_norm_rope(q, k, v * 1, w, w, None, None, None),
+         [q, k, v, w8]),
+        ("qkv_norm_rope_packed", lambda x, w: fastlayers.qkv_norm_rope_packed(x, 4, 2, w, w, w, None, None),
+         [r(1, 3, 64), w8]),
+        ("selective_scan", lambda u, d, A, B: fastlayers.selective_scan(u, d.abs(), -A.abs(), B, B, None, None,
+                                                                         None, False, True),
+         [r(2, 4, 6), r(2, 4, 6), r(4, 3), r(2, 3, 6)]),
+        ("ssd_scan", lambda x, dt, A, B: fastlayers.ssd_scan(x, dt.abs(), -A.abs(), B, B, 16,
+                                                             return_final_states=True),
+         [r(1, 16, 2, 4), r(1, 16, 2), r(2), r(1, 16, 1, 3)]),
+    ]
+    return [pytest.param(*c[1:], id=c[0]) for c in cases]
+
+
+@pytest.mark.parametrize("fn,inputs", _inplace_cases())
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_outputs_may_be_modified_in_place(fn, inputs, backend):
+    """What an op returns under autograd is an ordinary tensor: ``out += 1`` / ``out.add_(t)`` before the
+    backward work (no 'view created inside a custom Function' error) and the gradients still match the
+    reference's (modifying by a constant leaves them unchanged)."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available():
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1")
+    grads = {}
+    for be in (backend, "reference"):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        try:
+            with fastlayers.use_backend(be):
+                outs = fn(*leaves)
+        except fastlayers.BackendUnavailable:
+            pytest.skip(f"{be} has no kernel for this op")
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        loss = 0
+        for i, o in enumerate(outs):
+            if o.requires_grad and not any(o is t for t in leaves):  # (v passed through is the caller's v)
+                if i % 2:
+                    o += 1
+                else:
+                    o.add_(1.0)
+                loss = loss + (o * o).sum()
+        loss.backward()
+        grads[be] = [t.grad for t in leaves]
+    for i, (a, b) in enumerate(zip(grads[backend], grads["reference"])):
+        assert (a is None) == (b is None), i
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -80,7 +80,9 @@ class _QKVNormRope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, qw, kw, vw, cos, sin, offsets, eps, backend):
         qo, ko, vo = _qkv_fwd(q, k, v, qw, kw, vw, cos, sin, offsets, eps, backend)
-        ctx.save_for_backward(q, k, v, qw, kw, vw, cos, sin, offsets)
+        # Without vw, v is returned as it is and its gradient passes straight through: not saving it
+        # leaves the caller free to modify that v in place.
+        ctx.save_for_backward(q, k, v if vw is not None else None, qw, kw, vw, cos, sin, offsets)
         ctx.cfg = (eps, backend)
         return qo, ko, vo
 
