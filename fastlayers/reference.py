@@ -10,8 +10,15 @@ from ._mamba_layers import f32
 from ._dtypes import stat_dtype
 
 
-def norm(x, weight, bias=None, eps=1e-6, residual=None, prenorm=False, residual_in_fp32=False, is_rms=True):
-    """Fused residual add + RMSNorm / LayerNorm, the reference of ``fastlayers.rms_norm``/``layer_norm``."""
+def norm(x, weight, bias=None, eps=1e-6, residual=None, prenorm=False, residual_in_fp32=False, is_rms=True,
+         offset=0.0, casting_mode="gemma"):
+    """Fused residual add + RMSNorm / LayerNorm, the reference of ``fastlayers.rms_norm``/``layer_norm``.
+
+    ``y = xhat * (offset + weight) (+ bias)``; ``weight=None``: ``y = xhat (+ bias)`` (no gain, offset
+    unused). ``casting_mode="llama"`` rounds xhat to x's dtype before the gain multiply (a no-op for
+    fp32/fp64 x); ``"gemma"``/``"none"``: everything in the accumulation dtype, one rounding at the end.
+    Through autograd the llama rounding is an identity cast (as in Llama's own code): dweight sees the
+    rounded xhat, dx the unrounded one."""
     acc = stat_dtype(x.dtype)
     h = x.to(acc)
     if residual is not None:
@@ -22,7 +29,10 @@ def norm(x, weight, bias=None, eps=1e-6, residual=None, prenorm=False, residual_
         mu = h.mean(-1, keepdim=True)
         d = h - mu
         y = d * torch.rsqrt(d.square().mean(-1, keepdim=True) + eps)
-    y = y * weight.to(acc)
+    if casting_mode == "llama":
+        y = y.to(x.dtype).to(acc)
+    if weight is not None:
+        y = y * (weight.to(acc) + offset if offset else weight.to(acc))
     if bias is not None:
         y = y + bias.to(acc)
     y = y.to(x.dtype)
@@ -32,8 +42,9 @@ def norm(x, weight, bias=None, eps=1e-6, residual=None, prenorm=False, residual_
     return y, h.to(h_dtype, copy=True)  # a copy: h is saved for the backward, callers may modify this one
 
 
-def rms_norm(x, weight, eps=1e-6, residual=None, prenorm=False, residual_in_fp32=False):
-    return norm(x, weight, None, eps, residual, prenorm, residual_in_fp32, is_rms=True)
+def rms_norm(x, weight, eps=1e-6, residual=None, prenorm=False, residual_in_fp32=False, offset=0.0,
+             casting_mode="gemma"):
+    return norm(x, weight, None, eps, residual, prenorm, residual_in_fp32, True, offset, casting_mode)
 
 
 def layer_norm(x, weight, bias=None, eps=1e-5, residual=None, prenorm=False, residual_in_fp32=False):
