@@ -95,7 +95,7 @@ def _view4(t):
     if t is None:
         return (0, -1, (0, 0, 0, 0))
     st = tuple(t.stride()) + (0,) * (4 - t.dim())
-    return (t.data_ptr(), code(t), st)
+    return (ptr(t), code(t), st)
 
 
 def selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, out, state_batch_indices, dt_softplus):

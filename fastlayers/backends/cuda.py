@@ -101,7 +101,7 @@ def _view4(t):
     """(address, dtype code, 4 strides) of a tensor of up to 4 dims; (0, -1, zeros) for None."""
     if t is None:
         return (0, -1, (0, 0, 0, 0))
-    return (t.data_ptr(), code(t), tuple(t.stride()) + (0,) * (4 - t.dim()))
+    return (ptr(t), code(t), tuple(t.stride()) + (0,) * (4 - t.dim()))
 
 
 def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, out, last, GB, GC, delta_softplus):

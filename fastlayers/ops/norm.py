@@ -10,6 +10,7 @@ the registered custom ops ``fastlayers::norm_fwd`` / ``fastlayers::norm_bwd``.
 """
 import math
 import numbers
+import sys
 from typing import Optional, Tuple
 
 import torch
@@ -20,7 +21,7 @@ from .._alloc import empty
 from .._dtypes import LOW_PRECISION, stat_dtype
 from ..backend import resolve
 from ..backends import load
-from ._common import (GPU_DTYPES, check_positive, check_same_device, check_shape, check_tensor,
+from ._common import (_PLAIN_TYPES, GPU_DTYPES, check_positive, check_same_device, check_shape, check_tensor,
                       needs_grad, out_rows, rows)
 
 
@@ -166,12 +167,99 @@ def _op_backward(ctx, dy, dh, dmean, drstd):
 torch.library.register_autograd("fastlayers::norm_fwd", _op_backward, setup_context=_setup_context)
 
 
+# ----------------------------------------------------------------------------- DTensor
+class _OwnGrad(torch.autograd.Function):
+    """Identity whose backward hands on a copy of the gradient. The norm's backward returns one tensor as
+    the gradient of both x and residual; DTensor.to_local's backward wraps it twice, and the two DTensor
+    grads would share memory (a later accumulation into one would add to the other)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.clone()
+
+
+def _dtensor_type():
+    """torch's DTensor class once torch.distributed.tensor is imported (no DTensor exists before), else None."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None)
+
+
+def _norm_dtensor(op, DTensor, x, weight, bias, residual, out, residual_out, run):
+    """The norm of a DTensor x: each rank normalises the rows of its local shard (rows are never split:
+    x must not be sharded on its last dimension), the result is a DTensor with x's placements. weight
+    and bias are Replicate DTensors on x's mesh or plain tensors; their gradients are partial sums over
+    the mesh dims that shard x (Partial placements, as torch's own rms_norm on DTensors gives; a plain
+    tensor gets the all-reduced sum)."""
+    from torch.distributed.tensor import Partial, Replicate, Shard
+    for name, t in (("out", out), ("residual_out", residual_out)):
+        if t is not None:
+            raise TypeError(f"fastlayers.{op}: {name}= is not supported with DTensor arguments (call without it)")
+    if not isinstance(x, DTensor):
+        name = next(n for n, t in (("weight", weight), ("bias", bias), ("residual", residual))
+                    if isinstance(t, DTensor))
+        raise TypeError(f"fastlayers.{op}: {name} is a DTensor but x is a {type(x).__name__}; pass x as a DTensor "
+                        f"on the same mesh, or {name}.to_local() / {name}.full_tensor()")
+    mesh, placements, nd = x.device_mesh, tuple(x.placements), x.dim()
+    for p in placements:
+        if isinstance(p, Shard) and nd and p.dim % nd == nd - 1:
+            raise ValueError(f"fastlayers.{op}: x is a DTensor sharded on its last (normalised) dimension "
+                             f"(placements {placements}); each rank would normalise part of a row. Shard it on "
+                             f"another dimension or redistribute it first, e.g. x.redistribute(placements="
+                             f"[Replicate()])")
+        if not (isinstance(p, Shard) or p.is_replicate()):
+            raise ValueError(f"fastlayers.{op}: x is a DTensor with placements {placements}; supported: Shard on a "
+                             f"dimension other than the last, and Replicate (redistribute a Partial one first)")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if isinstance(t, DTensor):
+            if t.device_mesh != mesh:
+                raise ValueError(f"fastlayers.{op}: {name} is a DTensor on another device mesh than x")
+            if not all(p.is_replicate() for p in t.placements):
+                raise ValueError(f"fastlayers.{op}: {name} must be a Replicate DTensor (every rank holds all of "
+                                 f"it); got placements {tuple(t.placements)}")
+    if residual is not None and (not isinstance(residual, DTensor) or residual.device_mesh != mesh
+                                 or tuple(residual.placements) != placements or residual.shape != x.shape):
+        raise ValueError(f"fastlayers.{op}: residual must be a DTensor of x's shape, mesh and placements "
+                         f"({placements}); got {type(residual).__name__} "
+                         f"{tuple(getattr(residual, 'placements', ()))}")
+    grad_placements = [Partial() if isinstance(p, Shard) else Replicate() for p in placements]
+
+    def local_param(t):
+        if t is None:
+            return None
+        if not isinstance(t, DTensor):
+            if not (torch.is_grad_enabled() and t.requires_grad):
+                return t
+            t = DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
+        return t.to_local(grad_placements=grad_placements)
+
+    res = run(x.to_local(), local_param(weight), local_param(bias),
+              None if residual is None else _OwnGrad.apply(residual.to_local()))
+    stride, acc = [], 1
+    for d in reversed(x.shape):
+        stride.insert(0, acc)
+        acc *= max(int(d), 1)
+
+    def wrap(t):
+        return DTensor.from_local(t, mesh, placements, run_check=False, shape=x.shape, stride=tuple(stride))
+    return tuple(wrap(t) for t in res) if isinstance(res, tuple) else wrap(res)
+
+
 # ----------------------------------------------------------------------------- public API
 CASTING_MODES = ("gemma", "llama", "none")
 
 
 def _norm(op, x, weight, bias, eps, residual, prenorm, residual_in_fp32, is_rms, out, residual_out, offset=0.0,
           casting_mode="gemma"):
+    if type(x) is not torch.Tensor or not (weight is None or type(weight) in _PLAIN_TYPES):
+        DTensor = _dtensor_type()
+        if DTensor is not None and any(isinstance(t, DTensor) for t in (x, weight, bias, residual)):
+            return _norm_dtensor(op, DTensor, x, weight, bias, residual, out, residual_out,
+                                 lambda xl, wl, bl, rl: _norm(op, xl, wl, bl, eps, rl, prenorm, residual_in_fp32,
+                                                              is_rms, None, None, offset, casting_mode))
     check_tensor(op, "x", x)
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"fastlayers.{op}: x must have a non-empty last (normalised) dimension; "
@@ -250,6 +338,10 @@ def rms_norm(x, weight, eps=1e-6, residual=None, prenorm=False, residual_in_fp32
     x's dtype before the gain multiplies it (Llama's ``weight * hidden.to(input_dtype)``; dweight then sums
     dy times that rounded xhat); the two differ only for fp16/bf16 x. ``"none"`` is accepted and computed
     as ``"gemma"``: the kernels never do arithmetic in 16 bits.
+
+    x may be a DTensor sharded on any dimension but the last (or replicated), with weight a Replicate
+    DTensor or a plain tensor: each rank normalises its local rows and the result is a DTensor with x's
+    placements. Other tensor subclasses whose ``data_ptr()`` is not their data are refused (TypeError).
     """
     return _norm("rms_norm", x, weight, None, eps, residual, prenorm, residual_in_fp32, True, out, residual_out,
                  offset, casting_mode)
@@ -259,7 +351,7 @@ def layer_norm(x, weight, bias=None, eps=1e-5, residual=None, prenorm=False, res
                residual_out=None):
     """Fused ``h = x + residual``; ``y = (h - mean(h)) * rsqrt(var(h) + eps) * weight + bias``.
 
-    Same conventions as :func:`rms_norm` (``weight=None``: no gain).
+    Same conventions as :func:`rms_norm` (``weight=None``: no gain; DTensors as there).
     """
     return _norm("layer_norm", x, weight, bias, eps, residual, prenorm, residual_in_fp32, False, out,
                  residual_out)
