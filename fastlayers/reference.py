@@ -346,13 +346,13 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scal
     int32; cache_seqlens ``(B,)`` int32 (the cache already holds the new tokens). With ``causal`` the
     s_q queries are the last s_q positions and query i sees keys ``<= L - s_q + i``. Returns
     ``out`` ``(B, s_q, H, head_dim_v)`` in q's dtype and ``lse`` ``(B, H, s_q)`` fp32; a sequence of
-    length 0 (or a causal query that sees no key) gives out 0 and lse -inf."""
+    length 0 (or a causal query that sees no key) gives out 0 and lse +inf (FlashMLA's convention)."""
     acc = stat_dtype(q.dtype)
     b, sq, h, d = q.shape
     page = kv_cache.shape[1]
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     out = torch.zeros(b, sq, h, head_dim_v, dtype=acc, device=q.device)
-    lse = torch.full((b, h, sq), float("-inf"), dtype=acc, device=q.device)
+    lse = torch.full((b, h, sq), float("inf"), dtype=acc, device=q.device)
     for i in range(b):
         n = int(cache_seqlens[i])
         if n == 0:
@@ -363,9 +363,11 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scal
         if causal and sq > 1:
             pos = torch.arange(sq, device=q.device)[:, None] + (n - sq)
             s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > pos, float("-inf"))
-        lse[i] = torch.logsumexp(s, dim=-1)
-        # A query that sees no key (causal, fewer cached tokens than queries) gets out 0, lse -inf.
-        p = torch.where(lse[i, :, :, None] == float("-inf"), 0.0, torch.softmax(s, dim=-1))
+        lse_i = torch.logsumexp(s, dim=-1)
+        # A query that sees no key (causal, fewer cached tokens than queries) gets out 0, lse +inf.
+        none = lse_i == float("-inf")
+        lse[i] = lse_i.masked_fill(none, float("inf"))
+        p = torch.where(none[..., None], 0.0, torch.softmax(s, dim=-1))
         out[i] = torch.einsum("hqn,nv->qhv", p, kv[:, :head_dim_v])
     return out.to(q.dtype), lse.float() if acc != torch.float64 else lse
 

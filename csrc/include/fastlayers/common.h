@@ -132,7 +132,9 @@ struct StateUpdateArgs {
 // blk at kv + blk * kv_sblock + r * kv_srow; block_table (B, *) int32 with row stride bt_stride;
 // seqlens (B,) int32. Phase 1 writes per-split partials o_part (B, S, s_q, H, dv) (normalised)
 // and lse_part (B, S, s_q, H) (accumulation dtype); phase 2 merges them into out (B, s_q, H, dv)
-// contiguous in out_dt and lse (B, H, s_q) in the accumulation dtype. Each length is clamped to
+// contiguous in out_dt and lse (B, H, s_q) in the accumulation dtype. A query row that sees no key
+// (a length-0 sequence) gets out 0 and lse +inf, FlashMLA's convention (its partials: lse_part
+// -inf, the neutral element of the merge). Each length is clamped to
 // max_tokens (the block table's width x page: no entry past the table is read) when max_tokens > 0.
 struct MlaDecodeArgs {
   const void* q; int64_t q_sb, q_ss, q_sh; int q_dt;
