@@ -19,8 +19,13 @@ except ImportError:  # reported by available_backends()
 _ADVISE = _C is not None and os.environ.get("FASTLAYERS_NO_HUGEPAGES", "0") in ("", "0")
 
 
-def empty(shape, dtype, device):
-    t = torch.empty(shape, dtype=dtype, device=device)
+def empty(shape, dtype, device, stride=None):
+    """A fresh tensor; with ``stride``, allocated with those strides (``torch.empty_strided``): a base
+    tensor, never a view, so an autograd Function may return it and callers may modify it in place."""
+    if stride is None:
+        t = torch.empty(shape, dtype=dtype, device=device)
+    else:
+        t = torch.empty_strided(shape, stride, dtype=dtype, device=device)
     if _ADVISE and t.device.type == "cpu":
         nbytes = t.numel() * t.element_size()
         if nbytes >= HUGEPAGE_MIN_BYTES:

@@ -16,8 +16,15 @@ def code(t):
 
 
 def ptr(t):
-    """Raw address of a tensor's first element, 0 for None."""
-    return 0 if t is None else t.data_ptr()
+    """Raw address of a tensor's first element, 0 for None. A non-empty tensor at address 0 (a wrapper
+    subclass such as DTensor that slipped past the ops' checks) is an error, never a pointer for a kernel."""
+    if t is None:
+        return 0
+    p = t.data_ptr()
+    if not p and t.numel():
+        raise TypeError(f"fastlayers: a {type(t).__name__} with no data pointer reached a kernel (a tensor "
+                        f"subclass such as DTensor?); pass plain torch.Tensors")
+    return p
 
 
 def stride0(t):

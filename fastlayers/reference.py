@@ -10,8 +10,15 @@ from ._mamba_layers import f32
 from ._dtypes import stat_dtype
 
 
-def norm(x, weight, bias=None, eps=1e-6, residual=None, prenorm=False, residual_in_fp32=False, is_rms=True):
-    """Fused residual add + RMSNorm / LayerNorm, the reference of ``fastlayers.rms_norm``/``layer_norm``."""
+def norm(x, weight, bias=None, eps=1e-6, residual=None, prenorm=False, residual_in_fp32=False, is_rms=True,
+         offset=0.0, casting_mode="gemma"):
+    """Fused residual add + RMSNorm / LayerNorm, the reference of ``fastlayers.rms_norm``/``layer_norm``.
+
+    ``y = xhat * (offset + weight) (+ bias)``; ``weight=None``: ``y = xhat (+ bias)`` (no gain, offset
+    unused). ``casting_mode="llama"`` rounds xhat to x's dtype before the gain multiply (a no-op for
+    fp32/fp64 x); ``"gemma"``/``"none"``: everything in the accumulation dtype, one rounding at the end.
+    Through autograd the llama rounding is an identity cast (as in Llama's own code): dweight sees the
+    rounded xhat, dx the unrounded one."""
     acc = stat_dtype(x.dtype)
     h = x.to(acc)
     if residual is not None:
@@ -22,18 +29,22 @@ def norm(x, weight, bias=None, eps=1e-6, residual=None, prenorm=False, residual_
         mu = h.mean(-1, keepdim=True)
         d = h - mu
         y = d * torch.rsqrt(d.square().mean(-1, keepdim=True) + eps)
-    y = y * weight.to(acc)
+    if casting_mode == "llama":
+        y = y.to(x.dtype).to(acc)
+    if weight is not None:
+        y = y * (weight.to(acc) + offset if offset else weight.to(acc))
     if bias is not None:
         y = y + bias.to(acc)
     y = y.to(x.dtype)
     if not prenorm:
         return y
     h_dtype = torch.float32 if residual_in_fp32 and x.dtype != torch.float64 else x.dtype
-    return y, h.to(h_dtype)
+    return y, h.to(h_dtype, copy=True)  # a copy: h is saved for the backward, callers may modify this one
 
 
-def rms_norm(x, weight, eps=1e-6, residual=None, prenorm=False, residual_in_fp32=False):
-    return norm(x, weight, None, eps, residual, prenorm, residual_in_fp32, is_rms=True)
+def rms_norm(x, weight, eps=1e-6, residual=None, prenorm=False, residual_in_fp32=False, offset=0.0,
+             casting_mode="gemma"):
+    return norm(x, weight, None, eps, residual, prenorm, residual_in_fp32, True, offset, casting_mode)
 
 
 def layer_norm(x, weight, bias=None, eps=1e-5, residual=None, prenorm=False, residual_in_fp32=False):
@@ -243,7 +254,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if z is not None:
         y = y * F.silu(z.to(acc))
     out = y.to(u.dtype)
-    return (out, x) if return_last_state else out
+    return (out, x.clone()) if return_last_state else out  # a copy: x is saved for the backward
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
@@ -286,7 +297,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, initi
     if z is not None:
         y = y * F.silu(z.to(acc))
     out = y.to(x.dtype)
-    return (out, s) if return_final_states else out
+    return (out, s.clone()) if return_final_states else out  # a copy: s is saved for the backward
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -335,13 +346,13 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scal
     int32; cache_seqlens ``(B,)`` int32 (the cache already holds the new tokens). With ``causal`` the
     s_q queries are the last s_q positions and query i sees keys ``<= L - s_q + i``. Returns
     ``out`` ``(B, s_q, H, head_dim_v)`` in q's dtype and ``lse`` ``(B, H, s_q)`` fp32; a sequence of
-    length 0 (or a causal query that sees no key) gives out 0 and lse -inf."""
+    length 0 (or a causal query that sees no key) gives out 0 and lse +inf (FlashMLA's convention)."""
     acc = stat_dtype(q.dtype)
     b, sq, h, d = q.shape
     page = kv_cache.shape[1]
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     out = torch.zeros(b, sq, h, head_dim_v, dtype=acc, device=q.device)
-    lse = torch.full((b, h, sq), float("-inf"), dtype=acc, device=q.device)
+    lse = torch.full((b, h, sq), float("inf"), dtype=acc, device=q.device)
     for i in range(b):
         n = int(cache_seqlens[i])
         if n == 0:
@@ -352,9 +363,11 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scal
         if causal and sq > 1:
             pos = torch.arange(sq, device=q.device)[:, None] + (n - sq)
             s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > pos, float("-inf"))
-        lse[i] = torch.logsumexp(s, dim=-1)
-        # A query that sees no key (causal, fewer cached tokens than queries) gets out 0, lse -inf.
-        p = torch.where(lse[i, :, :, None] == float("-inf"), 0.0, torch.softmax(s, dim=-1))
+        lse_i = torch.logsumexp(s, dim=-1)
+        # A query that sees no key (causal, fewer cached tokens than queries) gets out 0, lse +inf.
+        none = lse_i == float("-inf")
+        lse[i] = lse_i.masked_fill(none, float("inf"))
+        p = torch.where(none[..., None], 0.0, torch.softmax(s, dim=-1))
         out[i] = torch.einsum("hqn,nv->qhv", p, kv[:, :head_dim_v])
     return out.to(q.dtype), lse.float() if acc != torch.float64 else lse
 
@@ -440,7 +453,7 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, re
     out = out.to(x.dtype)
     if not return_final_states:
         return out
-    return out, xx[..., t:].to(x.dtype)
+    return out, xx[..., t:].to(x.dtype, copy=True)  # a copy, not a view of xx: callers may modify it
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):

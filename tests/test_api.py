@@ -9,6 +9,8 @@ import torch
 import fastlayers
 from fastlayers import reference
 
+from conftest import assert_close_to_ref
+
 # ----------------------------------------------------------------------------- backends
 def test_available_backends_reports_every_backend_with_a_reason():
     av = fastlayers.available_backends()
@@ -255,3 +257,147 @@ def test_extension_modules_are_torch_free():
         out = subprocess.run(["ldd", p], capture_output=True, text=True).stdout
         for lib in ("libtorch", "libc10", "libcudart.so"):
             assert lib not in out, f"{p} links {lib}:\n{out}"
+
+
+def _inplace_cases():
+    """(name, backend, fn(leaves) -> outputs, leaves): every op with a backward, on CPU tensors."""
+    g = torch.Generator().manual_seed(7)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    q, k, v, w8 = r(1, 3, 4, 8), r(1, 3, 2, 8), r(1, 3, 2, 8), 1 + 0.1 * r(8)
+    cases = [
+        ("causal_conv1d_channel_last", lambda x, w: fastlayers.causal_conv1d(x.transpose(1, 2), w, None, "silu",
+                                                                               None, True), [r(2, 7, 5), r(5, 4)]),
+        ("causal_conv1d", lambda x, w: fastlayers.causal_conv1d(x, w), [r(2, 5, 7), r(5, 3)]),
+        ("rms_norm", lambda x, res, w: fastlayers.rms_norm(x, w, residual=res, prenorm=True), [r(3, 8), r(3, 8), w8]),
+        ("layer_norm", lambda x, w, b: fastlayers.layer_norm(x, w, b), [r(3, 8), w8, r(8)]),
+        ("swiglu", lambda x: fastlayers.swiglu(x), [r(3, 8)]),
+        ("qkv_norm_rope_no_v_weight", lambda q, k, v, w: fastlayers.qkv_norm_rope(q, k, v * 1, w, w, None, None, None),
+         [q, k, v, w8]),
+        ("qkv_norm_rope_packed", lambda x, w: fastlayers.qkv_norm_rope_packed(x, 4, 2, w, w, w, None, None),
+         [r(1, 3, 64), w8]),
+        ("selective_scan", lambda u, d, A, B: fastlayers.selective_scan(u, d.abs(), -A.abs(), B, B, None, None,
+                                                                         None, False, True),
+         [r(2, 4, 6), r(2, 4, 6), r(4, 3), r(2, 3, 6)]),
+        ("ssd_scan", lambda x, dt, A, B: fastlayers.ssd_scan(x, dt.abs(), -A.abs(), B, B, 16,
+                                                             return_final_states=True),
+         [r(1, 16, 2, 4), r(1, 16, 2), r(2), r(1, 16, 1, 3)]),
+    ]
+    return [pytest.param(*c[1:], id=c[0]) for c in cases]
+
+
+@pytest.mark.parametrize("fn,inputs", _inplace_cases())
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_outputs_may_be_modified_in_place(fn, inputs, backend):
+    """What an op returns under autograd is an ordinary tensor: ``out += 1`` / ``out.add_(t)`` before the
+    backward work (no 'view created inside a custom Function' error) and the gradients still match the
+    reference's (modifying by a constant leaves them unchanged)."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available():
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1")
+    grads = {}
+    for be in (backend, "reference"):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        try:
+            with fastlayers.use_backend(be):
+                outs = fn(*leaves)
+        except fastlayers.BackendUnavailable:
+            pytest.skip(f"{be} has no kernel for this op")
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        loss = 0
+        for i, o in enumerate(outs):
+            if o.requires_grad and not any(o is t for t in leaves):  # (v passed through is the caller's v)
+                if i % 2:
+                    o += 1
+                else:
+                    o.add_(1.0)
+                loss = loss + (o * o).sum()
+        loss.backward()
+        grads[be] = [t.grad for t in leaves]
+    for i, (a, b) in enumerate(zip(grads[backend], grads["reference"])):
+        assert (a is None) == (b is None), i
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- norm variants (issue 18, point 7)
+@pytest.mark.parametrize("shape_arg", [64, [64], (64,)], ids=["int", "list", "tuple"])
+def test_rmsnorm_module_without_affine_matches_torch(shape_arg):
+    ours = fastlayers.RMSNorm(shape_arg, eps=None, elementwise_affine=False)
+    theirs = torch.nn.RMSNorm(shape_arg, eps=None, elementwise_affine=False)
+    assert ours.weight is None and list(ours.state_dict()) == list(theirs.state_dict()) == []
+    ours.load_state_dict(theirs.state_dict())
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, 64, dtype=dtype)
+        torch.testing.assert_close(ours(x), theirs(x))  # eps=None: finfo(dtype).eps, as torch
+    ours = fastlayers.LayerNorm(64, elementwise_affine=False)
+    theirs = torch.nn.LayerNorm(64, elementwise_affine=False)
+    assert list(ours.state_dict()) == list(theirs.state_dict()) == []
+    x = torch.randn(5, 64, requires_grad=True)
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+def test_rmsnorm_module_bf16_matches_torch_and_gemma_offset():
+    """The default casting ("gemma") is what torch.nn.RMSNorm computes: bf16 outputs equal torch's; with
+    offset=1.0 the gain is 1 + weight (Gemma's RMSNorm)."""
+    theirs = torch.nn.RMSNorm(96, eps=1e-6, dtype=torch.bfloat16)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.randn(96))
+    ours = fastlayers.RMSNorm(96, eps=1e-6, dtype=torch.bfloat16)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(7, 96, dtype=torch.bfloat16)
+    assert (ours(x) == theirs(x)).float().mean() > 0.99
+    gemma = fastlayers.RMSNorm(96, eps=1e-6, offset=1.0, dtype=torch.bfloat16)
+    gemma.load_state_dict(theirs.state_dict())
+    got, want = gemma(x), reference.rms_norm(x.double(), ours.weight.double() + 1.0, 1e-6)
+    lowp = reference.rms_norm(x, ours.weight, 1e-6, offset=1.0)
+    assert_close_to_ref(got, want, lowp, "y (offset=1)")
+    assert "offset=1.0" in repr(gemma)
+
+
+def test_rmsnorm_module_bad_arguments():
+    with pytest.raises(ValueError, match="casting_mode"):
+        fastlayers.RMSNorm(8, casting_mode="fp32")
+    with pytest.raises(TypeError, match="elementwise_affine"):
+        fastlayers.RMSNorm(8, 1e-6, "cpu")  # the third positional is elementwise_affine, as torch.nn.RMSNorm
+    with pytest.raises(ValueError, match="normalized_shape"):
+        fastlayers.RMSNorm((4, 8))
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager"])
+def test_torch_compile_norm_variants(compiler):
+    """offset, weight=None and llama casting through the custom ops: fullgraph, gradients as eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    w = (0.3 * torch.randn(32)).requires_grad_()
+
+    def f(x, r):
+        y, h = fastlayers.rms_norm(x, w, residual=r, prenorm=True, offset=1.0, casting_mode="llama")
+        return (fastlayers.rms_norm(y, None) * h).sum()
+
+    x = torch.randn(4, 32, dtype=torch.bfloat16, requires_grad=True)
+    r = torch.randn(4, 32, dtype=torch.bfloat16, requires_grad=True)
+    loss = f(x, r)
+    loss.backward()
+    grads = [t.grad.clone() for t in (x, r, w)]
+    for t in (x, r, w):
+        t.grad = None
+    closs = torch.compile(f, fullgraph=True, backend=compiler)(x, r)
+    closs.backward()
+    torch.testing.assert_close(closs, loss)
+    for g, t in zip(grads, (x, r, w)):
+        torch.testing.assert_close(t.grad, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_norm_variants(dtype):
+    x = torch.randn(3, 5, 40, dtype=dtype, requires_grad=True)
+    r = torch.randn(3, 5, 40, dtype=dtype, requires_grad=True)
+    w = torch.randn(40, dtype=dtype, requires_grad=True)
+    for weight, offset, round_xhat in ((w, 1.0, True), (None, 0.0, False)):
+        torch.library.opcheck(torch.ops.fastlayers.norm_fwd.default,
+                              (x, r, weight, None, 1e-5, True, True, False, "cpu", offset, round_xhat))
+        with torch.no_grad():
+            y, h, mean, rstd = torch.ops.fastlayers.norm_fwd(x, r, weight, None, 1e-5, True, True, False, "cpu",
+                                                             offset, round_xhat)
+        torch.library.opcheck(torch.ops.fastlayers.norm_bwd.default,
+                              (torch.randn_like(y), x.detach(), r.detach(), None if weight is None else w.detach(),
+                               None, mean, rstd, torch.randn_like(h), True, False, "cpu", offset, round_xhat))

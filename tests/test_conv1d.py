@@ -20,8 +20,10 @@ def _gen(*key):
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     """Every buffer the op allocates starts as NaN: an element a kernel does not write shows up."""
-    def nan_empty(shape, dtype, device):
-        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+    def nan_empty(shape, dtype, device, stride=None):
+        if stride is None:
+            return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+        return torch.empty_strided(tuple(shape), stride, dtype=dtype, device=device).fill_(float("nan"))
     monkeypatch.setattr(conv1d_op, "empty", nan_empty)
 
 
@@ -229,6 +231,46 @@ def test_causal_conv1d_backward_variants(device, backend, variant):
             assert a.grad is None or not a.grad.any()
         else:
             assert_rel_err(a.grad, r.grad, 1e-5, "grad")
+
+
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("inplace", ["iadd", "add_"])
+@pytest.mark.parametrize("final", [False, True])
+def test_causal_conv1d_output_modified_in_place(device, backend, layout, inplace, final):
+    """The output is an ordinary tensor (not a view made inside the autograd Function): ``out += 1`` and
+    ``out.add_(t)`` work, as in causal-conv1d's own tests, in x's layout, and the gradients through the
+    modified output still match the reference's."""
+    g = _gen("inplace", layout, inplace, final)
+    x = _x(2, 5, 9, torch.float32, device, g, layout)
+    weight, bias, init = _params(2, 5, 4, torch.float32, device, g)
+    extra = torch.randn(2, 5, 9, generator=g).to(device)
+    dout = torch.randn(2, 5, 9, generator=g).to(device)
+
+    def run(fn, leaves):
+        res = fn(*leaves[:3], "silu", leaves[3], final)
+        out = res[0] if final else res
+        scale = leaves[1][:, :1]  # a term that itself needs a gradient: (dim, 1) broadcast over time
+        if inplace == "iadd":
+            out += 1
+            out += scale * extra
+        else:
+            out.add_(1).add_(scale * extra)
+        loss = (out * dout).sum() + (res[1].sum() if final else 0)
+        loss.backward()
+        return out
+
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, init)]
+    ref_leaves = [t.double().requires_grad_() for t in (x, weight, bias, init)]
+    with fastlayers.use_backend(backend):
+        out = run(fastlayers.causal_conv1d, leaves)
+    ref = run(reference.causal_conv1d, ref_leaves)
+    assert not out._is_view()
+    assert (out.stride(1) == 1) == (layout == "channel_last"), out.stride()
+    assert_rel_err(out.detach(), ref.detach(), 1e-5, "out")
+    for name, a, r in zip(("dx", "dweight", "dbias", "dinitial_states"), leaves, ref_leaves):
+        assert a.grad is not None and a.grad.shape == a.shape, name
+        assert_rel_err(a.grad, r.grad, 1e-5, name)
 
 
 @pytest.mark.parametrize("backend,layout,seqlen", [("cpu", "time", 2), ("cpu", "time", 7), ("cpu", "channel_last", 2),

@@ -40,8 +40,13 @@ def _check(device, backend, q, kv, bt, seqlens, latent, causal, scale=None):
     assert out.shape == (*q.shape[:3], latent) and out.dtype == q.dtype
     assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == torch.float32
     assert_close_to_ref(out, hi[0], lo[0], "out")
+    # A query that sees no key: out 0 and lse +inf (FlashMLA's convention), never -inf.
     inf = torch.isinf(hi[1])
-    assert torch.equal(torch.isinf(lse).cpu(), inf.cpu()), "lse: -inf pattern differs"
+    assert not torch.isneginf(hi[1]).any() and not torch.isneginf(lse).any(), "lse: -inf"
+    assert torch.equal(torch.isposinf(lse).cpu(), inf.cpu()), "lse: +inf pattern differs"
+    if inf.any():
+        rows = inf.transpose(1, 2).cpu()  # (B, s_q, H)
+        assert torch.equal(out.cpu()[rows], torch.zeros_like(out.cpu()[rows])), "out of a query that sees no key"
     if (~inf).any():
         assert_rel_err(lse[~inf], hi[1][~inf], 1e-5, "lse")
 
@@ -114,7 +119,7 @@ def test_mla_decode_long_single_sequence_splits(device, backend):
 
 @pytest.mark.parametrize("device,backend", FAST_CASES)
 def test_mla_decode_causal_fewer_tokens_than_queries(device, backend):
-    """Causal queries that see no cached key give out 0 and lse -inf (never NaN)."""
+    """Causal queries that see no cached key give out 0 and lse +inf, as FlashMLA (never NaN)."""
     q, kv, bt, lens = _case(2, 4, 2, 64, 32, 16, [2, 0], torch.float32, device, 5)
     _check(device, backend, q, kv, bt, lens, 64, True)
 
@@ -281,7 +286,7 @@ def test_mla_decode_cpu_kernels(monkeypatch, kernel, heads, s_q, latent, rope, p
 @pytest.mark.parametrize("kernel", ["scalar", "vector"])
 def test_mla_decode_cpu_kernels_nan_and_empty(monkeypatch, kernel):
     """NaN in q or in a visible cache row gives NaN for exactly the rows that see it; a sequence of
-    length 0 and causal queries without a visible key give out 0 and lse -inf."""
+    length 0 and causal queries without a visible key give out 0 and lse +inf (FlashMLA's convention)."""
     from fastlayers.backends import cpu as cpu_backend
     if kernel not in _cpu_kernels():
         pytest.skip(f"the {kernel} CPU kernel is not available here")
@@ -299,7 +304,7 @@ def test_mla_decode_cpu_kernels_nan_and_empty(monkeypatch, kernel):
     assert torch.equal(torch.isnan(lse), want.transpose(1, 2))
     assert not torch.isnan(out[~want]).any()
     assert torch.equal(out[1, 0], torch.zeros_like(out[1, 0]))  # ... query 0 sees nothing
-    assert torch.isneginf(lse[1, :, 0]).all() and torch.isneginf(lse[2]).all()
+    assert torch.isposinf(lse[1, :, 0]).all() and torch.isposinf(lse[2]).all()
     assert torch.equal(out[2], torch.zeros_like(out[2]))
 
 

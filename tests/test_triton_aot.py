@@ -50,8 +50,10 @@ def test_aot_flags_cover_family():
     if triton_backend.IMPORT_ERROR is not None:
         pytest.skip(f"triton is not usable: {triton_backend.IMPORT_ERROR}")
     variants = triton_backend._aot_variants()
-    for kind, flags in (("norm_fwd", ("IS_RMS", "HAS_RESIDUAL", "HAS_BIAS", "STORE_H", "ONE_BLOCK")),
-                        ("norm_bwd", ("IS_RMS", "HAS_RESIDUAL", "HAS_BIAS", "HAS_DH", "STORE_DR", "ONE_BLOCK"))):
+    for kind, flags in (("norm_fwd", ("IS_RMS", "HAS_RESIDUAL", "HAS_BIAS", "STORE_H", "ONE_BLOCK", "HAS_WEIGHT",
+                                      "ROUND_XHAT")),
+                        ("norm_bwd", ("IS_RMS", "HAS_RESIDUAL", "HAS_BIAS", "HAS_DH", "STORE_DR", "ONE_BLOCK",
+                                      "HAS_WEIGHT", "ROUND_XHAT"))):
         metas = [v[4] for v in variants if v[-1].startswith(kind)]
         for f in flags:
             assert {m[f] for m in metas} == {True, False}, f"{kind}: {f} not compiled both ways"

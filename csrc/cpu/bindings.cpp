@@ -34,9 +34,9 @@ static View4 view4(const PyView& v, const char* what, bool required) {
 }
 
 static void check_norm_dtypes(int x_dt, int r_dt, int w_dt, int b_dt, int y_dt, int h_dt, bool has_r, bool has_b,
-                              bool has_h) {
+                              bool has_h, bool has_w) {
   check_dtype(x_dt, "x", true);
-  check_dtype(w_dt, "weight", true);
+  if (has_w) check_dtype(w_dt, "weight", true);
   check_dtype(y_dt, "y", true);
   if (has_r) check_dtype(r_dt, "residual", true);
   if (has_b) check_dtype(b_dt, "bias", true);
@@ -51,11 +51,11 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t x, int64_t x_stride, int x_dt, uintptr_t r, int64_t r_stride, int r_dt, uintptr_t w, int w_dt,
          uintptr_t b, int b_dt, uintptr_t y, int64_t y_stride, int y_dt, uintptr_t h, int64_t h_stride, int h_dt,
          uintptr_t mean, uintptr_t rstd, int64_t M, int64_t N, double eps, bool is_rms, uintptr_t workspace,
-         int parts) {
-        check_norm_dtypes(x_dt, r_dt, w_dt, b_dt, y_dt, h_dt, r != 0, b != 0, h != 0);
+         int parts, double offset, int xhat_dt) {
+        check_norm_dtypes(x_dt, r_dt, w_dt, b_dt, y_dt, h_dt, r != 0, b != 0, h != 0, w != 0);
         if (parts < 1) throw std::invalid_argument("fastlayers: parts must be >= 1");
         NormFwdArgs a{P(x), x_stride, x_dt, P(r), r_stride, r_dt, P(w), w_dt, P(b), b_dt, P(y), y_stride, y_dt,
-                      P(h),  h_stride, h_dt, P(mean), P(rstd), M,  N,  eps, is_rms};
+                      P(h),  h_stride, h_dt, P(mean), P(rstd), M,  N,  eps, is_rms, offset, xhat_dt};
         py::gil_scoped_release nogil;
         cpu::norm_fwd(a, P(workspace), parts);
       },
@@ -67,14 +67,14 @@ PYBIND11_MODULE(_C, m) {
          int64_t r_stride, int r_dt, uintptr_t w, int w_dt, uintptr_t b, int b_dt, uintptr_t mean, uintptr_t rstd,
          uintptr_t dh, int64_t dh_stride, int dh_dt, uintptr_t dx, int64_t dx_stride, int dx_dt, uintptr_t dr,
          int64_t dr_stride, int dr_dt, uintptr_t dw_part, uintptr_t db_part, int64_t M, int64_t N, bool is_rms,
-         uintptr_t workspace, int parts) {
-        check_norm_dtypes(x_dt, r_dt, w_dt, b_dt, dx_dt, dh_dt, r != 0, b != 0, dh != 0);
+         uintptr_t workspace, int parts, double offset, int xhat_dt) {
+        check_norm_dtypes(x_dt, r_dt, w_dt, b_dt, dx_dt, dh_dt, r != 0, b != 0, dh != 0, w != 0);
         check_dtype(dy_dt, "dy", true);
         if (dr) check_dtype(dr_dt, "dresidual", true);
         if (parts < 1) throw std::invalid_argument("fastlayers: parts must be >= 1");
         NormBwdArgs a{P(dy), dy_stride, dy_dt, P(x), x_stride, x_dt, P(r), r_stride, r_dt, P(w), w_dt, P(b), b_dt,
                       P(mean), P(rstd), P(dh), dh_stride, dh_dt, P(dx), dx_stride, dx_dt, P(dr), dr_stride, dr_dt,
-                      P(dw_part), P(db_part), M, N, is_rms};
+                      P(dw_part), P(db_part), M, N, is_rms, offset, xhat_dt};
         py::gil_scoped_release nogil;
         cpu::norm_bwd(a, P(workspace), parts);
       },

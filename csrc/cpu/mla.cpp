@@ -469,7 +469,9 @@ FL_INLINE void mla_merge(const MlaDecodeArgs& a, int64_t idx, Acc* buf) {
 #pragma omp simd
     for (int64_t c = 0; c < dv; ++c) buf[c] *= inv;
   }
-  const Acc lse = nan ? std::numeric_limits<Acc>::quiet_NaN() : (mx == ninf ? ninf : mx + std::log(total));
+  // No key seen: out 0 and lse +inf (FlashMLA's convention; the partials keep -inf).
+  const Acc lse = nan ? std::numeric_limits<Acc>::quiet_NaN()
+                      : (mx == ninf ? std::numeric_limits<Acc>::infinity() : mx + std::log(total));
   if (nan)
     for (int64_t c = 0; c < dv; ++c) buf[c] = std::numeric_limits<Acc>::quiet_NaN();
   const int64_t qi = r / a.H, h = r % a.H;

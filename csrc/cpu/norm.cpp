@@ -16,13 +16,37 @@
 namespace fastlayers {
 namespace cpu {
 
+// The gain (offset + w), or 1 without a weight, in the accumulator type.
+template <typename Acc>
+FL_INLINE void load_gain(const void* w, int w_dt, double offset, Acc* out, int64_t N) {
+  if (!w) {
+    for (int64_t j = 0; j < N; ++j) out[j] = Acc(1);
+    return;
+  }
+  load_row(w, w_dt, out, N);
+  if (offset != 0.0) {
+    const Acc o = Acc(offset);
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) out[j] += o;
+  }
+}
+
+// v rounded to a 16-bit dtype (round to nearest even) and back; any other dt: v.
+template <typename Acc>
+FL_INLINE Acc round_to(Acc v, int dt) {
+  if (dt == kBF16) return Acc(bf16_to_f32(f32_to_bf16(float(v))));
+  if (dt == kF16) return Acc(f16_to_f32(f32_to_f16(float(v))));
+  return v;
+}
+
 template <typename Acc>
 FL_INLINE void norm_fwd_rows(const NormFwdArgs& a, int64_t r0, int64_t r1, Acc* buf, Acc* wbuf, Acc* bbuf,
                              Acc* stage) {
   const int64_t N = a.N;
   const bool stream = a.M * N * dtype_size(a.y_dt) >= kStreamMinBytes;
-  load_row(a.w, a.w_dt, wbuf, N);
+  load_gain(a.w, a.w_dt, a.offset, wbuf, N);
   if (a.b) load_row(a.b, a.b_dt, bbuf, N);
+  const int rdt = a.xhat_dt == kBF16 || a.xhat_dt == kF16 ? a.xhat_dt : -1;
   const Acc inv_n = Acc(1) / Acc(N);
   for (int64_t i = r0; i < r1; ++i) {
     load_row(elem_ptr(a.x, a.x_dt, i * a.x_stride), a.x_dt, buf, N);
@@ -44,7 +68,9 @@ FL_INLINE void norm_fwd_rows(const NormFwdArgs& a, int64_t r0, int64_t r1, Acc* 
     const Acc rstd = Acc(1) / std::sqrt(ss * inv_n + Acc(a.eps));
     if (!a.is_rms) static_cast<Acc*>(a.mean)[i] = mu;
     static_cast<Acc*>(a.rstd)[i] = rstd;
-    if (a.b) {
+    if (rdt >= 0) {  // Llama's casting: xhat rounded to the input dtype before the gain
+      for (int64_t j = 0; j < N; ++j) buf[j] = round_to((buf[j] - mu) * rstd, rdt) * wbuf[j] + (a.b ? bbuf[j] : Acc(0));
+    } else if (a.b) {
 #pragma omp simd
       for (int64_t j = 0; j < N; ++j) buf[j] = (buf[j] - mu) * rstd * wbuf[j] + bbuf[j];
     } else {
@@ -61,7 +87,8 @@ FL_INLINE void norm_bwd_rows(const NormBwdArgs& a, int64_t r0, int64_t r1, Acc* 
                              Acc* stage, Acc* dw, Acc* db) {
   const int64_t N = a.N;
   const bool stream = a.M * N * dtype_size(a.dx_dt) >= kStreamMinBytes;
-  load_row(a.w, a.w_dt, wbuf, N);
+  load_gain(a.w, a.w_dt, a.offset, wbuf, N);
+  const int rdt = a.xhat_dt == kBF16 || a.xhat_dt == kF16 ? a.xhat_dt : -1;
   for (int64_t j = 0; j < N; ++j) dw[j] = 0;
   if (db)
     for (int64_t j = 0; j < N; ++j) db[j] = 0;
@@ -76,7 +103,17 @@ FL_INLINE void norm_bwd_rows(const NormBwdArgs& a, int64_t r0, int64_t r1, Acc* 
     const Acc mu = a.is_rms ? Acc(0) : mean[i];
     const Acc rstd = rstdp[i];
     Acc c1 = 0, c2 = 0;
-    if (db) {
+    if (rdt >= 0) {  // dw sees the rounded xhat; dx the unrounded one
+      for (int64_t j = 0; j < N; ++j) {
+        const Acc xh = (hb[j] - mu) * rstd, dyj = gb[j], g = dyj * wbuf[j];
+        dw[j] += dyj * round_to(xh, rdt);
+        if (db) db[j] += dyj;
+        c1 += g * xh;
+        c2 += g;
+        hb[j] = xh;
+        gb[j] = g;
+      }
+    } else if (db) {
 #pragma omp simd reduction(+ : c1, c2)
       for (int64_t j = 0; j < N; ++j) {
         const Acc xh = (hb[j] - mu) * rstd, dyj = gb[j], g = dyj * wbuf[j];

@@ -38,16 +38,18 @@ PYBIND11_MODULE(_cuda, m) {
       "norm_fwd",
       [](uintptr_t x, int64_t x_stride, int x_dt, uintptr_t r, int64_t r_stride, int r_dt, uintptr_t w, int w_dt,
          uintptr_t b, int b_dt, uintptr_t y, int64_t y_stride, int y_dt, uintptr_t h, int64_t h_stride, int h_dt,
-         uintptr_t mean, uintptr_t rstd, int64_t M, int64_t N, double eps, bool is_rms, uintptr_t stream) {
+         uintptr_t mean, uintptr_t rstd, int64_t M, int64_t N, double eps, bool is_rms, uintptr_t stream,
+         double offset, int xhat_dt) {
         NormFwdArgs a{P(x), x_stride, x_dt, P(r), r_stride, r_dt, P(w), w_dt, P(b), b_dt, P(y), y_stride, y_dt,
-                      P(h),  h_stride, h_dt, P(mean), P(rstd), M,  N,  eps, is_rms};
+                      P(h),  h_stride, h_dt, P(mean), P(rstd), M,  N,  eps, is_rms, offset, xhat_dt};
         py::gil_scoped_release nogil;
         cuda::norm_fwd(a, P(stream));
       },
       py::arg("x"), py::arg("x_stride"), py::arg("x_dt"), py::arg("r"), py::arg("r_stride"), py::arg("r_dt"),
       py::arg("w"), py::arg("w_dt"), py::arg("b"), py::arg("b_dt"), py::arg("y"), py::arg("y_stride"),
       py::arg("y_dt"), py::arg("h"), py::arg("h_stride"), py::arg("h_dt"), py::arg("mean"), py::arg("rstd"),
-      py::arg("M"), py::arg("N"), py::arg("eps"), py::arg("is_rms"), py::arg("stream"),
+      py::arg("M"), py::arg("N"), py::arg("eps"), py::arg("is_rms"), py::arg("stream"), py::arg("offset") = 0.0,
+      py::arg("xhat_dt") = -1,
       "Fused residual + RMSNorm/LayerNorm forward on `stream` (see csrc/include/fastlayers/common.h).");
 
   m.def(
@@ -56,10 +58,10 @@ PYBIND11_MODULE(_cuda, m) {
          int64_t r_stride, int r_dt, uintptr_t w, int w_dt, uintptr_t b, int b_dt, uintptr_t mean, uintptr_t rstd,
          uintptr_t dh, int64_t dh_stride, int dh_dt, uintptr_t dx, int64_t dx_stride, int dx_dt, uintptr_t dr,
          int64_t dr_stride, int dr_dt, uintptr_t dw_part, uintptr_t db_part, int64_t M, int64_t N, bool is_rms,
-         int parts, uintptr_t stream) {
+         int parts, uintptr_t stream, double offset, int xhat_dt) {
         NormBwdArgs a{P(dy), dy_stride, dy_dt, P(x), x_stride, x_dt, P(r), r_stride, r_dt, P(w), w_dt, P(b), b_dt,
                       P(mean), P(rstd), P(dh), dh_stride, dh_dt, P(dx), dx_stride, dx_dt, P(dr), dr_stride, dr_dt,
-                      P(dw_part), P(db_part), M, N, is_rms};
+                      P(dw_part), P(db_part), M, N, is_rms, offset, xhat_dt};
         py::gil_scoped_release nogil;
         cuda::norm_bwd(a, parts, P(stream));
       },
@@ -68,7 +70,7 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("b_dt"), py::arg("mean"), py::arg("rstd"), py::arg("dh"), py::arg("dh_stride"), py::arg("dh_dt"),
       py::arg("dx"), py::arg("dx_stride"), py::arg("dx_dt"), py::arg("dr"), py::arg("dr_stride"),
       py::arg("dr_dt"), py::arg("dw_part"), py::arg("db_part"), py::arg("M"), py::arg("N"), py::arg("is_rms"),
-      py::arg("parts"), py::arg("stream"),
+      py::arg("parts"), py::arg("stream"), py::arg("offset") = 0.0, py::arg("xhat_dt") = -1,
       "Fused residual + RMSNorm/LayerNorm backward on `stream`; dw/db as (parts, N) fp32 partial sums.");
 
   m.def(

@@ -5,7 +5,8 @@
 // (csrc/cpu/mla.cpp): scores (q * scale) . k in fp32, online softmax in fp32, values =
 // the first dv channels of each cached row, per-split normalised partials o_part /
 // lse_part, then a merge over the splits by their log-sum-exp. NaN in q or in a visible
-// key poisons the row (out NaN, lse NaN); a query that sees no key gets out 0, lse -inf.
+// key poisons the row (out NaN, lse NaN); a query that sees no key gets out 0, lse +inf
+// (FlashMLA's convention; its split partials have lse_part -inf, which the merge skips).
 //
 // mla_partial<DT, NC, NR>: one CTA of 256 threads (8 warps) per (row group, KV split,
 // batch row); a row group is up to 16 query rows r = qi * H + h (heads and the s_q new
@@ -116,6 +117,7 @@ FL_DEV float warp_sum(float v) {
 }
 
 FL_DEV float mla_ninf() { return -__uint_as_float(0x7f800000u); }
+FL_DEV float mla_pinf() { return __uint_as_float(0x7f800000u); }
 FL_DEV float mla_nan() { return __uint_as_float(0x7fc00000u); }
 
 // The partial kernel. NC x NR accumulators a thread: NC columns (CT = 256 * NR / 16
@@ -393,7 +395,7 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kMlaMergeThreads, 4) mla_merge(MlaDecodeArgs a) 
     if (c < dv) mla_store(a.out, a.out_dt, o + c, nan ? mla_nan() : acc[j]);
   }
   if (tid == 0)
-    static_cast<float*>(a.lse)[(b * a.H + h) * a.s_q + qi] = nan ? mla_nan() : (mx == ninf ? ninf : mx + logf(total));
+    static_cast<float*>(a.lse)[(b * a.H + h) * a.s_q + qi] = nan ? mla_nan() : (mx == ninf ? mla_pinf() : mx + logf(total));
 }
 
 // ---------------------------------------------------------------------------------

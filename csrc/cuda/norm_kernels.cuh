@@ -4,7 +4,9 @@
 // Semantics are those of NormFwdArgs / NormBwdArgs (fastlayers/common.h) and of the
 // CPU kernel (csrc/cpu/norm.cpp): h = x + r formed in fp32 and normalised unrounded,
 // statistics and accumulation in fp32, every tensor with its own dtype
-// (fp32 / fp16 / bf16), rows `stride` elements apart, last dimension contiguous.
+// (fp32 / fp16 / bf16), rows `stride` elements apart, last dimension contiguous. The gain
+// is offset + w (1 without a weight); with xhat_dt set, xhat is rounded to that 16-bit
+// dtype before the gain multiplies it, and dw sums dy times that rounded xhat.
 //
 // One kernel family, dtypes decided at run time. A row is cut into groups of 8
 // elements; a group is loaded as raw bits (one 16-byte load for a 2-byte dtype, two
@@ -14,8 +16,12 @@
 // per 8 elements. Templates fix only the shape: threads per row (TPR) and groups per
 // thread (G).
 //
-//   norm_fwd_reg<TPR, G>   N <= 8192 (8 * TPR * G, G <= 2): the row stays in registers;
+//   norm_fwd_reg<TPR, G, Ext>
+//                          N <= 8192 (8 * TPR * G, G <= 2): the row stays in registers;
 //                          R = rows per block (several rows per block for small N).
+//                          Ext: the gain options (offset, no weight, xhat rounding) compiled
+//                          in; without them the plain weight multiply of the common case
+//                          (the options cost the 80-register 256-thread instantiation spills).
 //   norm_fwd_loop          any N: statistics pass (Chan/Welford merge for the mean and
 //                          variance), then the h/y pass; reads x (and r) twice.
 //   norm_bwd_reg<TPR, G, DB, Narrow>
@@ -96,6 +102,24 @@ FL_DEV void zero_raw(Raw8& r) {
   for (int k = 0; k < kVec; ++k) r.w[k] = 0u;
 }
 
+// xhat as the gain multiplies it: rounded to a 16-bit dtype first when xhat_dt is one
+// (Llama's casting), else unchanged. One value, and (one uniform branch) a group of 8.
+FL_DEV float round_xhat1(float v, int xhat_dt) {
+  if (xhat_dt == kBF16) return bf16_bits_to_f32(f32_to_bf16_bits(v));
+  if (xhat_dt == kF16) return f16_bits_to_f32(f32_to_f16_bits(v));
+  return v;
+}
+
+FL_DEV void round_xhat(float (&v)[kVec], int xhat_dt) {
+  if (xhat_dt == kBF16) {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) v[k] = bf16_bits_to_f32(f32_to_bf16_bits(v[k]));
+  } else if (xhat_dt == kF16) {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) v[k] = f16_bits_to_f32(f32_to_f16_bits(v[k]));
+  }
+}
+
 // out[k] (=, or += when Add) the fp32 value of element k.
 template <bool Add, bool Narrow = false>
 FL_DEV void raw_to_f32(const Raw8& r, int dt, float* out) {
@@ -119,6 +143,21 @@ FL_DEV void raw_to_f32(const Raw8& r, int dt, float* out) {
       const float v = f16_bits_to_f32((k & 1) ? (u >> 16) : (u & 0xffffu));
       out[k] = Add ? out[k] + v : v;
     }
+  }
+}
+
+// The gain of a group: offset + w (w: raw bits of the weight), or 1 without a weight.
+FL_DEV void gain_f32(const Raw8& r, const void* w, int w_dt, double offset, float* out) {
+  if (w) {
+    raw_to_f32<false>(r, w_dt, out);
+    const float o = float(offset);
+    if (o != 0.f) {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) out[k] += o;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) out[k] = 1.f;
   }
 }
 
@@ -254,17 +293,23 @@ constexpr int fwd_rows_per_block(int tpr) { return tpr >= 128 ? 1 : 128 / tpr; }
 
 // Blocks per SM asked of the compiler: 3 for the 256-thread instantiation (<= 80
 // registers, no spills), else 1 (no register cap: 106 registers, 4 blocks of 128
-// threads or 1 of 512 per SM).
-constexpr int fwd_min_blocks(int threads) { return threads == 256 ? 3 : 1; }
+// threads or 1 of 512 per SM). With the gain options (Ext) the 256-thread kernel
+// would spill at 80 registers: 2 blocks (<= 128 registers).
+constexpr int fwd_min_blocks(int threads, bool ext = false) { return threads == 256 ? (ext ? 2 : 3) : 1; }
 // Weight and bias are loaded with the row, before the reductions, so their latency
 // overlaps that of x and r; except in the 256-thread instantiation, which would then
 // spill at 80 registers: there they are loaded after the reductions (3 blocks per SM
 // hide that latency instead).
 constexpr bool fwd_early_wb(int threads) { return fwd_min_blocks(threads) == 1; }
 
+// Whether a forward needs the Ext kernels: a gain other than the weight itself, or xhat rounding.
+inline bool fwd_ext(const NormFwdArgs& a) {
+  return !a.w || a.offset != 0.0 || a.xhat_dt == kBF16 || a.xhat_dt == kF16;
+}
+
 // Row held in registers: thread tx of a row owns groups g*TPR + tx (g < G).
-template <int TPR, int G>
-FL_GLOBAL void FL_LAUNCH_BOUNDS(TPR * fwd_rows_per_block(TPR), fwd_min_blocks(TPR * fwd_rows_per_block(TPR)))
+template <int TPR, int G, bool Ext>
+FL_GLOBAL void FL_LAUNCH_BOUNDS(TPR * fwd_rows_per_block(TPR), fwd_min_blocks(TPR * fwd_rows_per_block(TPR), Ext))
     norm_fwd_reg(NormFwdArgs a) {
   constexpr int R = fwd_rows_per_block(TPR);
   constexpr bool kEarlyWB = fwd_early_wb(TPR * R);
@@ -281,8 +326,10 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(TPR * fwd_rows_per_block(TPR), fwd_min_blocks(TP
     float h[G][kVec];
     Raw8 rw[G], rb[G];  // weight and bias (raw bits; L1/L2 hits)
     auto load_wb = [&] {
+      if (!Ext || a.w) {
 #pragma unroll
-      for (int g = 0; g < G; ++g) load_raw(rw[g], a.w, a.w_dt, wv, (g * TPR + tx) * kVec, N);
+        for (int g = 0; g < G; ++g) load_raw(rw[g], a.w, a.w_dt, wv, (g * TPR + tx) * kVec, N);
+      }
       if (a.b) {
 #pragma unroll
         for (int g = 0; g < G; ++g) load_raw(rb[g], a.b, a.b_dt, bv, (g * TPR + tx) * kVec, N);
@@ -358,9 +405,18 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(TPR * fwd_rows_per_block(TPR), fwd_min_blocks(TP
         const int col = (g * TPR + tx) * kVec;
         if (col >= N) continue;
         float w[kVec], out[kVec];
-        raw_to_f32<false>(rw[g], a.w_dt, w);
+        if constexpr (Ext) {
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) out[k] = (h[g][k] - mu) * rstd * w[k];
+          for (int k = 0; k < kVec; ++k) out[k] = (h[g][k] - mu) * rstd;
+          round_xhat(out, a.xhat_dt);
+          gain_f32(rw[g], a.w, a.w_dt, a.offset, w);
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) out[k] *= w[k];
+        } else {
+          raw_to_f32<false>(rw[g], a.w_dt, w);
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) out[k] = (h[g][k] - mu) * rstd * w[k];
+        }
         if (a.b) {
           float b[kVec];
           raw_to_f32<false>(rb[g], a.b_dt, b);
@@ -465,8 +521,10 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kFwdLoopTPR, 1) norm_fwd_loop(NormFwdArgs a) {
     // Pass 2: h and y.
     for (int t0 = 0; t0 < N; t0 += T) {
       Raw8 rw[U], rb[U];
+      if (a.w) {
 #pragma unroll
-      for (int u = 0; u < U; ++u) load_raw(rw[u], a.w, a.w_dt, wv, t0 + (u * TPR + tx) * kVec, N);
+        for (int u = 0; u < U; ++u) load_raw(rw[u], a.w, a.w_dt, wv, t0 + (u * TPR + tx) * kVec, N);
+      }
       if (a.b) {
 #pragma unroll
         for (int u = 0; u < U; ++u) load_raw(rb[u], a.b, a.b_dt, bv, t0 + (u * TPR + tx) * kVec, N);
@@ -479,9 +537,12 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kFwdLoopTPR, 1) norm_fwd_loop(NormFwdArgs a) {
         if (col >= N) continue;
         if (hrow) store_f32(hrow, a.h_dt, hv, col, N, h[u]);
         float w[kVec], out[kVec];
-        raw_to_f32<false>(rw[u], a.w_dt, w);
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) out[k] = (h[u][k] - mu) * rstd * w[k];
+        for (int k = 0; k < kVec; ++k) out[k] = (h[u][k] - mu) * rstd;
+        round_xhat(out, a.xhat_dt);
+        gain_f32(rw[u], a.w, a.w_dt, a.offset, w);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) out[k] *= w[k];
         if (a.b) {
           float b[kVec];
           raw_to_f32<false>(rb[u], a.b_dt, b);
@@ -562,7 +623,7 @@ FL_DEV void row_grad_load(const NormBwdArgs& a, int64_t row, int col0, const WGe
       const float dyk = in ? dy[k] : 0.f;
       const float g = dyk * w(u, k);
       if (AccW) {
-        dw[u][k] += dyk * xh;
+        dw[u][k] += dyk * round_xhat1(xh, a.xhat_dt);
         if (want_db) db[u][k] += dyk;
       }
       c1 += g * xh;
@@ -596,14 +657,15 @@ FL_DEV void row_grad_store(const NormBwdArgs& a, int64_t row, int col0, const Ro
   }
 }
 
+// The gain (offset + w, or 1 without a weight) of this thread's groups.
 template <int TPR, int U>
 FL_DEV void load_weight(const NormBwdArgs& a, int col0, float (&w)[U][kVec]) {
   const bool wv = aligned16(a.w);
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     Raw8 r;
-    load_raw(r, a.w, a.w_dt, wv, col0 + (u * TPR + int(threadIdx.x)) * kVec, int(a.N));
-    raw_to_f32<false>(r, a.w_dt, w[u]);
+    if (a.w) load_raw(r, a.w, a.w_dt, wv, col0 + (u * TPR + int(threadIdx.x)) * kVec, int(a.N));
+    gain_f32(r, a.w, a.w_dt, a.offset, w[u]);
   }
 }
 
@@ -816,18 +878,21 @@ constexpr int64_t kMaxGrid = int64_t(1) << 30;
 template <class Launch>
 void launch_norm_fwd(const NormFwdArgs& a, Launch&& launch) {
   const int64_t groups = (a.N + kVec - 1) / kVec;
-  auto reg = [&](auto kernel, int tpr) {
+  const bool ext = fwd_ext(a);
+  auto reg = [&](auto kernel, auto kernel_ext, int tpr) {
     const int R = fwd_rows_per_block(tpr);
     int64_t grid = (a.M + R - 1) / R;
     grid = grid < kMaxGrid ? grid : kMaxGrid;
-    launch(kernel, dim3(unsigned(grid)), dim3(unsigned(tpr), unsigned(R)), a);
+    launch(ext ? kernel_ext : kernel, dim3(unsigned(grid)), dim3(unsigned(tpr), unsigned(R)), a);
   };
-  if (groups <= 32) reg(norm_fwd_reg<32, 1>, 32);
-  else if (groups <= 64) reg(norm_fwd_reg<32, 2>, 32);
-  else if (groups <= 128) reg(norm_fwd_reg<64, 2>, 64);
-  else if (groups <= 256) reg(norm_fwd_reg<128, 2>, 128);
-  else if (groups <= 512) reg(norm_fwd_reg<256, 2>, 256);
-  else if (groups <= 1024) reg(norm_fwd_reg<512, 2>, 512);
+#define FL_FWD_REG(TPR, G) reg(norm_fwd_reg<TPR, G, false>, norm_fwd_reg<TPR, G, true>, TPR)
+  if (groups <= 32) FL_FWD_REG(32, 1);
+  else if (groups <= 64) FL_FWD_REG(32, 2);
+  else if (groups <= 128) FL_FWD_REG(64, 2);
+  else if (groups <= 256) FL_FWD_REG(128, 2);
+  else if (groups <= 512) FL_FWD_REG(256, 2);
+  else if (groups <= 1024) FL_FWD_REG(512, 2);
+#undef FL_FWD_REG
   else {
     const int64_t grid = a.M < kMaxGrid ? a.M : kMaxGrid;
     launch(norm_fwd_loop, dim3(unsigned(grid)), dim3(unsigned(kFwdLoopTPR)), a);
@@ -929,7 +994,7 @@ constexpr int64_t kMaxN = int64_t(1) << 30;  // the kernels index columns with i
 // Returns whether to launch (false: nothing to compute).
 inline bool check_norm_fwd(const NormFwdArgs& a) {
   check_kernel_dtype(a.x_dt, "x");
-  check_kernel_dtype(a.w_dt, "weight");
+  if (a.w) check_kernel_dtype(a.w_dt, "weight");
   check_kernel_dtype(a.y_dt, "y");
   if (a.r) check_kernel_dtype(a.r_dt, "residual");
   if (a.b) check_kernel_dtype(a.b_dt, "bias");
@@ -938,15 +1003,15 @@ inline bool check_norm_fwd(const NormFwdArgs& a) {
     throw std::invalid_argument("fastlayers._cuda.norm_fwd: M must be >= 0 and N in [0, 2**30], got M=" +
                                 std::to_string(a.M) + ", N=" + std::to_string(a.N));
   if (a.M == 0 || a.N == 0) return false;  // no element to write; zero-element tensors may be null
-  if (!a.x || !a.w || !a.y || !a.rstd || (!a.is_rms && !a.mean))
-    throw std::invalid_argument("fastlayers._cuda.norm_fwd: x, weight, y, rstd (and mean for LayerNorm) are required");
+  if (!a.x || !a.y || !a.rstd || (!a.is_rms && !a.mean))
+    throw std::invalid_argument("fastlayers._cuda.norm_fwd: x, y, rstd (and mean for LayerNorm) are required");
   return true;
 }
 
 inline bool check_norm_bwd(const NormBwdArgs& a, int parts) {
   check_kernel_dtype(a.dy_dt, "dy");
   check_kernel_dtype(a.x_dt, "x");
-  check_kernel_dtype(a.w_dt, "weight");
+  if (a.w) check_kernel_dtype(a.w_dt, "weight");
   check_kernel_dtype(a.dx_dt, "dx");
   if (a.r) check_kernel_dtype(a.r_dt, "residual");
   if (a.b) check_kernel_dtype(a.b_dt, "bias");
@@ -958,13 +1023,12 @@ inline bool check_norm_bwd(const NormBwdArgs& a, int parts) {
   if (parts < 1) throw std::invalid_argument("fastlayers._cuda.norm_bwd: parts must be >= 1");
   if (a.N == 0) return false;  // every output is empty
   if (a.M == 0) {              // only the partial rows to write (zeros); the kernels read the weight only
-    if (!a.w || !a.dw_part)
-      throw std::invalid_argument("fastlayers._cuda.norm_bwd: weight and dw_part are required");
+    if (!a.dw_part) throw std::invalid_argument("fastlayers._cuda.norm_bwd: dw_part is required");
     return true;
   }
-  if (!a.dy || !a.x || !a.w || !a.rstd || !a.dx || !a.dw_part || (!a.is_rms && !a.mean))
+  if (!a.dy || !a.x || !a.rstd || !a.dx || !a.dw_part || (!a.is_rms && !a.mean))
     throw std::invalid_argument(
-        "fastlayers._cuda.norm_bwd: dy, x, weight, rstd, dx, dw_part (and mean for LayerNorm) are required");
+        "fastlayers._cuda.norm_bwd: dy, x, rstd, dx, dw_part (and mean for LayerNorm) are required");
   return true;
 }
 

@@ -10,12 +10,13 @@ Contract for the fused residual + norm family (``norm_*``)
 All 2-D tensors are ``(M, N)`` with the last dimension contiguous (stride 1)
 and an arbitrary row stride ``t.stride(0)`` (e.g. a slice of a wider tensor).
 
-``norm_fwd(x, residual, weight, bias, y, h, mean, rstd, eps, is_rms)``
+``norm_fwd(x, residual, weight, bias, y, h, mean, rstd, eps, is_rms, offset=0.0, round_xhat=False)``
     x         (M, N) input; fp32/fp16/bf16 (fp64 on cpu only)
     residual  (M, N) or None; dtype of x, or fp32
-    weight    (N,) contiguous, any floating dtype
+    weight    (N,) contiguous, any floating dtype, or None: no gain (offset unused)
     bias      (N,) contiguous or None (LayerNorm only)
-    y         (M, N) output, dtype of x:  y = norm(h) * weight (+ bias)
+    y         (M, N) output, dtype of x:  y = xhat' * (offset + weight) (+ bias), xhat' = norm(h),
+              rounded to x's dtype first when round_xhat and x is fp16/bf16 (Llama's casting)
     h         (M, N) output or None: h = x + residual (or x), in h.dtype
     mean      (M,) stat dtype output (LayerNorm) or None (RMSNorm)
     rstd      (M,) stat dtype output: 1/sqrt(var(h) + eps) (LN) or 1/sqrt(mean(h^2) + eps) (RMS)
@@ -27,13 +28,15 @@ and an arbitrary row stride ``t.stride(0)`` (e.g. a slice of a wider tensor).
 ``norm_bwd_parts(M, N, device) -> int``
     number P of partial rows the backward writes into dw_part/db_part.
 
-``norm_bwd(dy, x, residual, weight, bias, mean, rstd, dh, dx, dresidual, dw_part, db_part, is_rms)``
+``norm_bwd(dy, x, residual, weight, bias, mean, rstd, dh, dx, dresidual, dw_part, db_part, is_rms, offset=0.0,
+round_xhat=False)``
     dy        (M, N) grad of y (dtype of x)
     x, residual, weight, bias, mean, rstd: as saved from the forward (h is recomputed from x + residual)
     dh        (M, N) or None: grad flowing into the h output (prenorm)
     dx        (M, N) output: d loss / d h  (= d loss / d x)
     dresidual (M, N) output or None: the same values in residual's dtype
-    dw_part   (P, N) stat dtype output: per-part partial sums of dy * xhat (every row written)
+    dw_part   (P, N) stat dtype output: per-part partial sums of dy * xhat' (every row written, with or
+              without a weight); dx uses the gain offset + weight and the unrounded xhat
     db_part   (P, N) stat dtype output or None: partial sums of dy
     stat dtype = float64 for float64 inputs, float32 otherwise.
 
@@ -101,7 +104,7 @@ wants (rows = s_q x heads).
     o_part, lse_part (B, n_splits, s_q, H, head_dim_v) and (B, n_splits, s_q, H) stat-dtype workspaces:
                split s covers tokens [s * split_tokens, (s + 1) * split_tokens)
   Scores (q . k) * scale in fp32; with ``causal`` query i sees keys <= seqlen - s_q + i. A query that
-  sees no key: out 0, lse -inf.
+  sees no key: out 0, lse +inf (FlashMLA's convention; its lse_part is -inf, skipped by the merge).
 Contract for the causal depthwise conv1d (``causal_conv1d_*``)
 --------------------------------------------------------------
 x, out, dout and dx are ``(B, C, L)`` in one of two layouts, chosen by x: time-contiguous

@@ -25,21 +25,27 @@ def _parts(items, elems, per_thread=None):
     return max(1, min(torch.get_num_threads(), items, elems // (per_thread or MIN_PER_THREAD)))
 
 
-def norm_fwd(x, residual, weight, bias, y, h, mean, rstd, eps, is_rms):
+def _xhat_code(round_xhat, x):
+    """dtype code xhat is rounded to before the gain ("llama" casting): x's, when 16-bit; else -1."""
+    return code(x) if round_xhat and x.dtype in (torch.float16, torch.bfloat16) else -1
+
+
+def norm_fwd(x, residual, weight, bias, y, h, mean, rstd, eps, is_rms, offset=0.0, round_xhat=False):
     M, N = x.shape
     parts = _parts(M, M * N)
     ws = torch.empty(parts * 4 * N, dtype=stat_dtype(x.dtype))
     _C.norm_fwd(ptr(x), stride0(x), code(x), ptr(residual), stride0(residual), code(residual),
                 ptr(weight), code(weight), ptr(bias), code(bias), ptr(y), stride0(y), code(y),
                 ptr(h), stride0(h), code(h), ptr(mean), ptr(rstd), M, N, float(eps), bool(is_rms),
-                ws.data_ptr(), parts)
+                ws.data_ptr(), parts, float(offset), _xhat_code(round_xhat, x))
 
 
 def norm_bwd_parts(M, N, device):
     return _parts(M, M * N)
 
 
-def norm_bwd(dy, x, residual, weight, bias, mean, rstd, dh, dx, dresidual, dw_part, db_part, is_rms):
+def norm_bwd(dy, x, residual, weight, bias, mean, rstd, dh, dx, dresidual, dw_part, db_part, is_rms, offset=0.0,
+             round_xhat=False):
     M, N = x.shape
     parts = dw_part.shape[0]
     ws = torch.empty(parts * 4 * N, dtype=stat_dtype(x.dtype))
@@ -47,7 +53,8 @@ def norm_bwd(dy, x, residual, weight, bias, mean, rstd, dh, dx, dresidual, dw_pa
                 ptr(residual), stride0(residual), code(residual), ptr(weight), code(weight),
                 ptr(bias), code(bias), ptr(mean), ptr(rstd), ptr(dh), stride0(dh), code(dh),
                 ptr(dx), stride0(dx), code(dx), ptr(dresidual), stride0(dresidual), code(dresidual),
-                ptr(dw_part), ptr(db_part), M, N, bool(is_rms), ws.data_ptr(), parts)
+                ptr(dw_part), ptr(db_part), M, N, bool(is_rms), ws.data_ptr(), parts, float(offset),
+                _xhat_code(round_xhat, dx))
 
 
 def _s3(t):
@@ -98,7 +105,7 @@ def _view4(t):
     if t is None:
         return (0, -1, (0, 0, 0, 0))
     st = tuple(t.stride()) + (0,) * (4 - t.dim())
-    return (t.data_ptr(), code(t), st)
+    return (ptr(t), code(t), st)
 
 
 def selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, out, state_batch_indices, dt_softplus):

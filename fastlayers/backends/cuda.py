@@ -30,21 +30,27 @@ def _param(t):
     return t if t is None or t.dtype in _KERNEL_DTYPES else t.float()
 
 
-def norm_fwd(x, residual, weight, bias, y, h, mean, rstd, eps, is_rms):
+def _xhat_code(round_xhat, x):
+    """dtype code xhat is rounded to before the gain ("llama" casting): x's, when 16-bit; else -1."""
+    return code(x) if round_xhat and x.dtype in (torch.float16, torch.bfloat16) else -1
+
+
+def norm_fwd(x, residual, weight, bias, y, h, mean, rstd, eps, is_rms, offset=0.0, round_xhat=False):
     M, N = x.shape
     weight, bias = _param(weight), _param(bias)
     with torch.cuda.device(x.device):
         _cuda.norm_fwd(ptr(x), stride0(x), code(x), ptr(residual), stride0(residual), code(residual),
                        ptr(weight), code(weight), ptr(bias), code(bias), ptr(y), stride0(y), code(y),
                        ptr(h), stride0(h), code(h), ptr(mean), ptr(rstd), M, N, float(eps), bool(is_rms),
-                       _stream(x.device))
+                       _stream(x.device), float(offset), _xhat_code(round_xhat, x))
 
 
 def norm_bwd_parts(M, N, device):
     return _cuda.norm_bwd_parts(M, N, sm_count(device))
 
 
-def norm_bwd(dy, x, residual, weight, bias, mean, rstd, dh, dx, dresidual, dw_part, db_part, is_rms):
+def norm_bwd(dy, x, residual, weight, bias, mean, rstd, dh, dx, dresidual, dw_part, db_part, is_rms, offset=0.0,
+             round_xhat=False):
     M, N = x.shape
     parts = dw_part.shape[0]
     weight, bias = _param(weight), _param(bias)  # dw_part/db_part stay fp32 (x is not fp64)
@@ -53,7 +59,8 @@ def norm_bwd(dy, x, residual, weight, bias, mean, rstd, dh, dx, dresidual, dw_pa
                        ptr(residual), stride0(residual), code(residual), ptr(weight), code(weight),
                        ptr(bias), code(bias), ptr(mean), ptr(rstd), ptr(dh), stride0(dh), code(dh),
                        ptr(dx), stride0(dx), code(dx), ptr(dresidual), stride0(dresidual), code(dresidual),
-                       ptr(dw_part), ptr(db_part), M, N, bool(is_rms), parts, _stream(x.device))
+                       ptr(dw_part), ptr(db_part), M, N, bool(is_rms), parts, _stream(x.device), float(offset),
+                       _xhat_code(round_xhat, dx))
 
 
 # ----------------------------------------------------------------------------- MLA decoding
@@ -94,7 +101,7 @@ def _view4(t):
     """(address, dtype code, 4 strides) of a tensor of up to 4 dims; (0, -1, zeros) for None."""
     if t is None:
         return (0, -1, (0, 0, 0, 0))
-    return (t.data_ptr(), code(t), tuple(t.stride()) + (0,) * (4 - t.dim()))
+    return (ptr(t), code(t), tuple(t.stride()) + (0,) * (4 - t.dim()))
 
 
 def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, out, last, GB, GC, delta_softplus):

@@ -1,7 +1,9 @@
 """Triton backend: fused residual-add + RMSNorm / LayerNorm (see backends/__init__.py for the contract).
 
 One forward and one backward kernel serve every variant; constexpr flags select
-RMS/LN, residual, bias, stored h, incoming dh and a separate dresidual.
+RMS/LN, residual, bias, stored h, incoming dh, a separate dresidual, a weight (the
+gain is ``offset + weight``, ``offset`` a float argument; 1 without a weight) and
+the rounding of xhat to the output dtype before the gain ("llama" casting).
 
 Rows are processed in 2-D tiles of BLOCK_M rows x BLOCK_N columns (BLOCK_M > 1
 only for short rows). A row of up to ``FWD_MAX_BLOCK`` (forward) or
@@ -95,11 +97,36 @@ if IMPORT_ERROR is None:
         tl.store(ptrs, tl.cast(v, ptrs.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _round_like(v, ptrs):
+        """fp32 values `v` rounded to nearest even in the pointers' dtype (a 16-bit one) and back to fp32:
+        xhat as Llama's casting hands it to the gain."""
+        dt = ptrs.dtype.element_ty
+        if _INTERPRETER_BF16_FIX:
+            if dt == tl.bfloat16:
+                u = tl.cast(v, tl.uint32, bitcast=True)
+                u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+                r = tl.where(v == v, tl.cast(u, tl.float32, bitcast=True), v)
+            else:
+                r = tl.cast(tl.cast(v, dt), tl.float32)
+        else:
+            r = tl.cast(tl.cast(v, dt), tl.float32)
+        return r
+
+    @triton.jit
+    def _gain(W, c, c_ok, offset, HAS_WEIGHT: tl.constexpr):
+        """offset + weight at columns c (fp32), or 1 without a weight."""
+        if HAS_WEIGHT:
+            w = tl.cast(tl.load(W + c, mask=c_ok, other=0.0), tl.float32) + tl.cast(offset, tl.float32)
+        else:
+            w = tl.full(c.shape, 1.0, tl.float32)
+        return w
+
+    @triton.jit
     def _norm_fwd_kernel(X, R, W, B, Y, H, MEAN, RSTD,
-                         stride_x, stride_r, stride_y, stride_h, M, N, eps,
+                         stride_x, stride_r, stride_y, stride_h, M, N, eps, offset,
                          IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                          STORE_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         ONE_BLOCK: tl.constexpr):
+                         ONE_BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, ROUND_XHAT: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         rows64 = tl.cast(rows, tl.int64)
@@ -127,8 +154,11 @@ if IMPORT_ERROR is None:
                 tl.store(MEAN + rows, mean, mask=row_ok)
             rstd = tl.rsqrt(_div(tl.sum(xc * xc, axis=1), N) + eps32)
             tl.store(RSTD + rows, rstd, mask=row_ok)
-            w = tl.cast(tl.load(W + cols, mask=col_ok, other=0.0), tl.float32)
-            y = xc * rstd[:, None] * w[None, :]
+            w = _gain(W, cols, col_ok, offset, HAS_WEIGHT)
+            xh = xc * rstd[:, None]
+            if ROUND_XHAT:
+                xh = _round_like(xh, Y)
+            y = xh * w[None, :]
             if HAS_BIAS:
                 y += tl.cast(tl.load(B + cols, mask=col_ok, other=0.0), tl.float32)[None, :]
             _store_out(y_rows + cols[None, :], y, mask)
@@ -167,11 +197,14 @@ if IMPORT_ERROR is None:
                 h = tl.cast(tl.load(x_rows + c[None, :], mask=mask, other=0.0), tl.float32)
                 if HAS_RESIDUAL:
                     h += tl.cast(tl.load(r_rows + c[None, :], mask=mask, other=0.0), tl.float32)
-                w = tl.cast(tl.load(W + c, mask=c_ok, other=0.0), tl.float32)
+                w = _gain(W, c, c_ok, offset, HAS_WEIGHT)
                 if IS_RMS:
-                    y = h * rstd[:, None] * w[None, :]
+                    xh = h * rstd[:, None]
                 else:
-                    y = (h - mean[:, None]) * rstd[:, None] * w[None, :]
+                    xh = (h - mean[:, None]) * rstd[:, None]
+                if ROUND_XHAT:
+                    xh = _round_like(xh, Y)
+                y = xh * w[None, :]
                 if HAS_BIAS:
                     y += tl.cast(tl.load(B + c, mask=c_ok, other=0.0), tl.float32)[None, :]
                 _store_out(y_rows + c[None, :], y, mask)
@@ -211,10 +244,11 @@ if IMPORT_ERROR is None:
     @triton.jit
     def _norm_bwd_kernel(DY, X, R, W, MEAN, RSTD, DH, DX, DR, DW, DB,
                          stride_dy, stride_x, stride_r, stride_dh, stride_dx, stride_dr, stride_dw,
-                         M, N, rows_per_prog,
+                         M, N, rows_per_prog, offset,
                          IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                          HAS_DH: tl.constexpr, STORE_DR: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr):
+                         BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                         ROUND_XHAT: tl.constexpr):
         pid = tl.program_id(0)
         row_start = pid * rows_per_prog
         row_end = tl.minimum(row_start + rows_per_prog, M)
@@ -224,7 +258,7 @@ if IMPORT_ERROR is None:
             db_row = DB + tl.cast(pid, tl.int64) * stride_dw
         if ONE_BLOCK:
             col_ok = cols < N
-            w = tl.cast(tl.load(W + cols, mask=col_ok, other=0.0), tl.float32)
+            w = _gain(W, cols, col_ok, offset, HAS_WEIGHT)
             dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             for r0 in range(row_start, row_end, BLOCK_M):
@@ -246,6 +280,8 @@ if IMPORT_ERROR is None:
                     c2 = _div(tl.sum(g, axis=1), N)
                     dh = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
                 _bwd_store_dh(dh, DH, DX, DR, rows64, cols, mask, stride_dh, stride_dx, stride_dr, HAS_DH, STORE_DR)
+                if ROUND_XHAT:  # dweight sees xhat as rounded for the gain; dx the unrounded one
+                    xhat = _round_like(xhat, DX)
                 dw_acc += tl.sum(dy * xhat, axis=0)
                 if HAS_BIAS:
                     db_acc += tl.sum(dy, axis=0)
@@ -278,7 +314,7 @@ if IMPORT_ERROR is None:
                     c = start + cols
                     c_ok = c < N
                     mask = row_ok[:, None] & c_ok[None, :]
-                    w = tl.cast(tl.load(W + c, mask=c_ok, other=0.0), tl.float32)
+                    w = _gain(W, c, c_ok, offset, HAS_WEIGHT)
                     xhat, dy, g = _bwd_tile(X, R, DY, rows64, c, mask, w, mean, rstd, stride_x, stride_r,
                                             stride_dy, IS_RMS, HAS_RESIDUAL)
                     c1 += tl.sum(g * xhat, axis=1)
@@ -291,12 +327,14 @@ if IMPORT_ERROR is None:
                     c = start + cols
                     c_ok = c < N
                     mask = row_ok[:, None] & c_ok[None, :]
-                    w = tl.cast(tl.load(W + c, mask=c_ok, other=0.0), tl.float32)
+                    w = _gain(W, c, c_ok, offset, HAS_WEIGHT)
                     xhat, dy, g = _bwd_tile(X, R, DY, rows64, c, mask, w, mean, rstd, stride_x, stride_r,
                                             stride_dy, IS_RMS, HAS_RESIDUAL)
                     dh = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
                     _bwd_store_dh(dh, DH, DX, DR, rows64, c, mask, stride_dh, stride_dx, stride_dr, HAS_DH,
                                   STORE_DR)
+                    if ROUND_XHAT:
+                        xhat = _round_like(xhat, DX)
                     tl.store(dw_row + c, tl.load(dw_row + c, mask=c_ok, other=0.0) + tl.sum(dy * xhat, axis=0),
                              mask=c_ok)
                     if HAS_BIAS:
@@ -326,7 +364,12 @@ def _stride(t):
     return 0 if t is None else t.stride(0)
 
 
-def norm_fwd(x, residual, weight, bias, y, h, mean, rstd, eps, is_rms):
+def _round_xhat(round_xhat, x):
+    """Whether xhat is rounded to x's dtype before the gain ("llama" casting): only for 16-bit x."""
+    return bool(round_xhat) and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def norm_fwd(x, residual, weight, bias, y, h, mean, rstd, eps, is_rms, offset=0.0, round_xhat=False):
     assert x.dtype != torch.float64, "the triton backend does not support float64"
     M, N = x.shape
     if M == 0 or N == 0:
@@ -335,9 +378,10 @@ def norm_fwd(x, residual, weight, bias, y, h, mean, rstd, eps, is_rms):
     block_m, block_n, one_block, num_warps = _fwd_config(M, N, min_programs)
     grid = (triton.cdiv(M, block_m),)
     args = (x, residual, weight, bias, y, h, mean, rstd,
-            x.stride(0), _stride(residual), y.stride(0), _stride(h), M, N, float(eps))
+            x.stride(0), _stride(residual), y.stride(0), _stride(h), M, N, float(eps), float(offset))
     meta = dict(IS_RMS=bool(is_rms), HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-                STORE_H=h is not None, BLOCK_M=block_m, BLOCK_N=block_n, ONE_BLOCK=one_block)
+                STORE_H=h is not None, BLOCK_M=block_m, BLOCK_N=block_n, ONE_BLOCK=one_block,
+                HAS_WEIGHT=weight is not None, ROUND_XHAT=_round_xhat(round_xhat, x))
     _launch(_norm_fwd_kernel, grid, x.device, args, meta, num_warps)
 
 
@@ -349,7 +393,8 @@ def norm_bwd_parts(M, N, device):
     return max(1, min(M, 4))
 
 
-def norm_bwd(dy, x, residual, weight, bias, mean, rstd, dh, dx, dresidual, dw_part, db_part, is_rms):
+def norm_bwd(dy, x, residual, weight, bias, mean, rstd, dh, dx, dresidual, dw_part, db_part, is_rms, offset=0.0,
+             round_xhat=False):
     assert x.dtype != torch.float64, "the triton backend does not support float64"
     M, N = x.shape
     P = dw_part.shape[0]
@@ -359,41 +404,45 @@ def norm_bwd(dy, x, residual, weight, bias, mean, rstd, dh, dx, dresidual, dw_pa
     block_m, block_n, one_block, num_warps, rows_per_prog = _bwd_config(M, N, P)
     args = (dy, x, residual, weight, mean, rstd, dh, dx, dresidual, dw_part, db_part,
             dy.stride(0), x.stride(0), _stride(residual), _stride(dh), dx.stride(0), _stride(dresidual),
-            dw_part.stride(0), M, N, rows_per_prog)
+            dw_part.stride(0), M, N, rows_per_prog, float(offset))
     meta = dict(IS_RMS=bool(is_rms), HAS_RESIDUAL=residual is not None, HAS_BIAS=db_part is not None,
                 HAS_DH=dh is not None, STORE_DR=dresidual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                ONE_BLOCK=one_block)
+                ONE_BLOCK=one_block, HAS_WEIGHT=weight is not None, ROUND_XHAT=_round_xhat(round_xhat, x))
     _launch(_norm_bwd_kernel, (P,), x.device, args, meta, num_warps)
 
 
 # ----------------------------------------------------------------------------- ahead-of-time compile
 _FWD_ARGS = ("X", "R", "W", "B", "Y", "H", "MEAN", "RSTD", "stride_x", "stride_r", "stride_y", "stride_h",
-             "M", "N", "eps")
+             "M", "N", "eps", "offset")
 _BWD_ARGS = ("DY", "X", "R", "W", "MEAN", "RSTD", "DH", "DX", "DR", "DW", "DB", "stride_dy", "stride_x",
-             "stride_r", "stride_dh", "stride_dx", "stride_dr", "stride_dw", "M", "N", "rows_per_prog")
+             "stride_r", "stride_dh", "stride_dx", "stride_dr", "stride_dw", "M", "N", "rows_per_prog", "offset")
 _AOT_SMS = 132  # H100 SXM, for the launch configurations
 
 
-def _fwd_variant(dt, M, N, is_rms, res, bias, h):
+def _fwd_variant(dt, M, N, is_rms, res, bias, h, weight=True, round_xhat=False):
     f32 = torch.float32
     bm, bn, one, nw = _fwd_config(M, N, 2 * _AOT_SMS)
-    tensors = dict(X=dt, R=res, W=dt, B=dt if bias else None, Y=dt, H=h, MEAN=None if is_rms else f32, RSTD=f32)
+    tensors = dict(X=dt, R=res, W=dt if weight else None, B=dt if bias else None, Y=dt, H=h,
+                   MEAN=None if is_rms else f32, RSTD=f32)
     meta = dict(IS_RMS=is_rms, HAS_RESIDUAL=res is not None, HAS_BIAS=bias, STORE_H=h is not None,
-                BLOCK_M=bm, BLOCK_N=bn, ONE_BLOCK=one)
-    flags = ",".join(k for k in ("IS_RMS", "HAS_RESIDUAL", "HAS_BIAS", "STORE_H", "ONE_BLOCK") if meta[k])
+                BLOCK_M=bm, BLOCK_N=bn, ONE_BLOCK=one, HAS_WEIGHT=weight, ROUND_XHAT=round_xhat)
+    flags = ",".join(k for k in ("IS_RMS", "HAS_RESIDUAL", "HAS_BIAS", "STORE_H", "ONE_BLOCK", "HAS_WEIGHT",
+                                 "ROUND_XHAT") if meta[k])
     what = (f"norm_fwd {str(dt)[6:]} M={M} N={N} res={str(res)[6:]} h={str(h)[6:]} [{flags}] "
             f"BLOCK={bm}x{bn} warps={nw}")
     return "fwd", _FWD_ARGS, tensors, dict(M=M, N=N), meta, nw, what
 
 
-def _bwd_variant(dt, M, N, is_rms, res, bias, dh, dr):
+def _bwd_variant(dt, M, N, is_rms, res, bias, dh, dr, weight=True, round_xhat=False):
     f32 = torch.float32
     bm, bn, one, nw, rows_per_prog = _bwd_config(M, N, min(M, (4 if N <= 1024 else 2) * _AOT_SMS))
-    tensors = dict(DY=dt, X=dt, R=res, W=dt, MEAN=None if is_rms else f32, RSTD=f32, DH=dh, DX=dt, DR=dr, DW=f32,
-                   DB=f32 if bias else None)
+    tensors = dict(DY=dt, X=dt, R=res, W=dt if weight else None, MEAN=None if is_rms else f32, RSTD=f32, DH=dh,
+                   DX=dt, DR=dr, DW=f32, DB=f32 if bias else None)
     meta = dict(IS_RMS=is_rms, HAS_RESIDUAL=res is not None, HAS_BIAS=bias, HAS_DH=dh is not None,
-                STORE_DR=dr is not None, BLOCK_M=bm, BLOCK_N=bn, ONE_BLOCK=one)
-    flags = ",".join(k for k in ("IS_RMS", "HAS_RESIDUAL", "HAS_BIAS", "HAS_DH", "STORE_DR", "ONE_BLOCK") if meta[k])
+                STORE_DR=dr is not None, BLOCK_M=bm, BLOCK_N=bn, ONE_BLOCK=one, HAS_WEIGHT=weight,
+                ROUND_XHAT=round_xhat)
+    flags = ",".join(k for k in ("IS_RMS", "HAS_RESIDUAL", "HAS_BIAS", "HAS_DH", "STORE_DR", "ONE_BLOCK",
+                                 "HAS_WEIGHT", "ROUND_XHAT") if meta[k])
     what = (f"norm_bwd {str(dt)[6:]} M={M} N={N} res={str(res)[6:]} dh={str(dh)[6:]} [{flags}] "
             f"BLOCK={bm}x{bn} warps={nw}")
     return "bwd", _BWD_ARGS, tensors, dict(M=M, N=N, rows_per_prog=rows_per_prog), meta, nw, what
@@ -430,6 +479,8 @@ def _aot_variants(full=False):
         _fwd_variant(bf16, *chunk_f, False, f32, True, bf16),
         _fwd_variant(f16, *chunk_f, True, f16, False, None),
         _fwd_variant(f32, *chunk_f, False, None, False, f32),
+        _fwd_variant(bf16, *sm_f, True, None, False, None, round_xhat=True),    # Llama's casting
+        _fwd_variant(f16, *chunk_f, True, f16, False, None, weight=False),      # no weight
         _bwd_variant(f32, *sm_b, True, None, False, None, None),
         _bwd_variant(bf16, *sm_b, False, bf16, True, bf16, None),
         _bwd_variant(bf16, *big_b, False, bf16, True, bf16, None),
@@ -438,6 +489,8 @@ def _aot_variants(full=False):
         _bwd_variant(f16, *chunk_b, True, f16, False, f16, None),
         _bwd_variant(f32, *chunk_b, False, None, True, None, None),
         _bwd_variant(bf16, 8, chunk_b[1], True, None, False, None, None),  # one row per tile
+        _bwd_variant(bf16, *sm_b, True, None, False, None, None, round_xhat=True),
+        _bwd_variant(f16, *chunk_b, True, None, False, None, None, weight=False, round_xhat=True),
     ]
 
 
@@ -517,7 +570,7 @@ def aot_compile(cc, full=False):
                 else:
                     signature[name] = "*" + _TL_DTYPES[dt]
                     attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
-            elif name == "eps":
+            elif name in ("eps", "offset"):
                 signature[name] = "fp32"
             elif ints.get(name) == 1:  # the JIT makes an int equal to 1 a constexpr
                 signature[name] = "constexpr"

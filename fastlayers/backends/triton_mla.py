@@ -110,7 +110,8 @@ if IMPORT_ERROR is None:
                     mask=sp_ok[:, None] & cv_ok[None, :], other=0.0)
         out = tl.sum(w[:, None] * o, axis=0) / tl.where(total == 0.0, 1.0, total)
         _store_out(OUT + ((b * S_Q + qi) * H + h) * DV + cv, out, cv_ok)
-        tl.store(LSE + (b * H + h) * S_Q + qi, tl.where(total == 0.0, float("-inf"), mx + tl.log(total)))
+        # No key seen: lse +inf, FlashMLA's convention (the partials keep -inf, skipped above).
+        tl.store(LSE + (b * H + h) * S_Q + qi, tl.where(total == 0.0, float("inf"), mx + tl.log(total)))
 
 
 def mla_decode_splits(batch, max_len, device, rows=1):

@@ -37,9 +37,36 @@ def check_backend_dtype(op, backend, dtype):
                                  f"(the default for CUDA tensors)")
 
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _kind(t):
+    return "a DTensor" if type(t).__name__ == "DTensor" else f"a {type(t).__name__} (a tensor subclass)"
+
+
+def check_plain(op, name, t):
+    """Refuse tensor subclasses whose ``data_ptr()`` is not their data: DTensor and the other wrapper
+    subclasses (``__torch_dispatch__``, e.g. ``torch._make_wrapper_subclass``) report 0 or a pointer to
+    nothing, and a kernel reading it crashes the process. Plain tensors, Parameters and subclasses that
+    only override ``__torch_function__`` (their storage is the data) pass. Every op checks its tensor
+    arguments through here (``check_tensor``)."""
+    cls = type(t)
+    if cls is torch.Tensor or cls is torch.nn.Parameter:
+        return
+    if torch.compiler.is_compiling():  # traced: the custom ops receive what the tracer hands them
+        return
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+    if is_traceable_wrapper_subclass(t) or torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python):
+        hint = (f"pass {name}.to_local() (this rank's shard) or {name}.full_tensor()" if _kind(t) == "a DTensor"
+                else "pass the plain tensor it wraps")
+        raise TypeError(f"fastlayers.{op}: {name} is {_kind(t)} whose data_ptr() is not its data; the kernels "
+                        f"take plain torch.Tensors: {hint}")
+
+
 def check_tensor(op, name, t, *, floating=True):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"fastlayers.{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
+    check_plain(op, name, t)
     if floating and t.dtype not in FLOATING:
         raise TypeError(f"fastlayers.{op}: {name} must be a floating tensor ({FLOAT_NAMES}); got {t.dtype}")
 

@@ -55,16 +55,20 @@ def _to_layout(t, channel_last):
 
 
 def _new(x, channel_last, alloc=None):
-    """A new (B, C, L) tensor in x's dtype and layout (channel-last: (B, L, C) memory, transposed)."""
+    """A new (B, C, L) tensor in x's dtype and layout (channel-last: (B, L, C) memory). Allocated with
+    those strides, not as a transposed view: an output the autograd Function returns must not be a view
+    created inside it, or the caller's ``out += ...`` fails (causal-conv1d's own tests do that)."""
     alloc = alloc or empty
     b, c, t = x.shape
     if channel_last:
-        return alloc((b, t, c), x.dtype, x.device).transpose(1, 2)
+        return alloc((b, c, t), x.dtype, x.device, (t * c, 1, c))
     return alloc((b, c, t), x.dtype, x.device)
 
 
-def _fake_alloc(shape, dtype, device):
-    return torch.empty(shape, dtype=dtype, device=device)
+def _fake_alloc(shape, dtype, device, stride=None):
+    if stride is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.empty_strided(shape, stride, dtype=dtype, device=device)
 
 
 # ----------------------------------------------------------------------------- kernels

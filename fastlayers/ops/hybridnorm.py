@@ -18,8 +18,8 @@ from .._alloc import empty
 from .._dtypes import stat_dtype
 from ..backend import resolve
 from ..backends import load
-from ._common import (check_backend_dtype, check_positive, check_same_device, check_shape, check_tensor, needs_grad,
-                      rows)
+from ._common import (check_backend_dtype, check_plain, check_positive, check_same_device, check_shape, check_tensor,
+                      needs_grad, rows)
 
 
 
@@ -80,7 +80,9 @@ class _QKVNormRope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, qw, kw, vw, cos, sin, offsets, eps, backend):
         qo, ko, vo = _qkv_fwd(q, k, v, qw, kw, vw, cos, sin, offsets, eps, backend)
-        ctx.save_for_backward(q, k, v, qw, kw, vw, cos, sin, offsets)
+        # Without vw, v is returned as it is and its gradient passes straight through: not saving it
+        # leaves the caller free to modify that v in place.
+        ctx.save_for_backward(q, k, v if vw is not None else None, qw, kw, vw, cos, sin, offsets)
         ctx.cfg = (eps, backend)
         return qo, ko, vo
 
@@ -253,6 +255,7 @@ def _check_qkv(op, q, k, v, q_weight, k_weight, v_weight, cos, sin, eps, offset)
             if offset.dtype.is_floating_point or offset.dtype == torch.bool or offset.shape != (b,):
                 raise ValueError(f"fastlayers.{op}: a tensor offset must be integer with shape ({b},); "
                                  f"got {offset.dtype} {tuple(offset.shape)}")
+            check_plain(op, "offset", offset)
             if offset.device != q.device:
                 raise ValueError(f"fastlayers.{op}: offset is on {offset.device} but q is on {q.device}")
             if not torch.compiler.is_compiling() and b > 0 and t > 0:

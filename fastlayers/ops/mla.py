@@ -17,7 +17,7 @@ from .. import reference
 from .._dtypes import stat_dtype
 from ..backend import resolve
 from ..backends import cpu as _cpu_backend, load
-from ._common import GPU_DTYPES, check_same_device, check_tensor
+from ._common import GPU_DTYPES, check_plain, check_same_device, check_tensor
 
 
 
@@ -64,6 +64,7 @@ def _check(op, q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scal
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int32:
             raise TypeError(f"fastlayers.{op}: {name} must be an int32 tensor; got "
                             f"{getattr(t, 'dtype', type(t).__name__)}")
+        check_plain(op, name, t)
         if shape is not None and tuple(t.shape) != shape:
             raise ValueError(f"fastlayers.{op}: {name} must have shape {shape}; got {tuple(t.shape)}")
     if block_table.dim() != 2 or block_table.shape[0] != b:
@@ -151,7 +152,8 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scal
     int32; cache_seqlens ``(batch,)`` int32 (tokens already in the cache, the new ones included).
     out ``(batch, s_q, n_heads, head_dim_v)`` in q's dtype, lse ``(batch, n_heads, s_q)`` fp32;
     softmax_scale defaults to ``D ** -0.5``. With ``causal`` the s_q new tokens attend causally
-    among themselves (speculative decoding). A sequence of length 0 gives out 0 and lse -inf.
+    among themselves (speculative decoding). A sequence of length 0 (a query that sees no key) gives out 0
+    and lse +inf, as FlashMLA does.
     Any kv_lora_rank and rope_dim, any power-of-two page size, fp32/fp16/bf16. Forward only.
 
     The arguments are checked before any kernel runs. Checking GPU ``cache_seqlens`` means reading

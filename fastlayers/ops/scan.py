@@ -17,7 +17,7 @@ from .._alloc import empty
 from .._dtypes import stat_dtype
 from ..backend import BackendUnavailable, resolve
 from ..backends import load
-from ._common import GPU_DTYPES, check_same_device, check_shape, check_tensor, dispatch, needs_grad
+from ._common import GPU_DTYPES, check_plain, check_same_device, check_shape, check_tensor, dispatch, needs_grad
 
 
 
@@ -73,6 +73,7 @@ def _check_state_update(op, state, x, dt, A, B, C, D, z, dt_bias, idx):
                 or tuple(idx.shape) != (batch,):
             raise ValueError(f"fastlayers.{op}: state_batch_indices must be an integer tensor of shape ({batch},); "
                              f"got {getattr(idx, 'dtype', type(idx))} {tuple(getattr(idx, 'shape', ()))}")
+        check_plain(op, "state_batch_indices", idx)
         if not torch.compiler.is_compiling() and batch > 0:
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= state.shape[0]:

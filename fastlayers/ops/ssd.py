@@ -21,7 +21,7 @@ from .._alloc import empty
 from .._dtypes import stat_dtype
 from ..backend import BackendUnavailable, resolve
 from ..backends import load
-from ._common import GPU_DTYPES, check_same_device, check_shape, check_tensor, dispatch
+from ._common import GPU_DTYPES, check_plain, check_same_device, check_shape, check_tensor, dispatch
 
 _NO_LIMIT = (0.0, float("inf"))
 
@@ -55,6 +55,7 @@ def _check_ssd(op, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, se
                 or seq_idx.dtype == torch.bool:
             raise TypeError(f"fastlayers.{op}: seq_idx must be an integer tensor; got "
                             f"{getattr(seq_idx, 'dtype', type(seq_idx).__name__)}")
+        check_plain(op, "seq_idx", seq_idx)
         check_shape(op, "seq_idx", seq_idx, (b, L), " (batch, seqlen)")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size <= 0:
         raise ValueError(f"fastlayers.{op}: chunk_size must be a positive int; got {chunk_size!r}")

@@ -119,16 +119,22 @@ static void run_case(int64_t M, int64_t N, bool nan_row) {
   const bool dh_in = hsel && pick({0, 1});
   const int64_t pad = pick({0, 0, 3, 8});
   const int64_t off = pick({0, 0, 1});
-  char cfgs[256];
-  std::snprintf(cfgs, sizeof cfgs, "M=%lld N=%lld x=%s rms=%d res=%d bias=%d w=%s h=%d dh=%d pad=%lld off=%lld nan=%d",
+  // The gain: offset + w (Gemma: offset 1), or no weight at all; Llama's casting rounds xhat to x's dtype.
+  const bool has_w = pick({1, 1, 0});
+  const double offset = pick({0, 0, 1}) ? 1.0 : 0.0;
+  const int xhat_dt = xdt != kF32 && pick({0, 1}) ? xdt : -1;
+  char cfgs[320];
+  std::snprintf(cfgs, sizeof cfgs,
+                "M=%lld N=%lld x=%s rms=%d res=%d bias=%d w=%s h=%d dh=%d pad=%lld off=%lld nan=%d has_w=%d "
+                "offset=%g xhat=%d",
                 (long long)M, (long long)N, dtype_name(xdt), rms, res, bias, dtype_name(wdt), hsel, dh_in,
-                (long long)pad, (long long)off, nan_row);
+                (long long)pad, (long long)off, nan_row, has_w, offset, xhat_dt);
   const std::string cfg = cfgs;
 
   T2 x(xdt, M, N, pad, off), r(rdt, M, N, pad + 1, off), w(wdt, 1, N, 0, off), b(wdt, 1, N, 0, 0);
   x.fill_random(1.5f, 2.f);
   r.fill_random(-0.5f, 1.f);
-  w.fill_random(1.f, 0.5f);
+  w.fill_random(offset != 0.0 ? 0.f : 1.f, 0.5f);
   b.fill_random(0.f, 0.5f);
   if (nan_row && M > 1) x.put(M / 2, N / 3, NAN);
 
@@ -138,7 +144,8 @@ static void run_case(int64_t M, int64_t N, bool nan_row) {
   y_g.poison(); h_g.poison(); mean_g.poison(); rstd_g.poison();
   NormFwdArgs fc{x.ptr(), x.stride, xdt, res ? r.ptr() : nullptr, r.stride, rdt, w.ptr(), wdt,
                  bias ? b.ptr() : nullptr, wdt, y_c.ptr(), y_c.stride, xdt, hsel ? h_c.ptr() : nullptr, h_c.stride, hdt,
-                 rms ? nullptr : mean_c.ptr(), rstd_c.ptr(), M, N, 1e-5, rms};
+                 rms ? nullptr : mean_c.ptr(), rstd_c.ptr(), M, N, 1e-5, rms, offset, xhat_dt};
+  if (!has_w) fc.w = nullptr;
   NormFwdArgs fg = fc;
   fg.y = y_g.ptr(); fg.y_stride = y_g.stride;
   fg.h = hsel ? h_g.ptr() : nullptr; fg.h_stride = h_g.stride;
@@ -173,7 +180,9 @@ static void run_case(int64_t M, int64_t N, bool nan_row) {
   NormBwdArgs bc{dy.ptr(), dy.stride, xdt, x.ptr(), x.stride, xdt, res ? r.ptr() : nullptr, r.stride, rdt,
                  w.ptr(), wdt, bias ? b.ptr() : nullptr, wdt, rms ? nullptr : mean_c.ptr(), rstd_c.ptr(),
                  dh_in ? dh.ptr() : nullptr, dh.stride, hdt, dx_c.ptr(), dx_c.stride, xdt,
-                 res ? dr_c.ptr() : nullptr, dr_c.stride, rdt, dw_c.ptr(), bias ? db_c.ptr() : nullptr, M, N, rms};
+                 res ? dr_c.ptr() : nullptr, dr_c.stride, rdt, dw_c.ptr(), bias ? db_c.ptr() : nullptr, M, N, rms,
+                 offset, xhat_dt};
+  if (!has_w) bc.w = nullptr;
   NormBwdArgs bg = bc;
   bg.dx = dx_g.ptr(); bg.dx_stride = dx_g.stride;
   bg.dr = res ? dr_g.ptr() : nullptr; bg.dr_stride = dr_g.stride;
@@ -235,8 +244,10 @@ static void check_entry_points() {
   expect(throws_invalid([&] { ck::run_norm_fwd(f, never); }), "fwd M>0 without pointers throws");
   f.M = 0; f.x_dt = kF64;
   expect(throws_invalid([&] { ck::run_norm_fwd(f, never); }), "fwd float64 x throws even for M=0");
-  f.x_dt = kBF16; f.w_dt = kF64;
+  f.x_dt = kBF16; f.w_dt = kF64; f.w = w;
   expect(throws_invalid([&] { ck::run_norm_fwd(f, never); }), "fwd float64 weight throws");
+  f.w = nullptr;  // no weight (gain 1): its dtype code is not looked at
+  expect(!ck::run_norm_fwd(f, never), "fwd M=0 without a weight: no launch, no dtype check of the absent weight");
   f.w_dt = kF32; f.M = -1;
   expect(throws_invalid([&] { ck::run_norm_fwd(f, never); }), "fwd M<0 throws");
 

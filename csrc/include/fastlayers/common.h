@@ -29,10 +29,15 @@ inline void check_dtype(int dt, const char* what, bool allow_f64) {
 // Arguments of the fused residual-add + RMSNorm/LayerNorm forward.
 // Rows are `stride` elements apart; the last dimension is contiguous.
 // Null pointers (0) mean "absent".
+//
+// The gain is (offset + w) with a weight, 1 without (w null: no affine, offset unused):
+//   y = xhat' * gain (+ b),  xhat' = xhat, or xhat rounded to xhat_dt first when xhat_dt is
+// kF16/kBF16 (Llama's casting: the normalised row is cast to the input dtype before the
+// weight multiply). Everything else is in the accumulation dtype, rounded once on store.
 struct NormFwdArgs {
   const void* x; int64_t x_stride; int x_dt;
   const void* r; int64_t r_stride; int r_dt;     // residual, optional
-  const void* w; int w_dt;                        // weight (N,)
+  const void* w; int w_dt;                        // weight (N,), optional
   const void* b; int b_dt;                        // bias (N,), optional (LayerNorm only)
   void* y; int64_t y_stride; int y_dt;            // normalised output
   void* h; int64_t h_stride; int h_dt;            // pre-norm sum x + r, optional
@@ -41,10 +46,15 @@ struct NormFwdArgs {
   int64_t M, N;
   double eps;
   bool is_rms;
+  double offset = 0.0;                            // added to the weight
+  int xhat_dt = -1;                               // kF16/kBF16: round xhat to it before the gain
 };
 
 // Backward. dx/dr receive d(loss)/dh (the same values); dw_part/db_part are
-// (P, N) partial sums, one row per part, reduced by the caller.
+// (P, N) partial sums, one row per part, reduced by the caller. offset, xhat_dt and a
+// null w as in the forward: dx uses the gain (offset + w) and the unrounded xhat (the
+// rounding is an identity cast for autograd), dw_part sums dy * xhat' (the rounded xhat
+// when xhat_dt is set); dw_part is written (and required) with or without a weight.
 struct NormBwdArgs {
   const void* dy; int64_t dy_stride; int dy_dt;
   const void* x; int64_t x_stride; int x_dt;
@@ -58,6 +68,8 @@ struct NormBwdArgs {
   void* dw_part; void* db_part;                   // (P, N) stat dtype; db_part optional
   int64_t M, N;
   bool is_rms;
+  double offset = 0.0;
+  int xhat_dt = -1;
 };
 
 
@@ -120,7 +132,9 @@ struct StateUpdateArgs {
 // blk at kv + blk * kv_sblock + r * kv_srow; block_table (B, *) int32 with row stride bt_stride;
 // seqlens (B,) int32. Phase 1 writes per-split partials o_part (B, S, s_q, H, dv) (normalised)
 // and lse_part (B, S, s_q, H) (accumulation dtype); phase 2 merges them into out (B, s_q, H, dv)
-// contiguous in out_dt and lse (B, H, s_q) in the accumulation dtype. Each length is clamped to
+// contiguous in out_dt and lse (B, H, s_q) in the accumulation dtype. A query row that sees no key
+// (a length-0 sequence) gets out 0 and lse +inf, FlashMLA's convention (its partials: lse_part
+// -inf, the neutral element of the merge). Each length is clamped to
 // max_tokens (the block table's width x page: no entry past the table is read) when max_tokens > 0.
 struct MlaDecodeArgs {
   const void* q; int64_t q_sb, q_ss, q_sh; int q_dt;
