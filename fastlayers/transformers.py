@@ -218,10 +218,16 @@ def _act_is_silu(config, act_fn):
         type(act_fn).__name__ == "SiLUActivation"
 
 
-def plan(model):
+_KINDS = ("norm", "mlp", "attn", "mixer")
+
+
+def plan(model, kinds=_KINDS):
     """The patches :func:`apply` would make, as a list of ``(module path, module, patched class)``; changes nothing.
 
     Raises ``ValueError`` for a model that is not a transformers model of a supported ``model_type``."""
+    bad = [k for k in kinds if k not in _KINDS]
+    if bad:
+        raise ValueError(f"fastlayers.transformers.apply: unknown kinds {bad}; choose from {list(_KINDS)}")
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if not isinstance(model, torch.nn.Module) or model_type is None:
@@ -238,7 +244,7 @@ def plan(model):
         if _is_patched(m):
             continue
         kind = classes.get(type(m))
-        if kind is None:
+        if kind is None or kind not in kinds:
             continue
         qk = None
         if kind == "mlp":
@@ -262,14 +268,17 @@ def plan(model):
     return out
 
 
-def apply(model):
+def apply(model, kinds=_KINDS):
     """Patch ``model`` (a transformers ``PreTrainedModel`` of type llama, qwen3, olmo2 or mamba2) in place.
+
+    ``kinds``: which modules to patch, any of ``"norm"`` (RMSNorm modules), ``"mlp"`` (gated SiLU MLPs),
+    ``"attn"`` (q/k norm + RoPE of the attention modules), ``"mixer"`` (Mamba-2 mixers); default all.
 
     Returns the report: a list of ``(module path, original class)`` for every module whose forward now runs
     on fastlayers kernels (empty when the model was already patched). The parameters, buffers and
     ``state_dict`` are untouched. All patches are collected and checked before any is applied; an
     unsupported model raises ``ValueError`` and is left unchanged."""
-    todo = plan(model)
+    todo = plan(model, tuple(kinds))
     for _, m, new_cls in todo:
         m.__class__ = new_cls
     return [(path, new_cls._fastlayers_base) for path, _, new_cls in todo]

@@ -202,6 +202,21 @@ def test_left_padded_batch_with_per_row_positions(arch):
     assert_rel_err(out[keep], ref[keep], 1e-5, f"{arch} padded logits")
 
 
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16, "rope_theta": 10000.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0},
+], ids=["llama3", "yarn"])
+def test_rope_scaling_types(rope):
+    """Scaled RoPE (yarn also scales cos/sin by its attention factor): the model's own tables are used."""
+    base = make("llama", rope_parameters=rope).eval()
+    patched = copy.deepcopy(base)
+    flt.apply(patched)
+    ids = _ids("llama", rope["rope_type"], seqlen=40)
+    with torch.no_grad():
+        assert_rel_err(patched(ids).logits, base(ids).logits, 1e-5, f"llama {rope['rope_type']} logits")
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_and_reload(arch, tmp_path):
     model = make(arch).eval()
@@ -251,6 +266,15 @@ def test_nothing_is_patched_half_way(monkeypatch):
         flt.apply(model)
     assert len(seen) == 4
     assert [type(m) for m in model.modules()] == classes
+
+
+def test_kinds_select_what_is_patched():
+    model = make("qwen3")
+    report = flt.apply(model, kinds=("mlp",))
+    assert [p for p, _ in report] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert len(flt.apply(model)) == EXPECTED_KINDS["qwen3"]["norm"] + 2  # the rest, later
+    with pytest.raises(ValueError, match="unknown kinds"):
+        flt.apply(make("llama"), kinds=("rope",))
 
 
 def test_non_silu_mlp_is_left_alone():
