@@ -218,6 +218,34 @@ def test_rope_scaling_types(rope):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_cache_continuation_prefill_chunk_and_step(arch):
+    """A 10-token prefill into the model's cache, then a 3-token chunk (Mamba-2: chunked prefill from the cached
+    conv/SSM states), then one token: each step's logits equal the unpatched model's, and together the full
+    sequence's."""
+    base = make(arch).eval()
+    patched = copy.deepcopy(base)
+    flt.apply(patched)
+    ids = _ids(arch, "cache", batch=2, seqlen=14)
+    key = "cache_params" if arch == "mamba2" else "past_key_values"
+
+    def steps(m):
+        outs, cache = [], None
+        with torch.no_grad():
+            for a, b in ((0, 10), (10, 13), (13, 14)):
+                o = m(ids[:, a:b], use_cache=True, **({key: cache} if cache is not None else {}))
+                outs.append(o.logits)
+                cache = getattr(o, key)
+            full = m(ids).logits
+        return outs, full
+
+    got, full = steps(patched)
+    want, _ = steps(base)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_rel_err(g, w, 1e-5, f"{arch} cached step {i}")
+    assert_rel_err(torch.cat(got, 1), full, 1e-5, f"{arch} cached steps vs one pass")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_save_and_reload(arch, tmp_path):
     model = make(arch).eval()
     flt.apply(model)
