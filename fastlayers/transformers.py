@@ -213,9 +213,9 @@ def _is_patched(module):
     return "_fastlayers_base" in type(module).__dict__
 
 
-def _act_is_silu(config, act_fn):
-    return getattr(config, "hidden_act", None) in _SILU or isinstance(act_fn, torch.nn.SiLU) or \
-        type(act_fn).__name__ == "SiLUActivation"
+def _act_is_silu(act_fn):
+    """The module's own activation (not the config's name: a model may have swapped it)."""
+    return isinstance(act_fn, torch.nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"
 
 
 _KINDS = ("norm", "mlp", "attn", "mixer")
@@ -248,7 +248,7 @@ def plan(model, kinds=_KINDS):
             continue
         qk = None
         if kind == "mlp":
-            if not _act_is_silu(m.config, m.act_fn) or not hasattr(m, "gate_proj"):
+            if not _act_is_silu(getattr(m, "act_fn", None)) or not hasattr(m, "gate_proj"):
                 continue
         elif kind == "attn":
             if model_type == "qwen3":
