@@ -256,6 +256,21 @@ class ZebraLM(nn.Module):
                 layers.append(blk.mixer.new_cache(batch, dtype=dtype, device=w.device))
         return ZebraCache(layers, ids if ids is not None else list(range(batch)), batch, max_len)
 
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None):
+        """A ZebraLM from a released Zebra-Llama checkpoint directory (AMD-AGI/AMD-Hybrid-Models format:
+        config.json, hybrid_config.json, model.safetensors / shards / pytorch_model.bin); the tensor name
+        mapping and what is supported are in :mod:`fastlayers._zebra_hf`. ValueError naming missing,
+        unexpected or misshapen tensors and unsupported configuration fields."""
+        from . import _zebra_hf
+        return _zebra_hf.load(cls, path, device=device, dtype=dtype)
+
+    def save_pretrained(self, path):
+        """Write the model in the released Zebra-Llama format (config.json, hybrid_config.json, model.safetensors),
+        which :meth:`from_pretrained` reads back."""
+        from . import _zebra_hf
+        _zebra_hf.save(self, path)
+
     def generate(self, tokens, max_new_tokens, temperature=1.0, top_k=None, generator=None):
         """Prefill ``tokens`` ``(batch, T)`` into the caches (a paged latent cache per MLA layer, a
         :class:`MambaCache` per Mamba layer), then decode ``max_new_tokens`` one at a time (see
