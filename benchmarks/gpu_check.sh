@@ -35,6 +35,8 @@
 #   decode 25 | ncu 45 (cap GPU_CHECK_NCU_CAP; GPU_CHECK_NCU=0: off) | merge 5   = 480 s.
 # Each step's reserve is the sum of the later steps' caps; a step squeezed by an earlier overrun still gets
 # 20-30% of what is left (the build: all of it, up to its cap: a cut build ends the run).
+# GPU_CHECK_TRANSFORMERS=1 adds (outside the plan, cap GPU_CHECK_TRANSFORMERS_CAP, default 90 s) the Hugging Face
+# rows of benchmarks/test_bench_transformers.py (patched vs unpatched Llama and Mamba-2) to models.log and the JSON.
 # GPU_CHECK_FAMILIES=mla,ssd (say) limits the table to those row families (gpu_table.py --families);
 # GPU_CHECK_QUICK=1: one shape per op in the table. GPU_CHECK_REP (default 50) and GPU_CHECK_GRAPH_REP (10):
 # the ms of repeats per timing (do_bench, do_bench_cudagraph; gpu_table.py's own default is 100 and 10): the
@@ -191,6 +193,22 @@ rc=$?
 cat "$PARTS/decode.log" >> "$OUT/models.log"; tail -6 "$PARTS/decode.log"
 [ "$rc" -eq 0 ] || fail "DECODE FAILED (rc $rc)"
 
+EXTRA_PARTS=()
+if [ -n "${GPU_CHECK_TRANSFORMERS:-}" ]; then  # opt-in (outside the 480 s plan): issue 20's GPU rows
+  step transformers "HF Llama / Mamba-2 patched by fastlayers.transformers.apply vs unpatched: train step, decode"
+  echo "--- transformers" >> "$OUT/models.log"
+  ${DRY:+env FASTLAYERS_BENCH_SMOKE=1} timeout -k 10 "$(left 50 "${GPU_CHECK_TRANSFORMERS_CAP:-90}" 30)" \
+    $PY -m pytest benchmarks/test_bench_transformers.py --benchmark-only -q -p no:cacheprovider \
+    --benchmark-json "$PARTS/transformers-raw.json" > "$PARTS/transformers.log" 2>&1
+  rc=$?
+  cat "$PARTS/transformers.log" >> "$OUT/models.log"
+  grep -A12 "fastlayers benchmark summary" "$PARTS/transformers.log" | cut -c1-160
+  [ "$rc" -eq 0 ] || fail "TRANSFORMERS BENCHMARK FAILED (rc $rc)"
+  # The rows' case, provider, median and tokens/s (pytest-benchmark's own JSON is mostly raw timings).
+  $PY -c "import json, sys; d = json.load(open(sys.argv[1])); json.dump([dict(b['extra_info'], median_s=b['stats']['median']) for b in d['benchmarks']], open(sys.argv[2], 'w'), indent=1)" \
+    "$PARTS/transformers-raw.json" "$PARTS/transformers.json" && EXTRA_PARTS+=("$PARTS/transformers.json")
+fi
+
 PROFILE=off
 if [ "${GPU_CHECK_NCU:-1}" != 0 ]; then
   step ncu "profile of benchmarks/gpu_profile.py's kernels -> profile.txt"
@@ -236,7 +254,7 @@ json.dump(dict(budget_s=int(budget), steps_s=steps, total_s=sum(steps.values()),
 EOF
 if [ -f "$OUT/$RESULTS" ]; then
   $PY benchmarks/gpu_models.py merge "$OUT/$RESULTS" "$PARTS"/train-*.json "$PARTS/compile.json" "$PARTS/decode.json" \
-    "$PARTS/gpu_check.json" || fail "MERGE FAILED"
+    "${EXTRA_PARTS[@]}" "$PARTS/gpu_check.json" || fail "MERGE FAILED"
 else
   fail "NO RESULTS JSON ($OUT/$RESULTS)"
 fi
