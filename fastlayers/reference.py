@@ -342,14 +342,17 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scal
     """Attention of new queries over a paged latent cache (FlashMLA's ``flash_mla_with_kvcache`` layout):
     gather each sequence's pages, scores in fp32, softmax, values = the first ``head_dim_v`` channels.
 
-    q ``(B, s_q, H, D)``; kv_cache ``(num_blocks, page_size, 1, D)``; block_table ``(B, max_blocks)``
-    int32; cache_seqlens ``(B,)`` int32 (the cache already holds the new tokens). With ``causal`` the
-    s_q queries are the last s_q positions and query i sees keys ``<= L - s_q + i``. Returns
-    ``out`` ``(B, s_q, H, head_dim_v)`` in q's dtype and ``lse`` ``(B, H, s_q)`` fp32; a sequence of
-    length 0 (or a causal query that sees no key) gives out 0 and lse +inf (FlashMLA's convention)."""
+    q ``(B, s_q, H, D)``; kv_cache ``(num_blocks, page_size, h_kv, D)`` with H a multiple of h_kv: query
+    head h reads KV head ``h // (H // h_kv)`` (contiguous groups; h_kv = 1 is MLA's MQA);
+    block_table ``(B, max_blocks)`` int32; cache_seqlens ``(B,)`` int32 (the cache already holds the new
+    tokens). With ``causal`` the s_q queries are the last s_q positions and query i sees keys
+    ``<= L - s_q + i``. Returns ``out`` ``(B, s_q, H, head_dim_v)`` in q's dtype and ``lse`` ``(B, H, s_q)``
+    fp32; a sequence of length 0 (or a causal query that sees no key) gives out 0 and lse +inf
+    (FlashMLA's convention)."""
     acc = stat_dtype(q.dtype)
     b, sq, h, d = q.shape
-    page = kv_cache.shape[1]
+    page, hkv = kv_cache.shape[1], kv_cache.shape[2]
+    hg = h // hkv
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     out = torch.zeros(b, sq, h, head_dim_v, dtype=acc, device=q.device)
     lse = torch.full((b, h, sq), float("inf"), dtype=acc, device=q.device)
@@ -358,8 +361,9 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scal
         if n == 0:
             continue
         pages = block_table[i, : (n + page - 1) // page].long()
-        kv = kv_cache[pages, :, 0].reshape(-1, d)[:n].to(acc)                  # (n, D)
-        s = torch.einsum("qhd,nd->hqn", q[i].to(acc), kv) * scale                # (H, s_q, n)
+        kv = kv_cache[pages].reshape(-1, hkv, d)[:n].to(acc)                       # (n, h_kv, D)
+        qg = q[i].to(acc).reshape(sq, hkv, hg, d)                                  # (s_q, h_kv, H / h_kv, D)
+        s = torch.einsum("qgjd,ngd->gjqn", qg, kv).reshape(h, sq, n) * scale       # (H, s_q, n)
         if causal and sq > 1:
             pos = torch.arange(sq, device=q.device)[:, None] + (n - sq)
             s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > pos, float("-inf"))
@@ -367,8 +371,8 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scal
         # A query that sees no key (causal, fewer cached tokens than queries) gets out 0, lse +inf.
         none = lse_i == float("-inf")
         lse[i] = lse_i.masked_fill(none, float("inf"))
-        p = torch.where(none[..., None], 0.0, torch.softmax(s, dim=-1))
-        out[i] = torch.einsum("hqn,nv->qhv", p, kv[:, :head_dim_v])
+        p = torch.where(none[..., None], 0.0, torch.softmax(s, dim=-1)).reshape(hkv, hg, sq, n)
+        out[i] = torch.einsum("gjqn,ngv->qgjv", p, kv[..., :head_dim_v]).reshape(sq, h, head_dim_v)
     return out.to(q.dtype), lse.float() if acc != torch.float64 else lse
 
 

@@ -10,21 +10,30 @@ from conftest import FAST_CASES, assert_close_to_ref, assert_rel_err, is_interpr
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _case(batch, s_q, heads, latent, rope, page, lens, dtype, device, seed, wide_table=True):
+def _case(batch, s_q, heads, latent, rope, page, lens, dtype, device, seed, wide_table=True, h_kv=1, poison=False,
+          head_pad=0):
     """Random cache and queries; block tables are shuffled pages, read through a column slice of a
-    wider table (non-contiguous rows)."""
+    wider table (non-contiguous rows). h_kv KV heads; head_pad > 0: the cache is a view whose KV heads are
+    D + head_pad elements apart (a strided head dim). poison: NaN in every cache row no sequence uses
+    (the tails of last pages, the spare blocks), which must not reach any output."""
     g = torch.Generator().manual_seed(seed)
     d = latent + rope
     blocks = [-(-n // page) for n in lens]
     nb = sum(blocks) + 3
-    kv = torch.randn(nb, page, 1, d, generator=g).to(dtype).to(device)
+    kv = torch.randn(nb, page, h_kv, d + head_pad, generator=g)
+    if poison:
+        kv[:] = float("nan")
     perm = torch.randperm(nb, generator=g)
     width = max(max(blocks), 1) + 2
     table = torch.full((batch, width + (3 if wide_table else 0)), -1, dtype=torch.int32)
     i = 0
     for b, k in enumerate(blocks):
         table[b, :k] = perm[i:i + k].int()
+        if poison:  # the rows sequence b uses get values
+            for t in range(lens[b]):
+                kv[table[b, t // page], t % page, :, :d] = torch.randn(h_kv, d, generator=g)
         i += k
+    kv = kv.to(dtype).to(device)[..., :d]
     table = table.to(device)
     bt = table[:, :width] if wide_table else table
     q = torch.randn(batch, s_q, heads, d, generator=g).to(dtype).to(device)
@@ -77,6 +86,68 @@ def test_mla_decode_heads_pages(device, backend, heads, page):
         pytest.skip("interpreter: 128 heads are covered on a GPU")
     q, kv, bt, lens = _case(2, 1, heads, 64, 32, page, [200, 77], torch.float32, device, heads + page)
     _check(device, backend, q, kv, bt, lens, 64, False, scale=0.05)
+
+
+# ----------------------------------------------------------------------------- several KV heads
+# FlashMLA's dense decoding layout: kv_cache (num_blocks, page, h_kv, D), q head h reads KV head
+# h // (h_q / h_kv) (contiguous groups). (h_kv, h_q): h_q == h_kv, and multiples of it.
+KV_HEADS = [(1, 3), (2, 2), (2, 6), (3, 3), (3, 12), (8, 8), (8, 16)]
+
+
+@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("h_kv,h_q", KV_HEADS, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("s_q,causal", [(1, False), (3, True)])
+def test_mla_decode_kv_heads(device, backend, h_kv, h_q, dtype, s_q, causal):
+    """h_kv KV heads: lengths 0, mid-page, whole pages and several pages in one batch, shuffled block
+    tables, NaN in every cache row no sequence uses (it must not leak), causal s_q > 1."""
+    lens = [37, 0, 32, 70] if is_interpreted(device, backend) else [37, 0, 32, 161]
+    q, kv, bt, seqlens = _case(4, s_q, h_q, 64, 32, 16, lens, dtype, device,
+                               seed_of("kvh", h_kv, h_q, str(dtype), s_q), h_kv=h_kv, poison=True)
+    _check(device, backend, q, kv, bt, seqlens, 64, causal)
+
+
+def test_mla_decode_reference_kv_head_groups():
+    """The oracle's head mapping: query heads [g * H / h_kv, (g + 1) * H / h_kv) attend over KV head g alone,
+    i.e. the result equals h_kv one-KV-head problems (FlashMLA's contiguous groups)."""
+    q, kv, bt, lens = _case(3, 2, 6, 64, 32, 16, [40, 0, 17], torch.float64, "cpu", 21, h_kv=3)
+    out, lse = reference.mla_decode(q, kv, bt, lens, 64, 0.2, True)
+    for g in range(3):
+        o_g, l_g = reference.mla_decode(q[:, :, 2 * g:2 * g + 2], kv[:, :, g:g + 1], bt, lens, 64, 0.2, True)
+        torch.testing.assert_close(out[:, :, 2 * g:2 * g + 2], o_g, rtol=0, atol=0)
+        torch.testing.assert_close(lse[:, 2 * g:2 * g + 2], l_g, rtol=0, atol=0)
+    assert not torch.equal(out[:, :, 0], out[:, :, 2]), "different KV heads must give different outputs"
+
+
+@pytest.mark.parametrize("device,backend", FAST_CASES)
+@pytest.mark.parametrize("h_kv,h_q,page", [(2, 4, 16), (3, 6, 64)])
+def test_mla_decode_kv_heads_strided(device, backend, h_kv, h_q, page):
+    """A cache whose KV heads are D + 8 elements apart (a view of a wider cache, no copy) and a query
+    that is a view too; a sequence longer than one split on the CPU backend."""
+    n = 300 if is_interpreted(device, backend) else 700
+    q, kv, bt, seqlens = _case(2, 2, h_q, 128, 64, page, [n, 45], torch.bfloat16, device,
+                               seed_of("kvs", h_kv, page), h_kv=h_kv, poison=True, head_pad=8)
+    assert kv.stride(2) == 200 and kv.stride(-1) == 1
+    qw = torch.cat([q, q[..., :8]], -1)[..., :192]
+    assert not qw.is_contiguous()
+    _check(device, backend, qw, kv, bt, seqlens, 128, True)
+
+
+@pytest.mark.parametrize("device,backend", FAST_CASES)
+def test_mla_decode_kv_heads_nan(device, backend):
+    """NaN in one query row poisons that row only; NaN in a visible row of KV head 1 poisons exactly the
+    heads of group 1 of that sequence (2 KV heads x 3 query heads), nothing else."""
+    q, kv, bt, lens = _case(2, 1, 6, 64, 32, 16, [20, 20], torch.float32, device, 16, h_kv=2)
+    q[0, 0, 4, 3] = float("nan")                        # sequence 0, head 4 (group 1)
+    kv[int(bt[1, 0]), 5, 1, 7] = float("nan")           # sequence 1, token 5, KV head 1
+    with torch.no_grad(), fastlayers.use_backend(backend):
+        out, lse = fastlayers.mla_decode(q, kv, bt, lens, 64)
+    want = torch.zeros(2, 1, 6, dtype=torch.bool)
+    want[0, 0, 4] = True
+    want[1, 0, 3:] = True
+    assert torch.equal(torch.isnan(out).all(-1).cpu(), want)
+    assert torch.equal(torch.isnan(lse).cpu(), want.transpose(1, 2))
+    assert not torch.isnan(out.cpu()[~want]).any()
 
 
 TRITON_CASES = [c for c in FAST_CASES if c.values[1] == "triton"]
@@ -134,8 +205,9 @@ def test_mla_decode_nan(device, backend):
     assert not torch.isnan(out[0]).any() and not torch.isnan(out[1, 0, 0]).any()
 
 
-def test_mla_decode_opcheck():
-    q, kv, bt, lens = _case(2, 2, 4, 64, 32, 16, [20, 33], torch.float32, "cpu", 8, wide_table=False)
+@pytest.mark.parametrize("h_kv", [1, 2])
+def test_mla_decode_opcheck(h_kv):
+    q, kv, bt, lens = _case(2, 2, 4, 64, 32, 16, [20, 33], torch.float32, "cpu", 8, wide_table=False, h_kv=h_kv)
     torch.library.opcheck(torch.ops.fastlayers.mla_decode, (q, kv, bt, lens, 64, 0.1, True, "cpu"))
 
 
@@ -148,6 +220,10 @@ def test_mla_decode_opcheck():
     (lambda a: a.update(cache_seqlens=a["cache_seqlens"].long()), "int32"),
     (lambda a: a.update(block_table=a["block_table"] + 1000), "points outside"),
     (lambda a: a.update(softmax_scale=-1.0), "softmax_scale"),
+    (lambda a: a.update(kv_cache=a["kv_cache"].expand(-1, -1, 3, -1)), r"n_heads = 4 must be a multiple of kv_cache's h_kv = 3"),
+    (lambda a: a.update(kv_cache=a["kv_cache"][:, :, :0]), r"h_kv >= 1"),
+    (lambda a: a.update(kv_cache=a["kv_cache"][:, :, 0]), r"kv_cache must be \(num_blocks, page_size, h_kv, D\)"),
+    (lambda a: a.update(q=a["q"][0]), r"q must be \(batch, s_q, n_heads, D\)"),
 ])
 def test_mla_decode_bad_input(mutate, match, monkeypatch):
     from fastlayers.backends import cpu as cpu_backend
@@ -281,6 +357,24 @@ def test_mla_decode_cpu_kernels(monkeypatch, kernel, heads, s_q, latent, rope, p
     q, kv, bt, seqlens = _case(len(lens), s_q, heads, latent, rope, page, lens, dtype, "cpu",
                                seed_of(kernel, heads, s_q, latent, rope, page, str(dtype)))
     _check("cpu", "cpu", q, kv, bt, seqlens, latent, causal, scale=0.3)
+
+
+@pytest.mark.parametrize("kernel", ["scalar", "vector"])
+@pytest.mark.parametrize("h_kv,heads,s_q,lens,dtype", [
+    (2, 6, 3, [131, 1, 0], torch.float32),      # 9 rows a KV head: 2 lane blocks, causal, lengths < s_q
+    (3, 3, 1, [200, 77], torch.bfloat16),       # one row a KV head
+    (8, 64, 1, [90], torch.float16),            # 8 rows a KV head; splits at batch 1
+])
+def test_mla_decode_cpu_kernels_kv_heads(monkeypatch, kernel, h_kv, heads, s_q, lens, dtype):
+    """The scalar and the vectorised CPU kernels with several KV heads (one task per sequence, KV head and
+    split), NaN in the unused cache rows."""
+    from fastlayers.backends import cpu as cpu_backend
+    if kernel not in _cpu_kernels():
+        pytest.skip(f"the {kernel} CPU kernel is not available here")
+    monkeypatch.setattr(cpu_backend, "MLA_KERNEL", kernel)
+    q, kv, bt, seqlens = _case(len(lens), s_q, heads, 72, 24, 16, lens, dtype, "cpu",
+                               seed_of("cpukvh", kernel, h_kv, heads), h_kv=h_kv, poison=True)
+    _check("cpu", "cpu", q, kv, bt, seqlens, 72, s_q > 1, scale=0.3)
 
 
 @pytest.mark.parametrize("kernel", ["scalar", "vector"])

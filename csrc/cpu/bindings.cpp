@@ -184,11 +184,11 @@ PYBIND11_MODULE(_C, m) {
       "mla_decode's checks of cache_seqlens and block_table (int32 CPU tensors).");
   m.def(
       "mla_decode",
-      [](uintptr_t q, S3 qs, int q_dt, uintptr_t kv, int64_t kv_sblock, int64_t kv_srow, int kv_dt,
-         uintptr_t block_table, int64_t bt_stride, uintptr_t seqlens, uintptr_t o_part, uintptr_t lse_part,
-         uintptr_t out, int out_dt, uintptr_t lse, int64_t B, int64_t s_q, int64_t H, int64_t D, int64_t dv,
-         int64_t page, int64_t n_splits, int64_t split_tokens, double scale, bool causal, int64_t max_tokens,
-         uintptr_t workspace, int parts, int kernel) {
+      [](uintptr_t q, S3 qs, int q_dt, uintptr_t kv, int64_t kv_sblock, int64_t kv_srow, int64_t kv_shead,
+         int kv_dt, uintptr_t block_table, int64_t bt_stride, uintptr_t seqlens, uintptr_t o_part,
+         uintptr_t lse_part, uintptr_t out, int out_dt, uintptr_t lse, int64_t B, int64_t s_q, int64_t H,
+         int64_t h_kv, int64_t D, int64_t dv, int64_t page, int64_t n_splits, int64_t split_tokens, double scale,
+         bool causal, int64_t max_tokens, uintptr_t workspace, int parts, int kernel) {
         check_dtype(q_dt, "q", true);
         if (kernel < cpu::kMlaAuto || kernel > cpu::kMlaVector)
           throw std::invalid_argument("fastlayers: mla_decode kernel must be 0 (auto), 1 (scalar) or 2 (vector)");
@@ -200,10 +200,12 @@ PYBIND11_MODULE(_C, m) {
         check_dtype(out_dt, "out", true);
         if (parts < 1 || n_splits < 1 || split_tokens < 1 || page < 1)
           throw std::invalid_argument("fastlayers: mla_decode needs parts, n_splits, split_tokens, page >= 1");
+        if (h_kv < 1 || H % h_kv)
+          throw std::invalid_argument("fastlayers: mla_decode needs H a multiple of h_kv >= 1");
         MlaDecodeArgs a{P(q), qs[0], qs[1], qs[2], q_dt, P(kv), kv_sblock, kv_srow, kv_dt,
                         static_cast<const int32_t*>(P(block_table)), bt_stride,
                         static_cast<const int32_t*>(P(seqlens)), P(o_part), P(lse_part), P(out), out_dt, P(lse),
-                        B, s_q, H, D, dv, page, n_splits, split_tokens, scale, causal, max_tokens};
+                        B, s_q, H, D, dv, page, n_splits, split_tokens, scale, causal, max_tokens, h_kv, kv_shead};
         py::gil_scoped_release nogil;
         cpu::mla_decode(a, P(workspace), parts, kernel);
       },

@@ -1,7 +1,8 @@
 // MLA decoding on the CPU: attention of a few new queries (all heads share one latent
 // KV row per token) over a paged cache, flash-decoding style.
 //
-// Phase 1: tasks = (sequence, KV split). A task walks its tokens in blocks of kTok rows:
+// Phase 1: tasks = (sequence, KV head, KV split); KV head g's problem has the s_q x H / h_kv query
+// rows of the heads that read it (h_kv = 1, MLA: every head). A task walks its tokens in blocks of kTok rows:
 // each cached row is converted to fp32 once and used by every head and query (the
 // latent cache is one "KV head"), scores for the block, an online-softmax update, and
 // the values (the row's first dv channels) accumulated. It writes its normalised
@@ -28,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <stdexcept>
 #include <omp.h>
 
 #include "convert.h"
@@ -51,6 +53,13 @@ constexpr int64_t kPfDist = 1;  // tiles ahead that the scores kernel prefetches
 
 static int64_t round8(int64_t n) { return (n + 7) / 8 * 8; }
 
+// Query row r of KV head g's problem (rows = s_q * H / h_kv of them): its new token qi and head h.
+static inline void mla_row(const MlaDecodeArgs& a, int64_t g, int64_t r, int64_t& qi, int64_t& h) {
+  const int64_t hg = a.H / a.h_kv;
+  qi = r / hg;
+  h = g * hg + r % hg;
+}
+
 // Cached tokens of sequence b, clamped to what the block table holds (MlaDecodeArgs::max_tokens).
 static inline int64_t mla_len(const MlaDecodeArgs& a, int64_t b) {
   const int64_t n = a.seqlens[b];
@@ -68,8 +77,8 @@ int64_t mla_decode_workspace(int64_t rows, int64_t D, int64_t dv) {
 }
 
 template <typename Acc>
-FL_INLINE void mla_task(const MlaDecodeArgs& a, int64_t b, int64_t sp, Acc* ws) {
-  const int64_t D = a.D, dv = a.dv, rows = a.s_q * a.H;
+FL_INLINE void mla_task(const MlaDecodeArgs& a, int64_t b, int64_t g, int64_t sp, Acc* ws) {
+  const int64_t D = a.D, dv = a.dv, hg = a.H / a.h_kv, rows = a.s_q * hg;
   Acc* qf = ws;                   // rows x D
   Acc* kb = qf + rows * D;        // kTok x D
   Acc* sc = kb + kTok * D;        // rows x kTok
@@ -79,10 +88,12 @@ FL_INLINE void mla_task(const MlaDecodeArgs& a, int64_t b, int64_t sp, Acc* ws) 
   const Acc ninf = -std::numeric_limits<Acc>::infinity();
   const int64_t n = mla_len(a, b);
   const int64_t t0 = std::min<int64_t>(n, sp * a.split_tokens), t1 = std::min<int64_t>(n, t0 + a.split_tokens);
-  Acc* o_part = static_cast<Acc*>(a.o_part) + ((b * a.n_splits + sp) * rows) * dv;
-  Acc* lse_part = static_cast<Acc*>(a.lse_part) + (b * a.n_splits + sp) * rows;
+  Acc* o_part = static_cast<Acc*>(a.o_part) + ((b * a.n_splits + sp) * a.h_kv + g) * rows * dv;
+  Acc* lse_part = static_cast<Acc*>(a.lse_part) + ((b * a.n_splits + sp) * a.h_kv + g) * rows;
+  const int64_t kv_head = g * a.kv_shead;
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t qi = r / a.H, h = r % a.H;
+    int64_t qi, h;
+    mla_row(a, g, r, qi, h);
     load_row(elem_ptr(a.q, a.q_dt, b * a.q_sb + qi * a.q_ss + h * a.q_sh), a.q_dt, qf + r * D, D);
     const Acc s = Acc(a.scale);
 #pragma omp simd
@@ -97,13 +108,13 @@ FL_INLINE void mla_task(const MlaDecodeArgs& a, int64_t b, int64_t sp, Acc* ws) 
     for (int64_t j = 0; j < nt; ++j) {
       const int64_t t = tb + j;
       const int64_t blk = table[t / a.page], row = t % a.page;
-      load_row(elem_ptr(a.kv, a.kv_dt, blk * a.kv_sblock + row * a.kv_srow), a.kv_dt, kb + j * D, D);
+      load_row(elem_ptr(a.kv, a.kv_dt, blk * a.kv_sblock + row * a.kv_srow + kv_head), a.kv_dt, kb + j * D, D);
     }
     for (int64_t r = 0; r < rows; ++r) {
       const Acc* qr = qf + r * D;
       Acc* sr = sc + r * kTok;
       // Keys visible to query qi: positions <= n - s_q + qi (causal), all otherwise.
-      const int64_t last = a.causal ? n - a.s_q + r / a.H : n - 1;
+      const int64_t last = a.causal ? n - a.s_q + r / hg : n - 1;
       Acc mx = m[r];
       bool nan = false;
       for (int64_t j = 0; j < nt; ++j) {
@@ -365,8 +376,8 @@ FL_AVX2 static void mla_pv_tile(float* ot, int64_t Rp, const float* pt, const fl
 }
 
 // One (sequence, split) task; fp32/fp16/bf16 q and cache, fp32 workspace (mla_vec_workspace).
-FL_AVX2 static void mla_task_avx2(const MlaDecodeArgs& a, int64_t b, int64_t sp, float* ws) {
-  const int64_t D = a.D, dv = a.dv, R = a.s_q * a.H, Rp = round8(R);
+FL_AVX2 static void mla_task_avx2(const MlaDecodeArgs& a, int64_t b, int64_t g, int64_t sp, float* ws) {
+  const int64_t D = a.D, dv = a.dv, R = a.s_q * (a.H / a.h_kv), Rp = round8(R);
   float* qt = ws;                 // D x Rp: scaled queries, transposed, rows R..Rp-1 zero
   float* st = qt + D * Rp;        // kTile x Rp: scores, then probabilities (P^T)
   float* ot = st + kTile * Rp;    // dv x Rp: unnormalised outputs, transposed
@@ -379,11 +390,12 @@ FL_AVX2 static void mla_task_avx2(const MlaDecodeArgs& a, int64_t b, int64_t sp,
   const float ninf = -std::numeric_limits<float>::infinity();
   const int64_t n = mla_len(a, b);
   const int64_t t0 = std::min<int64_t>(n, sp * a.split_tokens), t1 = std::min<int64_t>(n, t0 + a.split_tokens);
-  float* o_part = static_cast<float*>(a.o_part) + ((b * a.n_splits + sp) * R) * dv;
-  float* lse_part = static_cast<float*>(a.lse_part) + (b * a.n_splits + sp) * R;
+  float* o_part = static_cast<float*>(a.o_part) + ((b * a.n_splits + sp) * a.h_kv + g) * R * dv;
+  float* lse_part = static_cast<float*>(a.lse_part) + ((b * a.n_splits + sp) * a.h_kv + g) * R;
   const float scale = float(a.scale);
   for (int64_t r = 0; r < R; ++r) {
-    const int64_t qi = r / a.H, h = r % a.H;
+    int64_t qi, h;
+    mla_row(a, g, r, qi, h);
     load_row(elem_ptr(a.q, a.q_dt, b * a.q_sb + qi * a.q_ss + h * a.q_sh), a.q_dt, qrow, D);
     for (int64_t c = 0; c < D; ++c) qt[c * Rp + r] = qrow[c] * scale;
     // Keys visible to query qi: positions <= n - s_q + qi (causal), all otherwise.
@@ -404,7 +416,7 @@ FL_AVX2 static void mla_task_avx2(const MlaDecodeArgs& a, int64_t b, int64_t sp,
     for (int j = 0; j < nt;) {
       const int64_t t = tb + j, row = t & (a.page - 1);
       const char* p = static_cast<const char*>(elem_ptr(a.kv, a.kv_dt, table[t >> page_shift] * a.kv_sblock +
-                                                                         row * a.kv_srow));
+                                                                         row * a.kv_srow + g * a.kv_shead));
       const int64_t stride = a.kv_srow * dtype_size(a.kv_dt);
       for (int64_t i = row; i < a.page && j < nt; ++i, ++j, p += stride) src[j] = p;
     }
@@ -442,7 +454,7 @@ FL_AVX2 static void mla_task_avx2(const MlaDecodeArgs& a, int64_t b, int64_t sp,
 
 template <typename Acc>
 FL_INLINE void mla_merge(const MlaDecodeArgs& a, int64_t idx, Acc* buf) {
-  // idx enumerates (b, query row r = qi * H + h).
+  // idx enumerates (b, partial row r = g * R + i): row i of KV head g's problem (mla_row).
   const int64_t rows = a.s_q * a.H, b = idx / rows, r = idx % rows, dv = a.dv;
   const Acc ninf = -std::numeric_limits<Acc>::infinity();
   const Acc* lse_part = static_cast<const Acc*>(a.lse_part) + b * a.n_splits * rows + r;
@@ -474,14 +486,17 @@ FL_INLINE void mla_merge(const MlaDecodeArgs& a, int64_t idx, Acc* buf) {
                       : (mx == ninf ? std::numeric_limits<Acc>::infinity() : mx + std::log(total));
   if (nan)
     for (int64_t c = 0; c < dv; ++c) buf[c] = std::numeric_limits<Acc>::quiet_NaN();
-  const int64_t qi = r / a.H, h = r % a.H;
+  int64_t qi, h;
+  mla_row(a, r / (rows / a.h_kv), r % (rows / a.h_kv), qi, h);
   store_row(buf, elem_ptr(a.out, a.out_dt, ((b * a.s_q + qi) * a.H + h) * dv), a.out_dt, dv);
   static_cast<Acc*>(a.lse)[(b * a.H + h) * a.s_q + qi] = lse;
 }
 
-FL_CLONES void mla_task_f32(const MlaDecodeArgs& a, int64_t b, int64_t sp, float* ws) { mla_task<float>(a, b, sp, ws); }
-FL_CLONES void mla_task_f64(const MlaDecodeArgs& a, int64_t b, int64_t sp, double* ws) {
-  mla_task<double>(a, b, sp, ws);
+FL_CLONES void mla_task_f32(const MlaDecodeArgs& a, int64_t b, int64_t g, int64_t sp, float* ws) {
+  mla_task<float>(a, b, g, sp, ws);
+}
+FL_CLONES void mla_task_f64(const MlaDecodeArgs& a, int64_t b, int64_t g, int64_t sp, double* ws) {
+  mla_task<double>(a, b, g, sp, ws);
 }
 FL_CLONES void mla_merge_f32(const MlaDecodeArgs& a, int64_t i, float* buf) { mla_merge<float>(a, i, buf); }
 FL_CLONES void mla_merge_f64(const MlaDecodeArgs& a, int64_t i, double* buf) { mla_merge<double>(a, i, buf); }
@@ -497,24 +512,27 @@ bool mla_decode_has_avx2() {
 
 void mla_decode(const MlaDecodeArgs& a, void* workspace, int parts, int kernel) {
   if (a.B == 0 || a.s_q == 0 || a.H == 0) return;
+  if (a.h_kv < 1 || a.H % a.h_kv) throw std::invalid_argument("fastlayers: mla_decode needs H a multiple of h_kv >= 1");
   const bool f64 = a.q_dt == kF64;
   const bool vec = !f64 && kernel != kMlaScalar && mla_decode_has_avx2();
-  const int64_t per = mla_decode_workspace(a.s_q * a.H, a.D, a.dv);
-  const int64_t tasks = a.B * a.n_splits, merges = a.B * a.s_q * a.H;
+  const int64_t per = mla_decode_workspace(a.s_q * (a.H / a.h_kv), a.D, a.dv);
+  // Tasks (sequence, KV head, split), the splits of one (sequence, KV head) next to each other.
+  const int64_t tasks = a.B * a.h_kv * a.n_splits, merges = a.B * a.s_q * a.H;
 #pragma omp parallel num_threads(parts)
   {
     const int tid = omp_get_thread_num();
     char* ws = static_cast<char*>(workspace) + tid * per * (f64 ? 8 : 4);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t bg = t / a.n_splits, b = bg / a.h_kv, g = bg % a.h_kv, sp = t % a.n_splits;
       if (f64)
-        mla_task_f64(a, t / a.n_splits, t % a.n_splits, reinterpret_cast<double*>(ws));
+        mla_task_f64(a, b, g, sp, reinterpret_cast<double*>(ws));
 #if FL_MLA_AVX2
       else if (vec)
-        mla_task_avx2(a, t / a.n_splits, t % a.n_splits, reinterpret_cast<float*>(ws));
+        mla_task_avx2(a, b, g, sp, reinterpret_cast<float*>(ws));
 #endif
       else
-        mla_task_f32(a, t / a.n_splits, t % a.n_splits, reinterpret_cast<float*>(ws));
+        mla_task_f32(a, b, g, sp, reinterpret_cast<float*>(ws));
     }
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < merges; ++i) {

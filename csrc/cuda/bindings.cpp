@@ -79,11 +79,11 @@ PYBIND11_MODULE(_cuda, m) {
          int kv_dt, uintptr_t block_table, int64_t bt_stride, uintptr_t seqlens, uintptr_t o_part,
          uintptr_t lse_part, uintptr_t out, int out_dt, uintptr_t lse, int64_t B, int64_t s_q, int64_t H, int64_t D,
          int64_t dv, int64_t page, int64_t n_splits, int64_t split_tokens, double scale, bool causal,
-         int64_t max_tokens, uintptr_t stream) {
+         int64_t max_tokens, uintptr_t stream, int64_t h_kv, int64_t kv_shead) {
         MlaDecodeArgs a{P(q), qs[0], qs[1], qs[2], q_dt, P(kv), kv_sblock, kv_srow, kv_dt,
                         static_cast<const int32_t*>(P(block_table)), bt_stride,
                         static_cast<const int32_t*>(P(seqlens)), P(o_part), P(lse_part), P(out), out_dt, P(lse),
-                        B, s_q, H, D, dv, page, n_splits, split_tokens, scale, causal, max_tokens};
+                        B, s_q, H, D, dv, page, n_splits, split_tokens, scale, causal, max_tokens, h_kv, kv_shead};
         py::gil_scoped_release nogil;
         cuda::mla_decode(a, P(stream));
       },
@@ -91,9 +91,10 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("kv_dt"), py::arg("block_table"), py::arg("bt_stride"), py::arg("seqlens"), py::arg("o_part"),
       py::arg("lse_part"), py::arg("out"), py::arg("out_dt"), py::arg("lse"), py::arg("B"), py::arg("s_q"),
       py::arg("H"), py::arg("D"), py::arg("dv"), py::arg("page"), py::arg("n_splits"), py::arg("split_tokens"),
-      py::arg("scale"), py::arg("causal"), py::arg("max_tokens"), py::arg("stream"),
+      py::arg("scale"), py::arg("causal"), py::arg("max_tokens"), py::arg("stream"), py::arg("h_kv") = 1,
+      py::arg("kv_shead") = 0,
       "MLA decoding over a paged latent cache, split-KV (see MlaDecodeArgs), on `stream`: fp32/fp16/bf16, "
-      "D <= 768, head_dim_v <= 512.");
+      "D <= 768, head_dim_v <= 512; h_kv KV heads (kv_shead elements apart), H a multiple of h_kv.");
 
   m.def(
       "selective_scan_fwd",

@@ -9,8 +9,9 @@
 // (FlashMLA's convention; its split partials have lse_part -inf, which the merge skips).
 //
 // mla_partial<DT, NC, NR>: one CTA of 256 threads (8 warps) per (row group, KV split,
-// batch row); a row group is up to 16 query rows r = qi * H + h (heads and the s_q new
-// tokens share the latent cache rows). Per tile of 32 tokens:
+// batch row); a row group is up to 16 query rows of one KV head's problem: (new token qi,
+// head h) pairs of the H / h_kv heads that read KV head g (h_kv = 1, MLA: every head and every
+// new token share the latent cache rows; see mla_cta). Per tile of 32 tokens:
 //   1. the 32 cached rows are copied, as raw bits of the cache dtype, into shared memory
 //      (16-byte loads when the rows allow), once for every row of the group;
 //   2. scores: lane t of warp w computes token t's dot products with rows w and w + 8
@@ -122,18 +123,24 @@ FL_DEV float mla_nan() { return __uint_as_float(0x7fc00000u); }
 
 // The partial kernel. NC x NR accumulators a thread: NC columns (CT = 256 * NR / 16
 // apart), NR rows (RS = 16 / NR apart); needs dv <= NC * CT.
-// What a CTA of the partial kernels works on: query rows [r0, r0 + nrows) of the rows = s_q * H
-// (blockIdx.x), KV split sp (blockIdx.y) of sequence b (blockIdx.z) of length n, tokens [t0, t1)
-// (empty past the sequence's end).
+// What a CTA of the partial kernels works on: KV head g and rows [lr0, lr0 + nrows) of its problem
+// (the rg = s_q * hg query rows of the hg = H / h_kv heads that read it; row i is new token i / hg,
+// head g * hg + i % hg), both from blockIdx.x; partial rows [r0, r0 + nrows) of the rows = s_q * H
+// (r0 = g * rg + lr0); KV split sp (blockIdx.y) of sequence b (blockIdx.z) of length n, tokens
+// [t0, t1) (empty past the sequence's end).
 struct MlaCta {
-  int64_t rows, r0, sp, b, n, t0, t1;
+  int64_t rows, r0, lr0, g, hg, sp, b, n, t0, t1;
   int nrows;
 };
 FL_DEV MlaCta mla_cta(const MlaDecodeArgs& a) {
   MlaCta c;
   c.rows = a.s_q * a.H;
-  c.r0 = int64_t(blockIdx.x) * kMlaRows;
-  c.nrows = int(c.rows - c.r0 < kMlaRows ? c.rows - c.r0 : kMlaRows);
+  c.hg = a.H / a.h_kv;
+  const int64_t rg = a.s_q * c.hg, blocks = (rg + kMlaRows - 1) / kMlaRows;
+  c.g = int64_t(blockIdx.x) / blocks;
+  c.lr0 = (int64_t(blockIdx.x) - c.g * blocks) * kMlaRows;
+  c.r0 = c.g * rg + c.lr0;
+  c.nrows = int(rg - c.lr0 < kMlaRows ? rg - c.lr0 : kMlaRows);
   c.sp = blockIdx.y, c.b = blockIdx.z;
   c.n = a.seqlens[c.b];
   if (a.max_tokens > 0 && c.n > a.max_tokens) c.n = a.max_tokens;
@@ -158,6 +165,7 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kMlaThreads, 2) mla_partial(MlaDecodeArgs a, Mla
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   const MlaCta cta = mla_cta(a);
   const int64_t rows = cta.rows, r0 = cta.r0, sp = cta.sp, b = cta.b, n = cta.n, t0 = cta.t0, t1 = cta.t1;
+  const int64_t lr0 = cta.lr0, hg = cta.hg;
   const int nrows = cta.nrows;
   const int D = int(a.D), dv = int(a.dv);
   const float ninf = mla_ninf();
@@ -168,7 +176,7 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kMlaThreads, 2) mla_partial(MlaDecodeArgs a, Mla
     const int r = e / L.qd, c = e % L.qd;
     float v = 0.f;
     if (r < nrows && c < D) {
-      const int64_t rr = r0 + r, qi = rr / a.H, h = rr % a.H;
+      const int64_t rr = lr0 + r, qi = rr / hg, h = cta.g * hg + rr % hg;
       v = mla_load<DT>(a.q, b * a.q_sb + qi * a.q_ss + h * a.q_sh + c) * scale;
     }
     qs[e] = v;
@@ -180,7 +188,7 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kMlaThreads, 2) mla_partial(MlaDecodeArgs a, Mla
   int64_t last[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int64_t qi = (r0 + warp + 8 * i) / a.H;
+    const int64_t qi = (lr0 + warp + 8 * i) / hg;
     last[i] = a.causal ? n - a.s_q + qi : n - 1;  // the last key query qi sees
   }
 
@@ -192,10 +200,10 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kMlaThreads, 2) mla_partial(MlaDecodeArgs a, Mla
   const int cth = tid % CT, rth = tid / CT;
 
   const int32_t* table = a.block_table + b * a.bt_stride;
-  const char* kv = static_cast<const char*>(a.kv);
+  const char* kv = static_cast<const char*>(a.kv) + cta.g * a.kv_shead * ES;  // KV head g's rows
   const int row_bytes = D * ES;
   const bool vec = (reinterpret_cast<uintptr_t>(kv) & 15u) == 0 && (a.kv_sblock * ES) % 16 == 0 &&
-                   (a.kv_srow * ES) % 16 == 0;
+                   (a.kv_srow * ES) % 16 == 0;  // (kv includes KV head g's offset)
   const int64_t page_mask = (int64_t(1) << log2_page) - 1;
 
   for (int64_t tb = t0; tb < t1; tb += kMlaTok) {
@@ -387,7 +395,9 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kMlaMergeThreads, 4) mla_merge(MlaDecodeArgs a) 
 #pragma unroll
     for (int j = 0; j < NC; ++j) acc[j] *= inv;
   }
-  const int64_t qi = r / a.H, h = r % a.H;
+  // Partial row r: row rr of KV head g's problem (mla_cta).
+  const int64_t hg = a.H / a.h_kv, g = r / (a.s_q * hg), rr = r - g * (a.s_q * hg);
+  const int64_t qi = rr / hg, h = g * hg + rr % hg;
   const int64_t o = ((b * a.s_q + qi) * a.H + h) * dv;
 #pragma unroll
   for (int j = 0; j < NC; ++j) {
@@ -425,7 +435,7 @@ inline MlaMmaSmem mla_mma_smem(int64_t D) {
 // cp.async can copy in 16-byte pieces.
 inline bool mla_mma_ok(const MlaDecodeArgs& a) {
   return a.q_dt != kF32 && a.D % 16 == 0 && a.dv % 16 == 0 && (reinterpret_cast<uintptr_t>(a.kv) & 15u) == 0 &&
-         a.kv_srow % 8 == 0 && a.kv_sblock % 8 == 0;
+         a.kv_srow % 8 == 0 && a.kv_sblock % 8 == 0 && (a.h_kv == 1 || a.kv_shead % 8 == 0);
 }
 
 template <int DT>
@@ -463,12 +473,13 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kMmaThreads, 2) mla_partial_mma(MlaDecodeArgs a,
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5, g = lane >> 2, qd = lane & 3;
   const MlaCta cta = mla_cta(a);
   const int64_t rows = cta.rows, r0 = cta.r0, sp = cta.sp, b = cta.b, n = cta.n, t0 = cta.t0, t1 = cta.t1;
+  const int64_t lr0 = cta.lr0, hg = cta.hg;
   const int nrows = cta.nrows;
   const int D = int(a.D), dv = int(a.dv), nvt = dv / 8;
   const float ninf = mla_ninf();
 
   const int32_t* table = a.block_table + b * a.bt_stride;
-  const char* kv = static_cast<const char*>(a.kv);
+  const char* kv = static_cast<const char*>(a.kv) + cta.g * a.kv_shead * 2;  // KV head g's rows
   const int64_t page_mask = (int64_t(1) << log2_page) - 1;
   const int cpr = D / 8;  // 16-byte chunks a row
   // Tile of tokens tb.. into buffer buf: chunk e = token e / cpr, piece e % cpr; tokens past
@@ -499,7 +510,7 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kMmaThreads, 2) mla_partial_mma(MlaDecodeArgs a,
     const int r = e / D, c = e - r * D;
     float v = 0.f;
     if (r < nrows) {
-      const int64_t rr = r0 + r, qi = rr / a.H, h = rr % a.H;
+      const int64_t rr = lr0 + r, qi = rr / hg, h = cta.g * hg + rr % hg;
       v = mla_load<DT>(a.q, b * a.q_sb + qi * a.q_ss + h * a.q_sh + c);
     }
     qs[r * L.ld + c] = uint16_t(mla_bits<DT>(v));
@@ -514,7 +525,7 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kMmaThreads, 2) mla_partial_mma(MlaDecodeArgs a,
   for (int i = 0; i < 2; ++i) {
     const int r = g + 8 * i;
     rok[i] = r < nrows;
-    const int64_t qi = (r0 + r) / a.H;
+    const int64_t qi = (lr0 + r) / hg;
     last[i] = a.causal ? n - a.s_q + qi : n - 1;
   }
   float acc[NT][4];
@@ -694,6 +705,7 @@ inline bool check_mla_decode(const MlaDecodeArgs& a) {
   if (a.kv_dt != a.q_dt) mla_fail("q and kv_cache must have the same dtype");
   if (a.B < 0 || a.s_q < 0 || a.H < 0) mla_fail("negative size");
   if (a.B == 0 || a.s_q == 0 || a.H == 0) return false;
+  if (a.h_kv < 1 || a.H % a.h_kv) mla_fail("H must be a multiple of h_kv >= 1");
   if (a.D < 1 || a.D > kMlaMaxD)
     mla_fail("D = " + std::to_string(a.D) + " outside 1.." + std::to_string(kMlaMaxD));
   if (a.dv < 1 || a.dv > a.D || a.dv > kMlaMaxDv)
@@ -702,7 +714,8 @@ inline bool check_mla_decode(const MlaDecodeArgs& a) {
   if (a.n_splits < 1 || a.n_splits > kMlaMaxGridYZ || a.split_tokens < 1)
     mla_fail("n_splits must be in 1..65535 and split_tokens >= 1");
   if (a.B > kMlaMaxGridYZ) mla_fail("batch above 65535");
-  if ((a.s_q * a.H + kMlaRows - 1) / kMlaRows > (int64_t(1) << 31) - 1) mla_fail("too many query rows");
+  if (a.h_kv * ((a.s_q * (a.H / a.h_kv) + kMlaRows - 1) / kMlaRows) > (int64_t(1) << 31) - 1)
+    mla_fail("too many query rows");
   if (!a.q || !a.kv || !a.block_table || !a.seqlens || !a.o_part || !a.lse_part || !a.out || !a.lse)
     mla_fail("null pointer");
   return true;
@@ -715,7 +728,9 @@ void launch_mla_dt(const MlaDecodeArgs& a, Launch&& launch, bool tensor_cores) {
   const MlaSmem L = mla_smem(a.D, DT == kF32 ? 4 : 2);
   int log2_page = 0;
   while ((int64_t(1) << log2_page) < a.page) ++log2_page;
-  const dim3 grid(unsigned((a.s_q * a.H + kMlaRows - 1) / kMlaRows), unsigned(a.n_splits), unsigned(a.B));
+  // x: (KV head, row group of its s_q * H / h_kv query rows); see mla_cta.
+  const dim3 grid(unsigned(a.h_kv * ((a.s_q * (a.H / a.h_kv) + kMlaRows - 1) / kMlaRows)), unsigned(a.n_splits),
+                  unsigned(a.B));
   const dim3 block(kMlaThreads);
   if (DT != kF32 && tensor_cores && mla_mma_ok(a)) {
     const MlaMmaSmem M = mla_mma_smem(a.D);

@@ -139,13 +139,15 @@ def mla_decode_has_vector():
 def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causal, split_tokens, out, lse, o_part,
                lse_part):
     B, s_q, H, D = q.shape
+    h_kv = kv_cache.shape[2]
     n_splits = o_part.shape[1]
-    parts = _parts(B * n_splits, B * n_splits * split_tokens * D * s_q * H)
-    per = _C.mla_decode_workspace(s_q * H, D, head_dim_v)
+    parts = _parts(B * h_kv * n_splits, B * n_splits * split_tokens * D * s_q * H)
+    per = _C.mla_decode_workspace(s_q * (H // h_kv), D, head_dim_v)
     ws = torch.empty(parts * per, dtype=stat_dtype(q.dtype))
-    _C.mla_decode(ptr(q), _s3(q), code(q), ptr(kv_cache), kv_cache.stride(0), kv_cache.stride(1), code(kv_cache),
-                  ptr(block_table), block_table.stride(0), ptr(cache_seqlens), ptr(o_part), ptr(lse_part), ptr(out),
-                  code(out), ptr(lse), B, s_q, H, D, head_dim_v, kv_cache.shape[1], n_splits, split_tokens,
+    _C.mla_decode(ptr(q), _s3(q), code(q), ptr(kv_cache), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+                  code(kv_cache), ptr(block_table), block_table.stride(0), ptr(cache_seqlens), ptr(o_part),
+                  ptr(lse_part), ptr(out), code(out), ptr(lse), B, s_q, H, h_kv, D, head_dim_v, kv_cache.shape[1],
+                  n_splits, split_tokens,
                   float(scale), bool(causal), block_table.shape[1] * kv_cache.shape[1], ws.data_ptr(), parts,
                   _MLA_KERNELS[MLA_KERNEL])
 # ----------------------------------------------------------------------------- causal conv1d

@@ -85,12 +85,15 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causa
                lse_part):
     B, s_q, H, D = q.shape
     n_splits = o_part.shape[1]
+    h_kv = kv_cache.shape[2]
+    # KV heads as keywords only when there are several (a module built before they existed takes one).
+    heads = dict(h_kv=h_kv, kv_shead=kv_cache.stride(2)) if h_kv > 1 else {}
     with torch.cuda.device(q.device):
         _cuda.mla_decode(ptr(q), q.stride()[:3], code(q), ptr(kv_cache), kv_cache.stride(0), kv_cache.stride(1),
                          code(kv_cache), ptr(block_table), block_table.stride(0), ptr(cache_seqlens), ptr(o_part),
                          ptr(lse_part), ptr(out), code(out), ptr(lse), B, s_q, H, D, head_dim_v, kv_cache.shape[1],
                          n_splits, split_tokens, float(scale), bool(causal), block_table.shape[1] * kv_cache.shape[1],
-                         _stream(q.device))
+                         _stream(q.device), **heads)
 
 
 # ----------------------------------------------------------------------------- selective scan (Mamba-1)

@@ -1,9 +1,9 @@
 """Triton kernels of MLA decoding (see backends/__init__.py for the contract).
 
-Split kernel: one program per (sequence, KV split, block of BLOCK_R query rows), where a
-query row is one (new token, head) pair: every head reads the same latent rows, so a
-program loads each cached row once for BLOCK_R rows (the latent cache is a single KV
-head; MLA decoding is MQA). Per block of BLOCK_T tokens: scores = q_nope k_nope^T +
+Split kernel: one program per (sequence, KV split, KV head, block of BLOCK_R query rows), where
+a query row is one (new token, head) pair of the heads that read that KV head (H / h_kv of them,
+contiguous; MLA's latent cache is one KV head, MQA), so a program loads each cached row once for
+BLOCK_R rows. Per block of BLOCK_T tokens: scores = q_nope k_nope^T +
 q_rope k_rope^T on tensor cores, an online softmax, acc += p v with v = k_nope. The
 split writes its normalised output and log-sum-exp; the merge kernel combines the splits.
 
@@ -27,16 +27,19 @@ CONFIG = {"block_r": None, "block_t": None, "num_stages": None}
 if IMPORT_ERROR is None:
     @triton.jit
     def _mla_split_kernel(Q, KV, BT, LENS, OP, LP,
-                          q_sb, q_ss, q_sh, kv_sb, kv_sr, bt_s, H, S_Q, N_SPLITS, split_tokens, PAGE, MAX_T, scale,
+                          q_sb, q_ss, q_sh, kv_sb, kv_sr, kv_sh, bt_s, H, HG, NBLK, S_Q, N_SPLITS, split_tokens,
+                          PAGE, MAX_T, scale,
                           DV: tl.constexpr, DR: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DR: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, CAUSAL: tl.constexpr,
                           IEEE: tl.constexpr, UPCAST: tl.constexpr):
         b = tl.program_id(2).to(tl.int64)
         sp = tl.program_id(1)
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        rows = S_Q * H
-        r_ok = r < rows
-        qi, h = r // H, r % H
+        # Axis 0: (KV head g, block of rows of g's problem); its rows are (new token qi, head h of group g).
+        g = tl.program_id(0) // NBLK
+        r = (tl.program_id(0) % NBLK) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rows_g = S_Q * HG
+        r_ok = r < rows_g
+        qi, h = r // HG, g * HG + r % HG
         cv = tl.arange(0, BLOCK_DV)
         cr = tl.arange(0, BLOCK_DR)
         cv_ok, cr_ok = cv < DV, cr < DR
@@ -60,7 +63,7 @@ if IMPORT_ERROR is None:
             t = tb + tl.arange(0, BLOCK_T)
             t_ok = t < t1
             blk = tl.load(BT + b * bt_s + t // PAGE, mask=t_ok, other=0).to(tl.int64)
-            k_row = KV + blk * kv_sb + (t % PAGE).to(tl.int64) * kv_sr
+            k_row = KV + blk * kv_sb + (t % PAGE).to(tl.int64) * kv_sr + g.to(tl.int64) * kv_sh
             kn = tl.load(k_row[:, None] + cv[None, :], mask=t_ok[:, None] & cv_ok[None, :], other=0.0)
             kr = tl.load(k_row[:, None] + DV + cr[None, :], mask=t_ok[:, None] & cr_ok[None, :], other=0.0)
             if UPCAST:
@@ -86,17 +89,18 @@ if IMPORT_ERROR is None:
         empty = l == 0.0
         o = acc / tl.where(empty, 1.0, l)[:, None]
         lse = tl.where(empty, float("-inf"), m + tl.log(l))
-        base = (b * N_SPLITS + sp) * rows + r
+        base = (b * N_SPLITS + sp) * (S_Q * H) + g * rows_g + r  # partial row g * rows_g + r
         tl.store(OP + base.to(tl.int64)[:, None] * DV + cv[None, :], o, mask=r_ok[:, None] & cv_ok[None, :])
         tl.store(LP + base, lse, mask=r_ok)
 
     @triton.jit
-    def _mla_merge_kernel(OP, LP, OUT, LSE, H, S_Q, N_SPLITS,
+    def _mla_merge_kernel(OP, LP, OUT, LSE, H, HG, S_Q, N_SPLITS,
                           DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         r = tl.program_id(1)
         rows = S_Q * H
-        qi, h = r // H, r % H
+        g, rr = r // (S_Q * HG), r % (S_Q * HG)  # partial row r: row rr of KV head g's problem
+        qi, h = rr // HG, g * HG + rr % HG
         sp = tl.arange(0, BLOCK_S)
         sp_ok = sp < N_SPLITS
         lse = tl.load(LP + (b * N_SPLITS + sp) * rows + r, mask=sp_ok, other=float("-inf"))
@@ -128,12 +132,14 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causa
                lse_part):
     assert q.dtype != torch.float64, "the triton backend does not support float64"
     B, s_q, H, D = q.shape
+    h_kv = kv_cache.shape[2]
+    hg = H // h_kv
     n_splits = o_part.shape[1]
     rows = s_q * H
     if B == 0 or rows == 0:
         return
     dr = D - head_dim_v
-    block_r = CONFIG["block_r"] or (16 if rows <= 16 else 32)
+    block_r = CONFIG["block_r"] or (16 if rows // h_kv <= 16 else 32)
     block_t = CONFIG["block_t"] or BLOCK_T
     for name, v in (("block_r", block_r), ("block_t", block_t)):
         if v < 16 or v & (v - 1):
@@ -145,13 +151,14 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causa
                 CAUSAL=bool(causal), IEEE=q.dtype == torch.float32, UPCAST=upcast)
     num_warps = 4 if block_dv <= 256 and block_r * block_dv <= 8192 else 8
     args = (q, kv_cache, block_table, cache_seqlens, o_part, lse_part,
-            q.stride(0), q.stride(1), q.stride(2), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
-            H, s_q, n_splits, split_tokens, kv_cache.shape[1], block_table.shape[1] * kv_cache.shape[1],
+            q.stride(0), q.stride(1), q.stride(2), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+            block_table.stride(0), H, hg, triton.cdiv(s_q * hg, block_r), s_q, n_splits, split_tokens, kv_cache.shape[1], block_table.shape[1] * kv_cache.shape[1],
             float(scale))
     if CONFIG["num_stages"]:
         meta["num_stages"] = int(CONFIG["num_stages"])
-    _launch(_mla_split_kernel, (triton.cdiv(rows, block_r), n_splits, B), q.device, args, meta, num_warps)
-    _launch(_mla_merge_kernel, (B, rows), q.device, (o_part, lse_part, out, lse, H, s_q, n_splits),
+    grid = (h_kv * triton.cdiv(s_q * hg, block_r), n_splits, B)
+    _launch(_mla_split_kernel, grid, q.device, args, meta, num_warps)
+    _launch(_mla_merge_kernel, (B, rows), q.device, (o_part, lse_part, out, lse, H, hg, s_q, n_splits),
             dict(DV=head_dim_v, BLOCK_DV=block_dv, BLOCK_S=max(2, _next_pow2(n_splits))), 4)
 
 

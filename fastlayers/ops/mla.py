@@ -1,8 +1,9 @@
 """MLA decoding: attention of new queries over a paged latent KV cache (absorbed weights).
 
 ``mla_decode`` takes FlashMLA's arguments and layouts, for any latent size: q
-``(B, s_q, H, kv_lora_rank + rope_dim)``, the cache ``(num_blocks, page_size, 1, D)``
-holding ``[c_kv ; k_pe]`` rows, a block table and the cached lengths. Split-KV
+``(B, s_q, H, kv_lora_rank + rope_dim)``, the cache ``(num_blocks, page_size, h_kv, D)``
+holding ``[c_kv ; k_pe]`` rows (h_kv = 1 for MLA; h_kv > 1 with H a multiple of it makes this a paged
+GQA decode, as FlashMLA's dense decoding), a block table and the cached lengths. Split-KV
 (flash-decoding): long sequences are cut into splits processed in parallel and
 merged by their log-sum-exp; the split workspace is allocated here.
 """
@@ -47,9 +48,12 @@ def _check(op, q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scal
     if q.dim() != 4:
         raise ValueError(f"fastlayers.{op}: q must be (batch, s_q, n_heads, D); got shape {tuple(q.shape)}")
     b, sq, h, d = q.shape
-    if kv_cache.dim() != 4 or kv_cache.shape[2] != 1:
-        raise ValueError(f"fastlayers.{op}: kv_cache must be (num_blocks, page_size, 1, D); got "
+    if kv_cache.dim() != 4 or kv_cache.shape[2] < 1:
+        raise ValueError(f"fastlayers.{op}: kv_cache must be (num_blocks, page_size, h_kv, D) with h_kv >= 1; got "
                          f"{tuple(kv_cache.shape)}")
+    if h % kv_cache.shape[2]:
+        raise ValueError(f"fastlayers.{op}: q's n_heads = {h} must be a multiple of kv_cache's h_kv = "
+                         f"{kv_cache.shape[2]} (q shape {tuple(q.shape)}, kv_cache shape {tuple(kv_cache.shape)})")
     if kv_cache.shape[3] != d:
         raise ValueError(f"fastlayers.{op}: q's last dim D = {d} must equal the cache's row size "
                          f"{kv_cache.shape[3]} (kv_lora_rank + rope_dim)")
@@ -118,7 +122,10 @@ def _run(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causal, max
     be = load(backend)
     b, sq, h, d = q.shape
     stat = stat_dtype(q.dtype)
-    n_splits, split_tokens = be.mla_decode_splits(b, max_len, q.device, sq * h)
+    h_kv = kv_cache.shape[2]
+    # (sequence, KV head) pairs are the independent problems, of s_q x H / h_kv query rows each
+    # (FlashMLA's get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)).
+    n_splits, split_tokens = be.mla_decode_splits(b * h_kv, max_len, q.device, sq * h // h_kv)
     out = torch.empty(b, sq, h, head_dim_v, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, sq, dtype=stat, device=q.device)
     o_part = torch.empty(b, n_splits, sq, h, head_dim_v, dtype=stat, device=q.device)
@@ -147,8 +154,10 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scal
     """MLA decoding over a paged latent cache; returns ``(out, lse)`` (FlashMLA's argument order).
 
     q ``(batch, s_q, n_heads, D)`` with ``D = kv_lora_rank + rope_dim`` (the absorbed nope part
-    first, the rope part last); kv_cache ``(num_blocks, page_size, 1, D)``, whose first
-    ``head_dim_v`` (= kv_lora_rank) channels are also the values; block_table ``(batch, max_blocks)``
+    first, the rope part last); kv_cache ``(num_blocks, page_size, h_kv, D)``, whose first
+    ``head_dim_v`` (= kv_lora_rank) channels are also the values. h_kv = 1 is MLA (every head reads
+    one latent row a token); any h_kv >= 1 that divides n_heads is accepted (FlashMLA's layout): query
+    head h reads KV head ``h // (n_heads // h_kv)`` (contiguous groups), a paged GQA decode; block_table ``(batch, max_blocks)``
     int32; cache_seqlens ``(batch,)`` int32 (tokens already in the cache, the new ones included).
     out ``(batch, s_q, n_heads, head_dim_v)`` in q's dtype, lse ``(batch, n_heads, s_q)`` fp32;
     softmax_scale defaults to ``D ** -0.5``. With ``causal`` the s_q new tokens attend causally

@@ -128,10 +128,13 @@ struct StateUpdateArgs {
 };
 
 // MLA decoding over a paged latent cache (FlashMLA layout), split-KV.
-// q (B, s_q, H, D) strided (last dim contiguous); kv rows (num_blocks, page, 1, D): row r of block
-// blk at kv + blk * kv_sblock + r * kv_srow; block_table (B, *) int32 with row stride bt_stride;
-// seqlens (B,) int32. Phase 1 writes per-split partials o_part (B, S, s_q, H, dv) (normalised)
-// and lse_part (B, S, s_q, H) (accumulation dtype); phase 2 merges them into out (B, s_q, H, dv)
+// q (B, s_q, H, D) strided (last dim contiguous); kv rows (num_blocks, page, h_kv, D): row r of KV
+// head g of block blk at kv + blk * kv_sblock + r * kv_srow + g * kv_shead; H is a multiple of h_kv
+// and query head h reads KV head h / (H / h_kv) (contiguous groups; h_kv = 1: MLA's single latent
+// head). block_table (B, *) int32 with row stride bt_stride; seqlens (B,) int32. Each (sequence,
+// KV head) is one problem of R = s_q * (H / h_kv) query rows, row i = qi * (H / h_kv) + (h % (H / h_kv)).
+// Phase 1 writes per-split partials o_part (B, S, h_kv, R, dv) (normalised) and lse_part
+// (B, S, h_kv, R) (accumulation dtype); phase 2 merges them into out (B, s_q, H, dv)
 // contiguous in out_dt and lse (B, H, s_q) in the accumulation dtype. A query row that sees no key
 // (a length-0 sequence) gets out 0 and lse +inf, FlashMLA's convention (its partials: lse_part
 // -inf, the neutral element of the merge). Each length is clamped to
@@ -148,6 +151,7 @@ struct MlaDecodeArgs {
   double scale;
   bool causal;
   int64_t max_tokens;
+  int64_t h_kv = 1, kv_shead = 0;  // KV heads of the cache and their stride (elements)
 };
 
 // Mamba-1 selective scan over (batch, dim) channels of L steps and N states (mamba_ssm's
