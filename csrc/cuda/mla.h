@@ -9,7 +9,8 @@ namespace cuda {
 
 // MLA decoding (MlaDecodeArgs, fastlayers/common.h) on `stream` on the current device: the
 // split-partial kernel, then the merge. Asynchronous. fp32/fp16/bf16 (q and kv of one
-// dtype), D <= 768, head_dim_v <= 512, batch and n_splits <= 65535. Launches nothing
+// dtype), D <= 768, head_dim_v <= 512, batch and n_splits <= 65535, h_kv >= 1 KV heads with H a
+// multiple of h_kv (a CTA per row group of one KV head's s_q * H / h_kv query rows). Launches nothing
 // when B, s_q or H is 0.
 void mla_decode(const MlaDecodeArgs& a, void* stream);
 

@@ -127,20 +127,30 @@ FL_DEV float mla_nan() { return __uint_as_float(0x7fc00000u); }
 // (the rg = s_q * hg query rows of the hg = H / h_kv heads that read it; row i is new token i / hg,
 // head g * hg + i % hg), both from blockIdx.x; partial rows [r0, r0 + nrows) of the rows = s_q * H
 // (r0 = g * rg + lr0); KV split sp (blockIdx.y) of sequence b (blockIdx.z) of length n, tokens
-// [t0, t1) (empty past the sequence's end).
+// [t0, t1) (empty past the sequence's end). 32-bit row arithmetic (s_q * H < 2^31, checked on the
+// host); r0 is recomputed by mla_r0 where the partials are written (not kept live across the loop).
 struct MlaCta {
-  int64_t rows, r0, lr0, g, hg, sp, b, n, t0, t1;
-  int nrows;
+  int64_t rows, sp, b, n, t0, t1;
+  int g, hg, lr0, nrows;
 };
+FL_DEV void mla_group(const MlaDecodeArgs& a, int& g, int& hg, int& lr0, int& rg) {
+  hg = int(a.H) / int(a.h_kv);
+  rg = int(a.s_q) * hg;
+  const int blocks = (rg + kMlaRows - 1) / kMlaRows, bx = int(blockIdx.x);
+  g = bx / blocks;
+  lr0 = (bx - g * blocks) * kMlaRows;
+}
+FL_DEV int64_t mla_r0(const MlaDecodeArgs& a) {  // the CTA's first partial row: g * rg + lr0
+  int g, hg, lr0, rg;
+  mla_group(a, g, hg, lr0, rg);
+  return int64_t(g) * rg + lr0;
+}
 FL_DEV MlaCta mla_cta(const MlaDecodeArgs& a) {
   MlaCta c;
   c.rows = a.s_q * a.H;
-  c.hg = a.H / a.h_kv;
-  const int64_t rg = a.s_q * c.hg, blocks = (rg + kMlaRows - 1) / kMlaRows;
-  c.g = int64_t(blockIdx.x) / blocks;
-  c.lr0 = (int64_t(blockIdx.x) - c.g * blocks) * kMlaRows;
-  c.r0 = c.g * rg + c.lr0;
-  c.nrows = int(rg - c.lr0 < kMlaRows ? rg - c.lr0 : kMlaRows);
+  int rg;
+  mla_group(a, c.g, c.hg, c.lr0, rg);
+  c.nrows = rg - c.lr0 < kMlaRows ? rg - c.lr0 : kMlaRows;
   c.sp = blockIdx.y, c.b = blockIdx.z;
   c.n = a.seqlens[c.b];
   if (a.max_tokens > 0 && c.n > a.max_tokens) c.n = a.max_tokens;
@@ -164,8 +174,8 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kMlaThreads, 2) mla_partial(MlaDecodeArgs a, Mla
 
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   const MlaCta cta = mla_cta(a);
-  const int64_t rows = cta.rows, r0 = cta.r0, sp = cta.sp, b = cta.b, n = cta.n, t0 = cta.t0, t1 = cta.t1;
-  const int64_t lr0 = cta.lr0, hg = cta.hg;
+  const int64_t rows = cta.rows, sp = cta.sp, b = cta.b, n = cta.n, t0 = cta.t0, t1 = cta.t1;
+  const int lr0 = cta.lr0, hg = cta.hg;
   const int nrows = cta.nrows;
   const int D = int(a.D), dv = int(a.dv);
   const float ninf = mla_ninf();
@@ -176,7 +186,7 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kMlaThreads, 2) mla_partial(MlaDecodeArgs a, Mla
     const int r = e / L.qd, c = e % L.qd;
     float v = 0.f;
     if (r < nrows && c < D) {
-      const int64_t rr = lr0 + r, qi = rr / hg, h = cta.g * hg + rr % hg;
+      const int rr = lr0 + r, qi = rr / hg, h = cta.g * hg + rr % hg;
       v = mla_load<DT>(a.q, b * a.q_sb + qi * a.q_ss + h * a.q_sh + c) * scale;
     }
     qs[e] = v;
@@ -188,7 +198,7 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kMlaThreads, 2) mla_partial(MlaDecodeArgs a, Mla
   int64_t last[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int64_t qi = (lr0 + warp + 8 * i) / hg;
+    const int qi = (lr0 + warp + 8 * i) / hg;
     last[i] = a.causal ? n - a.s_q + qi : n - 1;  // the last key query qi sees
   }
 
@@ -341,6 +351,7 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kMlaThreads, 2) mla_partial(MlaDecodeArgs a, Mla
     }
   }
   __syncthreads();
+  const int64_t r0 = mla_r0(a);
   float* o_part = static_cast<float*>(a.o_part) + ((b * a.n_splits + sp) * rows + r0) * dv;
   float* lse_part = static_cast<float*>(a.lse_part) + (b * a.n_splits + sp) * rows + r0;
 #pragma unroll
@@ -472,8 +483,8 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kMmaThreads, 2) mla_partial_mma(MlaDecodeArgs a,
 
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5, g = lane >> 2, qd = lane & 3;
   const MlaCta cta = mla_cta(a);
-  const int64_t rows = cta.rows, r0 = cta.r0, sp = cta.sp, b = cta.b, n = cta.n, t0 = cta.t0, t1 = cta.t1;
-  const int64_t lr0 = cta.lr0, hg = cta.hg;
+  const int64_t rows = cta.rows, sp = cta.sp, b = cta.b, n = cta.n, t0 = cta.t0, t1 = cta.t1;
+  const int lr0 = cta.lr0, hg = cta.hg;
   const int nrows = cta.nrows;
   const int D = int(a.D), dv = int(a.dv), nvt = dv / 8;
   const float ninf = mla_ninf();
@@ -510,7 +521,7 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kMmaThreads, 2) mla_partial_mma(MlaDecodeArgs a,
     const int r = e / D, c = e - r * D;
     float v = 0.f;
     if (r < nrows) {
-      const int64_t rr = lr0 + r, qi = rr / hg, h = cta.g * hg + rr % hg;
+      const int rr = lr0 + r, qi = rr / hg, h = cta.g * hg + rr % hg;
       v = mla_load<DT>(a.q, b * a.q_sb + qi * a.q_ss + h * a.q_sh + c);
     }
     qs[r * L.ld + c] = uint16_t(mla_bits<DT>(v));
@@ -525,7 +536,7 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kMmaThreads, 2) mla_partial_mma(MlaDecodeArgs a,
   for (int i = 0; i < 2; ++i) {
     const int r = g + 8 * i;
     rok[i] = r < nrows;
-    const int64_t qi = (lr0 + r) / hg;
+    const int qi = (lr0 + r) / hg;
     last[i] = a.causal ? n - a.s_q + qi : n - 1;
   }
   float acc[NT][4];
@@ -671,6 +682,7 @@ FL_GLOBAL void FL_LAUNCH_BOUNDS(kMmaThreads, 2) mla_partial_mma(MlaDecodeArgs a,
   }
 
   // Normalised partials and the split's lse.
+  const int64_t r0 = mla_r0(a);
   float* o_part = static_cast<float*>(a.o_part) + ((b * a.n_splits + sp) * rows + r0) * dv;
   float* lse_part = static_cast<float*>(a.lse_part) + (b * a.n_splits + sp) * rows + r0;
 #pragma unroll
@@ -714,8 +726,7 @@ inline bool check_mla_decode(const MlaDecodeArgs& a) {
   if (a.n_splits < 1 || a.n_splits > kMlaMaxGridYZ || a.split_tokens < 1)
     mla_fail("n_splits must be in 1..65535 and split_tokens >= 1");
   if (a.B > kMlaMaxGridYZ) mla_fail("batch above 65535");
-  if (a.h_kv * ((a.s_q * (a.H / a.h_kv) + kMlaRows - 1) / kMlaRows) > (int64_t(1) << 31) - 1)
-    mla_fail("too many query rows");
+  if (a.s_q * a.H > (int64_t(1) << 31) - 1) mla_fail("too many query rows (s_q * H >= 2^31)");
   if (!a.q || !a.kv || !a.block_table || !a.seqlens || !a.o_part || !a.lse_part || !a.out || !a.lse)
     mla_fail("null pointer");
   return true;

@@ -70,6 +70,7 @@ struct Case {
   int nan = 0;                                // 1: NaN in q of one head; 2: NaN in a visible key; 3: in a masked one
   bool tc = true;                             // tensor cores where they apply (false: the CUDA-core kernel)
   int64_t over = 0;                           // added to sequence 0's length past what its table holds
+  int64_t h_kv = 1, head_pad = 0;             // KV heads (H a multiple); their stride D + head_pad
 };
 
 static void run_case(const Case& c) {
@@ -84,7 +85,7 @@ static void run_case(const Case& c) {
     width = std::max(width, nblk[b]);
   }
   const int64_t nb = total + 2, bt_stride = width + 2;
-  const int64_t kv_srow = D + c.kv_pad, kv_sblock = c.page * kv_srow;
+  const int64_t kv_shead = D + c.head_pad, kv_srow = c.h_kv * kv_shead + c.kv_pad, kv_sblock = c.page * kv_srow;
   Buf kv(c.dt, c.kv_off + nb * kv_sblock);
   kv.random();
   std::vector<int32_t> perm(static_cast<size_t>(nb));
@@ -120,6 +121,7 @@ static void run_case(const Case& c) {
   a.q_sb = q_sb; a.q_ss = q_ss; a.q_sh = q_sh; a.q_dt = c.dt;
   a.kv = static_cast<char*>(kv.p()) + c.kv_off * esize(c.dt);
   a.kv_sblock = kv_sblock; a.kv_srow = kv_srow; a.kv_dt = c.dt;
+  a.h_kv = c.h_kv; a.kv_shead = kv_shead;
   a.block_table = table.data(); a.bt_stride = bt_stride;
   a.seqlens = seqlens.data();
   a.out_dt = c.dt;
@@ -132,9 +134,10 @@ static void run_case(const Case& c) {
   const bool mma = c.dt != kF32 && c.tc && ck::mla_mma_ok(a);
   char cfgs[360];
   std::snprintf(cfgs, sizeof cfgs,
-                "%s B=%lld H=%lld s_q=%lld D=%lld dv=%lld page=%lld causal=%d splits=%lldx%lld q_pad=%lld kv_pad=%lld "
-                "kv_off=%lld nan=%d tc=%d",
-                dtype_name(c.dt), (long long)B, (long long)c.H, (long long)c.s_q, (long long)D, (long long)dv,
+                "%s B=%lld H=%lld h_kv=%lld head_pad=%lld s_q=%lld D=%lld dv=%lld page=%lld causal=%d splits=%lldx%lld "
+                "q_pad=%lld kv_pad=%lld kv_off=%lld nan=%d tc=%d",
+                dtype_name(c.dt), (long long)B, (long long)c.H, (long long)c.h_kv, (long long)c.head_pad,
+                (long long)c.s_q, (long long)D, (long long)dv,
                 (long long)c.page, c.causal, (long long)c.n_splits, (long long)c.split_tokens, (long long)c.q_pad,
                 (long long)c.kv_pad, (long long)c.kv_off, c.nan, int(mma));
   const std::string cfg = cfgs;
@@ -144,7 +147,7 @@ static void run_case(const Case& c) {
       lp_c(kF32, B * c.n_splits * rows);
   MlaDecodeArgs ac = a;
   ac.out = out_c.p(); ac.lse = lse_c.p(); ac.o_part = op_c.p(); ac.lse_part = lp_c.p();
-  std::vector<float> ws(size_t(cpu::mla_decode_workspace(rows, D, dv)));
+  std::vector<float> ws(size_t(cpu::mla_decode_workspace(rows / c.h_kv, D, dv)));
   cpu::mla_decode(ac, ws.data(), 1, cpu::kMlaScalar);  // the scalar kernel: the plainest statement of the semantics
 
   // Emulated CUDA kernels, outputs and partials poisoned.
@@ -297,7 +300,11 @@ static void check_entry_points() {
   expect(throws_invalid([&] { ck::run_mla_decode(a, never); }), "page 48 throws");
   a.page = 64; a.n_splits = 0;
   expect(throws_invalid([&] { ck::run_mla_decode(a, never); }), "n_splits 0 throws");
-  a.n_splits = 1; a.lse = nullptr;
+  a.n_splits = 1; a.h_kv = 3;
+  expect(throws_invalid([&] { ck::run_mla_decode(a, never); }), "H = 4 not a multiple of h_kv = 3 throws");
+  a.h_kv = 0;
+  expect(throws_invalid([&] { ck::run_mla_decode(a, never); }), "h_kv = 0 throws");
+  a.h_kv = 1; a.lse = nullptr;
   expect(throws_invalid([&] { ck::run_mla_decode(a, never); }), "null lse throws");
   // Shared memory fits an sm_80 block (163 KiB) at the largest D, fp32.
   expect(ck::mla_smem(ck::kMlaMaxD, 4).bytes <= 163u * 1024u, "shared memory <= 163 KiB at D = 768 fp32");
@@ -352,7 +359,26 @@ int main(int argc, char** argv) {
   {  // 128 + 64, dv 100 (not a multiple of 16), fp32 rows padded but 16-byte aligned
     Case c; c.dt = kF32; c.H = 5; c.D = 192; c.dv = 100; c.page = 16; c.lens = {31}; c.kv_pad = 4; add(c);
   }
+  // Several KV heads (FlashMLA's dense-decoding layout; query head h reads KV head h / (H / h_kv)).
+  {  // 2 KV heads x 3 query heads, s_q 3 causal (9 rows a KV head), heads 168 apart, 2 splits
+    Case c; c.dt = kBF16; c.h_kv = 2; c.H = 6; c.s_q = 3; c.causal = true; c.D = 160; c.dv = 128; c.page = 16;
+    c.head_pad = 8; c.lens = {37, 0, 70}; c.n_splits = 2; c.split_tokens = 48; add(c);
+  }
+  {  // h_q == h_kv == 3 (one row a KV head), fp32
+    Case c; c.dt = kF32; c.h_kv = 3; c.H = 3; c.D = 96; c.dv = 64; c.page = 16; c.lens = {20, 45}; add(c);
+  }
+  {  // 2 KV heads x 20 query heads (two row groups a KV head, the second partial), 512 + 64, pages of 64
+    Case c; c.dt = kBF16; c.h_kv = 2; c.H = 40; c.D = 576; c.dv = 512; c.page = 64; c.lens = {65, 3}; add(c);
+  }
+  {  // 3 KV heads x 2, heads 67 apart (misaligned: no 16-byte loads, no tensor cores), s_q 2 causal
+    Case c; c.dt = kBF16; c.h_kv = 3; c.H = 6; c.s_q = 2; c.causal = true; c.D = 64; c.dv = 64; c.page = 16;
+    c.head_pad = 3; c.lens = {1, 33}; add(c);
+  }
   if (!quick) {
+    {  // NaN in a visible key of KV head 0 of 3 (heads 0-1 of 6 see it)
+      Case c; c.dt = kF32; c.h_kv = 3; c.H = 6; c.D = 96; c.dv = 64; c.page = 16; c.lens = {20, 9}; c.nan = 2;
+      add(c);
+    }
     {  // NaN in q of one head
       Case c; c.dt = kBF16; c.H = 4; c.D = 160; c.dv = 128; c.page = 16; c.lens = {20, 9}; c.nan = 1; add(c);
     }
