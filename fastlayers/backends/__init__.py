@@ -91,17 +91,20 @@ Contract for the Mamba decode step (``selective_state_update``)
 Contract for MLA decoding (``mla_decode*``)
 --------------------------------------------
 ``mla_decode_splits(batch, max_len, device, rows=1) -> (n_splits, split_tokens)``: the KV split the backend
-wants (rows = s_q x heads).
+wants for `batch` independent problems of `rows` query rows (called with batch = B x h_kv,
+rows = s_q x H / h_kv: one problem per (sequence, KV head)).
 ``mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causal, split_tokens, out, lse,
              o_part, lse_part)``
     q          (B, s_q, H, D), any strides with the last dim contiguous; fp32/fp16/bf16 (fp64 on cpu)
-    kv_cache   (num_blocks, page_size, 1, D), last dim contiguous, dtype of q; the first head_dim_v
+    kv_cache   (num_blocks, page_size, h_kv, D), last dim contiguous (the others any strides), dtype of
+               q, H a multiple of h_kv: query head h reads KV head h // (H // h_kv); the first head_dim_v
                channels of a row are also its value
     block_table (B, max_blocks) int32, last dim contiguous; cache_seqlens (B,) int32 contiguous
                (the caller checked that every sequence fits its blocks)
     out        (B, s_q, H, head_dim_v) contiguous output, dtype of q
     lse        (B, H, s_q) contiguous output, stat dtype (fp32; fp64 for fp64)
-    o_part, lse_part (B, n_splits, s_q, H, head_dim_v) and (B, n_splits, s_q, H) stat-dtype workspaces:
+    o_part, lse_part (B, n_splits, s_q, H, head_dim_v) and (B, n_splits, s_q, H) stat-dtype workspaces
+               (their rows ordered (KV head, new token, head within its group)):
                split s covers tokens [s * split_tokens, (s + 1) * split_tokens)
   Scores (q . k) * scale in fp32; with ``causal`` query i sees keys <= seqlen - s_q + i. A query that
   sees no key: out 0, lse +inf (FlashMLA's convention; its lse_part is -inf, skipped by the merge).
