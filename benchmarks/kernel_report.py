@@ -756,6 +756,9 @@ struct Call {
   }
   int64_t i(const std::string& k, int j = 0) { return std::stoll(get(k).at(j)); }
   double d(const std::string& k) { return std::stod(get(k).at(0)); }
+  // Keyword arguments with a default in csrc/cuda/bindings.cpp: absent from a call that leaves them out.
+  int64_t i_or(const std::string& k, int64_t dflt) { return kv.count(k) ? i(k) : dflt; }
+  double d_or(const std::string& k, double dflt) { return kv.count(k) ? d(k) : dflt; }
   void* p(const std::string& k) { return reinterpret_cast<void*>(uintptr_t(std::stoull(get(k).at(0)))); }
   View4 v(const std::string& k) {
     const auto& x = get(k);
@@ -803,6 +806,8 @@ int main() {
                     c.p("w"), int(c.i("w_dt")), c.p("b"), int(c.i("b_dt")), c.p("y"), c.i("y_stride"),
                     int(c.i("y_dt")), c.p("h"), c.i("h_stride"), int(c.i("h_dt")), c.p("mean"), c.p("rstd"),
                     c.i("M"), c.i("N"), c.d("eps"), c.i("is_rms") != 0};
+      a.offset = c.d_or("offset", 0.0);
+      a.xhat_dt = int(c.i_or("xhat_dt", -1));
       c.check_all_used();
       ck::run_norm_fwd(a, rec);
     } else if (entry == "norm_bwd") {
@@ -811,6 +816,8 @@ int main() {
                     int(c.i("b_dt")), c.p("mean"), c.p("rstd"), c.p("dh"), c.i("dh_stride"), int(c.i("dh_dt")),
                     c.p("dx"), c.i("dx_stride"), int(c.i("dx_dt")), c.p("dr"), c.i("dr_stride"), int(c.i("dr_dt")),
                     c.p("dw_part"), c.p("db_part"), c.i("M"), c.i("N"), c.i("is_rms") != 0};
+      a.offset = c.d_or("offset", 0.0);
+      a.xhat_dt = int(c.i_or("xhat_dt", -1));
       int parts = int(c.i("parts"));
       c.check_all_used();
       ck::run_norm_bwd(a, parts, rec);
@@ -822,6 +829,8 @@ int main() {
                       int(c.i("out_dt")), c.p("lse"), c.i("B"), c.i("s_q"), c.i("H"), c.i("D"), c.i("dv"),
                       c.i("page"), c.i("n_splits"), c.i("split_tokens"), c.d("scale"), c.i("causal") != 0,
                       c.i("max_tokens")};
+      a.h_kv = c.i_or("h_kv", 1);
+      a.kv_shead = c.i_or("kv_shead", 0);
       c.check_all_used();
       ck::run_mla_decode(a, rec_smem);
     } else if (entry == "selective_scan_fwd" || entry == "selective_scan_bwd") {
