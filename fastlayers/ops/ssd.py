@@ -70,6 +70,100 @@ def _check_ssd(op, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, se
                       seq_idx=seq_idx)
 
 
+def _check_varlen(op, x, seq_idx, cu_seqlens, return_varlen_states):
+    """mamba_ssm's rules: cu_seqlens is used only with return_varlen_states (ignored otherwise), which needs it,
+    batch 1 (the sequences packed along seqlen) and seq_idx (without it the packed sequences leak into each
+    other and their states mean nothing). Values are checked too (one host sync; skipped under torch.compile)."""
+    if not return_varlen_states:
+        return
+    if cu_seqlens is None:
+        raise ValueError(f"fastlayers.{op}: return_varlen_states=True needs cu_seqlens, the (num_seqs + 1,) "
+                         f"offsets of the packed sequences; got None")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype.is_floating_point or cu_seqlens.is_complex() \
+            or cu_seqlens.dtype == torch.bool:
+        raise TypeError(f"fastlayers.{op}: cu_seqlens must be an integer tensor (int32 as in mamba_ssm); got "
+                        f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)}")
+    check_plain(op, "cu_seqlens", cu_seqlens)
+    b, L = x.shape[:2]
+    if b != 1:
+        raise ValueError(f"fastlayers.{op}: return_varlen_states needs batch == 1 (sequences packed along seqlen, "
+                         f"as in mamba_ssm); got x of shape {tuple(x.shape)}")
+    if seq_idx is None:
+        raise ValueError(f"fastlayers.{op}: return_varlen_states needs seq_idx (batch, seqlen) marking the packed "
+                         f"sequences (without it they leak into each other); got None")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"fastlayers.{op}: cu_seqlens must have shape (num_seqs + 1,) with num_seqs >= 1; got "
+                         f"{tuple(cu_seqlens.shape)}")
+    check_same_device(op, x, cu_seqlens=cu_seqlens)
+    if not torch.compiler.is_compiling():
+        cu = cu_seqlens.tolist()
+        if cu[0] != 0 or cu[-1] != L or any(a > c for a, c in zip(cu, cu[1:])):
+            raise ValueError(f"fastlayers.{op}: cu_seqlens must be non-decreasing from 0 to seqlen {L}; got "
+                             f"{cu if len(cu) <= 16 else cu[:8] + ['...'] + cu[-4:]}")
+
+
+_VARLEN_CHUNK = 64
+
+
+def _varlen_states(x, dt, A, B, init, reset, cu_seqlens, chunk=_VARLEN_CHUNK):
+    """The state after the last token of each packed sequence, (num_seqs, h, p, n) in dt's dtype (zeros for a
+    zero-length sequence), of the recurrence that restarts where ``reset`` is set; batch 1.
+
+    Plain torch ops (differentiated by autograd), the chunked form: per chunk of ``chunk`` steps, with cs the
+    in-chunk cumulative sum of dt A, the chunk's own contribution to its end state
+    Z_c = sum_j [same segment as the end] exp(cs_last - cs_j) dt_j x_j B_j^T; the states entering the chunks
+    by S_c = [no restart in chunk c] exp(cs_last) S_{c-1} + Z_c (a loop over seqlen / chunk steps); then for a
+    sequence ending at e in chunk c the same two terms over the chunk's steps up to e:
+    sum_{j <= e, same segment} exp(cs_e - cs_j) dt_j x_j B_j^T + [no restart in c up to e] exp(cs_e) S_{c-1}.
+    O(seqlen h p n + num_seqs chunk h (p + n)) work; masked terms are selected away (torch.where), so a NaN
+    reaches only the states that depend on it."""
+    _, L, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    acc, dev = dt.dtype, x.device
+    T = chunk
+    nc = max(1, -(-L // T))
+    pad = nc * T - L
+    xf, dtf, Bh = x[0].to(acc), dt[0], B[0].repeat_interleave(h // g, dim=1)
+    rid = reset[0].to(torch.int64).cumsum(0)                                     # segment of each step
+    if pad:
+        xf = torch.cat([xf, xf.new_zeros(pad, h, p)])
+        dtf = torch.cat([dtf, dtf.new_zeros(pad, h)])                          # dt 0: decay 1, no input
+        Bh = torch.cat([Bh, Bh.new_zeros(pad, h, n)])
+        rid = torch.cat([rid, rid[-1:].expand(pad)]) if L else rid.new_zeros(pad)
+    cs = (dtf * A).view(nc, T, h).cumsum(1).view(nc * T, h)
+    ridc = rid.view(nc, T)
+    rid_prev = torch.cat([rid.new_zeros(1), ridc[:-1, -1]])                   # segment before each chunk
+
+    def part(idx, last, mask):
+        """sum over steps idx (..., T) with mask of exp(cs_last - cs_j) dt_j x_j B_j^T -> (..., h, p, n)."""
+        m = mask[..., None]
+        w = torch.where(m, torch.exp(torch.where(m, cs[last][..., None, :] - cs[idx], 0)) * dtf[idx], 0)
+        xm = torch.where(m[..., None], xf[idx], 0)
+        bm = torch.where(m[..., None], Bh[idx], 0)
+        return torch.einsum("...th,...thp,...thn->...hpn", w, xm, bm)
+
+    steps = torch.arange(nc * T, device=dev).view(nc, T)
+    Z = part(steps, steps[:, -1], ridc == ridc[:, -1:])
+    keep = (ridc[:, -1] == rid_prev)[:, None, None, None]                     # no restart in the chunk
+    decay = torch.exp(cs.view(nc, T, h)[:, -1])[:, :, None, None]
+    S = init[0].to(acc) if init is not None else xf.new_zeros(h, p, n)
+    entering = [S]
+    for c in range(nc - 1):
+        S = Z[c] + torch.where(keep[c], decay[c] * S, 0)
+        entering.append(S)
+    S_in = torch.stack(entering)                                               # (nc, h, p, n)
+
+    cu = cu_seqlens.to(device=dev, dtype=torch.int64)
+    valid = cu[1:] > cu[:-1]
+    e = (cu[1:] - 1).clamp(0, max(L - 1, 0))
+    ce = e // T
+    idx = ce[:, None] * T + torch.arange(T, device=dev)
+    mask = valid[:, None] & (idx <= e[:, None]) & (rid[idx] == rid[e][:, None])
+    local = part(idx, e, mask)
+    carry = (valid & (rid[e] == rid_prev[ce]))[:, None, None, None]
+    return local + torch.where(carry, torch.exp(cs[e])[:, :, None, None] * S_in[ce], 0)
+
+
 def _reset(seq_idx):
     """(b, l) uint8: 1 where the state restarts (seq_idx changes), never at step 0; None without seq_idx."""
     if seq_idx is None:
@@ -183,7 +277,8 @@ torch.library.register_autograd("fastlayers::ssd_scan_fwd", _ssd_op_backward, se
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
-             dt_softplus=False, dt_limit=_NO_LIMIT, return_final_states=False):
+             dt_softplus=False, dt_limit=_NO_LIMIT, return_final_states=False, cu_seqlens=None,
+             return_varlen_states=False):
     """The Mamba-2 scan, mamba_ssm's ``mamba_chunk_scan_combined`` semantics:
 
         dt = clamp(softplus(dt + dt_bias), *dt_limit)      (each part optional)
@@ -198,6 +293,13 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, initi
     ``return_final_states``, the state after the last step ``(batch, nheads, headdim, dstate)`` in fp32
     (fp64 for fp64 x). Differentiable in every tensor input (the final state's gradient included).
 
+    ``return_varlen_states`` (mamba_ssm's rules; ``cu_seqlens`` is ignored without it): batch 1, ``seq_idx``
+    and ``cu_seqlens`` ``(num_seqs + 1,)`` integer offsets (0 .. seqlen, non-decreasing, the sequences of
+    ``seq_idx``) required; also returns the state after each sequence's last token, ``(num_seqs, nheads,
+    headdim, dstate)`` in the final states' dtype (zeros for a zero-length sequence; ``initial_states`` reach
+    the first sequence), last: ``(out, [final_states,] varlen_states)``. Differentiable (mamba_ssm's is not):
+    computed after the kernel by :func:`_varlen_states` (torch ops, autograd) on every fast backend.
+
     Backends: ``cpu`` (the recurrence in C++/OpenMP, fp32/fp64 accumulation, fp32/fp16/bf16/fp64 inputs,
     any strides; the result does not depend on ``chunk_size``), ``triton`` (the chunked SSD algorithm on
     tiles of ``chunk_size`` rounded down to a power of two in [16, 64], [16, 32] in the backward;
@@ -208,11 +310,13 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, initi
     """
     op = "ssd_scan"
     _check_ssd(op, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_limit)
+    return_varlen_states = bool(return_varlen_states)
+    _check_varlen(op, x, seq_idx, cu_seqlens, return_varlen_states)
     backend = resolve(op, x.device)
     b, L, h, p = x.shape
     if backend == "reference" or b * L * h * p == 0:
         return reference.ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus,
-                                  dt_limit, return_final_states)
+                                  dt_limit, return_final_states, cu_seqlens, return_varlen_states)
     if backend == "cuda":
         raise BackendUnavailable(f"fastlayers.{op}: no 'cuda' kernel for this op; use the 'triton' backend "
                                  f"(the default for CUDA tensors)")
@@ -232,4 +336,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, initi
     reset = _reset(seq_idx)
     args = (x, dtp, Af, Bf, Cf, D2, z, initial_states, reset, int(chunk_size), backend)
     out, final = dispatch(torch.ops.fastlayers.ssd_scan_fwd, _SsdScan, _ssd_fwd, args, 8)
-    return (out, final) if return_final_states else out
+    res = (out, final) if return_final_states else (out,)
+    if return_varlen_states:
+        res = (*res, _varlen_states(x, dtp, Af, Bf, initial_states, reset, cu_seqlens))
+    return res if len(res) > 1 else out
