@@ -323,7 +323,11 @@ def test_opcheck_and_torch_compile():
     reset[0, 4] = 1
     lv = [t.clone().requires_grad_() for t in (x, dt, A, B, C, D, z, init)]
     # aot_dispatch is left to the torch.compile run below (it traces the forward and backward ops too).
-    torch.library.opcheck(torch.ops.fastlayers.ssd_scan_fwd, (*lv, reset, 16, "cpu"),
+    torch.library.opcheck(torch.ops.fastlayers.ssd_scan_fwd, (*lv, reset, None, 0, 16, "cpu"),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    vslot = torch.full((2, 9), -1, dtype=torch.int64)
+    vslot[0, 3], vslot[0, 8], vslot[1, 8] = 0, 1, 2  # varlen states written by the kernel (slot 3: none)
+    torch.library.opcheck(torch.ops.fastlayers.ssd_scan_fwd, (*lv, reset, vslot, 4, 16, "cpu"),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     # ssd_scan_bwd runs (traced, with its fake kernel) in the compiled backward below.
     seq_idx = reset.cumsum(1)
@@ -474,9 +478,8 @@ def test_varlen_gradients_match_reference(device, backend, dtype):
 
 
 def test_varlen_gradcheck():
-    """fp64 gradcheck of the cpu path with the varlen states as an output (sequences of 1, 3, 0, 4 steps,
-    chunk 4 of the kernel; the varlen states' own chunk is 64, so also one with steps 2, 1, 0, 5 at chunk 2)."""
-    from fastlayers.ops import ssd as ssd_mod
+    """fp64 gradcheck of the cpu path with the varlen states as an output (the kernel writes them and takes
+    their gradient): sequences of 1, 3, 0, 4 steps, chunk 4."""
     L, cu, seq_idx = _packed([1, 3, 0, 4])
     args = _inputs(1, L, 2, 2, 3, 1, torch.float64, _gen("varlen-gradcheck"), D_shape="h")
     names = [k for k, v in args.items() if v is not None]
@@ -486,14 +489,29 @@ def test_varlen_gradcheck():
             return fastlayers.ssd_scan(**dict(zip(names, xs)), chunk_size=4, dt_softplus=True, seq_idx=seq_idx,
                                        cu_seqlens=cu, return_varlen_states=True, return_final_states=True)
 
-    leaves = [args[k].detach().clone().requires_grad_() for k in names]
-    assert torch.autograd.gradcheck(f, leaves)
-    old = ssd_mod._VARLEN_CHUNK
-    try:
-        ssd_mod._varlen_states.__defaults__ = (2,)
-        assert torch.autograd.gradcheck(f, leaves)
-    finally:
-        ssd_mod._varlen_states.__defaults__ = (old,)
+    assert torch.autograd.gradcheck(f, [args[k].detach().clone().requires_grad_() for k in names])
+
+
+@pytest.mark.parametrize("chunk", [2, 4, 64])
+def test_varlen_states_torch_form(chunk):
+    """_varlen_states (the torch form the triton backend uses) against the fp64 reference recurrence at small
+    chunks (sequence ends and restarts on and off chunk boundaries, a padded last chunk, a restart that is not
+    a cu_seqlens boundary: the state follows seq_idx), and its fp64 gradcheck."""
+    from fastlayers.ops.ssd import _reset, _varlen_states
+    lens = [1, 3, 0, 4, 2, 5]
+    L, cu, seq_idx = _packed(lens)
+    seq_idx[0, 10:] += 7  # a restart inside the last sequence (steps 10..14): its state starts over at 10
+    gen = _gen("varlen-torch", chunk)
+    args = _inputs(1, L, 2, 2, 3, 1, torch.float64, gen, opts=("initial_states",), softplus=False)
+    _, ref = reference.ssd_scan(**args, seq_idx=seq_idx, cu_seqlens=cu, return_varlen_states=True)
+    reset = _reset(seq_idx)
+    names = ("x", "dt", "A", "B", "initial_states")
+
+    def f(x, dt, A, B, init):
+        return _varlen_states(x, dt, A, B, init, reset, cu, chunk)
+
+    torch.testing.assert_close(f(*(args[k] for k in names)), ref, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(f, [args[k].detach().clone().requires_grad_() for k in names])
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -539,3 +557,48 @@ def test_varlen_bad_input_raises_before_the_kernel(bad, exc, match, monkeypatch)
     kw.update(bad)
     with pytest.raises(exc, match=match):
         _run("cpu", args, return_varlen_states=True, **kw)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS[:3])
+def test_varlen_states_wide_head(device, backend):
+    """headdim 40 (the cpu forward walks blocks of 32 channels; triton blocks of BLOCK_P), fp32, with
+    gradients through the varlen states alone (out unused)."""
+    L, cu, seq_idx = _packed([5, 16, 1, 9])
+    args = _inputs(1, L, 2, 40, 6, 1, torch.float32, _gen("varlen-wide", backend), opts=("initial_states",))
+    kw = dict(chunk_size=16, dt_softplus=True, seq_idx=seq_idx, cu_seqlens=cu, return_varlen_states=True)
+    leaves = {k: None if v is None else v.detach().to(device).requires_grad_() for k, v in args.items()}
+    with fastlayers.use_backend(backend):
+        _, vs = fastlayers.ssd_scan(**leaves, **{k: v.to(device) if isinstance(v, torch.Tensor) else v
+                                                 for k, v in kw.items()})
+    g_vs = torch.randn(vs.shape, generator=_gen("varlen-wide-g"))
+    vs.backward(g_vs.to(device))
+    hi = {k: None if v is None else v.detach().double().requires_grad_() for k, v in args.items()}
+    _, r_vs = reference.ssd_scan(**hi, **kw)
+    r_vs.backward(g_vs.double())
+    assert_rel_err(vs.detach().cpu(), r_vs.detach(), 1e-5, "varlen_states")
+    for name in ("x", "dt", "A", "B", "initial_states"):
+        assert_rel_err(leaves[name].grad.cpu(), hi[name].grad, 1e-5, f"d{name}")
+    gC = leaves["C"].grad  # None where the states do not come from the kernel (triton)
+    assert gC is None or float(gC.abs().max()) == 0.0, "C does not reach the states"
+
+
+def test_varlen_torch_compile():
+    """torch.compile(fullgraph=True) of the cpu path with varlen states (the custom op with its vslot, no
+    data-dependent shapes) gives the eager loss and gradients."""
+    L, cu, seq_idx = _packed([3, 0, 8, 5])
+    args = _inputs(1, L, 2, 3, 4, 1, torch.float32, _gen("varlen-compile"))
+
+    def f(**kw):
+        out, fin, vs = fastlayers.ssd_scan(**kw, chunk_size=16, dt_softplus=True, seq_idx=seq_idx, cu_seqlens=cu,
+                                           return_final_states=True, return_varlen_states=True)
+        return (out * out).sum() + fin.sum() + (vs * vs).sum()
+
+    grads = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+        leaves = {k: v.clone().requires_grad_() for k, v in args.items()}
+        with fastlayers.use_backend("cpu"):
+            loss = fn(**leaves)
+        loss.backward()
+        grads.append([loss.detach()] + [leaves[k].grad for k in NAMES])
+    for name, a, b in zip(("loss",) + NAMES, *grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)

@@ -174,22 +174,25 @@ def _reset(seq_idx):
     return r
 
 
-def _ssd_fwd(x, dt, A, B, C, D, z, init, reset, chunk_size, backend):
-    """(out, final_states); dt, A, B, C in the accumulator dtype, contiguous; D an (h, p) view or None."""
+def _ssd_fwd(x, dt, A, B, C, D, z, init, reset, vslot, nseq, chunk_size, backend):
+    """(out, final_states, varlen_states); dt, A, B, C in the accumulator dtype, contiguous; D an (h, p) view or
+    None. varlen_states (nseq, h, p, n), written by the cpu kernel at the steps where vslot (b, l) int64 is
+    >= 0 (zeros elsewhere); (0, h, p, n) without vslot (the other backends: ``_varlen_states`` after the call)."""
     b, L, h, p = x.shape
     acc = stat_dtype(x.dtype)
     out = empty(x.shape, x.dtype, x.device)
     final = torch.empty(b, h, p, B.shape[-1], dtype=acc, device=x.device)
+    varlen = torch.zeros(nseq if vslot is not None else 0, h, p, B.shape[-1], dtype=acc, device=x.device)
     be = load(backend)
     if backend == "cpu":
-        be.ssd_scan_fwd(x, dt, A, B, C, D, z, init, reset, out, final)
+        be.ssd_scan_fwd(x, dt, A, B, C, D, z, init, reset, out, final, *((varlen, vslot) if vslot is not None else ()))
     else:
         be.ssd_scan_fwd(x, dt, A, B, C, D, z, init, reset, out, final, chunk_size)
-    return out, final
+    return out, final, varlen
 
 
-def _ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size, backend):
-    """[dx, ddt, dA, dB, dC, dD, dz, dinit]; None for absent inputs."""
+def _ssd_bwd(dout, dfinal, dvarlen, x, dt, A, B, C, D, z, init, reset, vslot, chunk_size, backend):
+    """[dx, ddt, dA, dB, dC, dD, dz, dinit]; None for absent inputs. dvarlen (cpu, with vslot) or None."""
     if backend != "cpu":
         return load(backend).ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size)
     b, L, h, p = x.shape
@@ -205,75 +208,89 @@ def _ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size, backen
     dx = empty(x.shape, x.dtype, x.device)
     dz = None if z is None else empty(z.shape, z.dtype, z.device)
     dinit = None if init is None else torch.empty(init.shape, dtype=init.dtype, device=init.device)
+    dvl = () if dvarlen is None or vslot is None or dvarlen.numel() == 0 else (dvarlen, vslot)
     be.ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, dx, dz, dinit, ddt, dA_bh, dD_bh, dB_part,
-                    dC_part)
+                    dC_part, *dvl)
     return [dx, ddt, dA_bh.sum(0), dB_part.sum(0), dC_part.sum(0),
             None if D is None else dD_bh.sum(0).to(D.dtype), dz, dinit]
 
 
 class _SsdScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, z, init, reset, chunk_size, backend):
+    def forward(ctx, x, dt, A, B, C, D, z, init, reset, vslot, nseq, chunk_size, backend):
         ctx.set_materialize_grads(False)
-        out, final = _ssd_fwd(x, dt, A, B, C, D, z, init, reset, chunk_size, backend)
-        ctx.save_for_backward(x, dt, A, B, C, D, z, init, reset)
+        out, final, varlen = _ssd_fwd(x, dt, A, B, C, D, z, init, reset, vslot, nseq, chunk_size, backend)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, init, reset, vslot)
         ctx.cfg = (chunk_size, backend)
-        return out, final
+        return out, final, varlen
 
     @staticmethod
-    def backward(ctx, dout, dfinal):
-        x, dt, A, B, C, D, z, init, reset = ctx.saved_tensors
+    def backward(ctx, dout, dfinal, dvarlen):
+        x, dt, A, B, C, D, z, init, reset, vslot = ctx.saved_tensors
         chunk_size, backend = ctx.cfg
         if dout is None:
             dout = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
-        grads = _ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size, backend)
-        return (*grads, None, None, None)
+        grads = _ssd_bwd(dout, dfinal, dvarlen, x, dt, A, B, C, D, z, init, reset, vslot, chunk_size, backend)
+        return (*grads, None, None, None, None, None)
 
 
 @torch.library.custom_op("fastlayers::ssd_scan_fwd", mutates_args=())
 def _ssd_fwd_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
-                init: Optional[Tensor], reset: Optional[Tensor], chunk_size: int,
-                backend: str) -> Tuple[Tensor, Tensor]:
-    return _ssd_fwd(x, dt, A, B, C, D, z, init, reset, chunk_size, backend)
+                init: Optional[Tensor], reset: Optional[Tensor], vslot: Optional[Tensor], nseq: int, chunk_size: int,
+                backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    return _ssd_fwd(x, dt, A, B, C, D, z, init, reset, vslot, nseq, chunk_size, backend)
 
 
 @_ssd_fwd_op.register_fake
-def _(x, dt, A, B, C, D, z, init, reset, chunk_size, backend):
+def _(x, dt, A, B, C, D, z, init, reset, vslot, nseq, chunk_size, backend):
     b, L, h, p = x.shape
-    return x.new_empty(x.shape), x.new_empty((b, h, p, B.shape[-1]), dtype=stat_dtype(x.dtype))
+    acc = stat_dtype(x.dtype)
+    return (x.new_empty(x.shape), x.new_empty((b, h, p, B.shape[-1]), dtype=acc),
+            x.new_empty((nseq if vslot is not None else 0, h, p, B.shape[-1]), dtype=acc))
 
 
 @torch.library.custom_op("fastlayers::ssd_scan_bwd", mutates_args=())
-def _ssd_bwd_op(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                D: Optional[Tensor], z: Optional[Tensor], init: Optional[Tensor], reset: Optional[Tensor],
-                chunk_size: int, backend: str) -> List[Tensor]:
+def _ssd_bwd_op(dout: Tensor, dfinal: Optional[Tensor], dvarlen: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor,
+                B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor], init: Optional[Tensor],
+                reset: Optional[Tensor], vslot: Optional[Tensor], chunk_size: int, backend: str) -> List[Tensor]:
     """[dx, ddt, dA, dB, dC, dD, dz, dinit]; entries for absent inputs are empty."""
-    res = _ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size, backend)
+    res = _ssd_bwd(dout, dfinal, dvarlen, x, dt, A, B, C, D, z, init, reset, vslot, chunk_size, backend)
     return [x.new_empty(0) if g is None else g.contiguous() for g in res]
 
 
 @_ssd_bwd_op.register_fake
-def _(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size, backend):
+def _(dout, dfinal, dvarlen, x, dt, A, B, C, D, z, init, reset, vslot, chunk_size, backend):
     return [t.new_empty(t.shape) if t is not None else x.new_empty(0) for t in (x, dt, A, B, C, D, z, init)]
 
 
 def _ssd_setup(ctx, inputs, output):
-    x, dt, A, B, C, D, z, init, reset, chunk_size, backend = inputs
-    ctx.save_for_backward(x, dt, A, B, C, D, z, init, reset)
+    x, dt, A, B, C, D, z, init, reset, vslot, nseq, chunk_size, backend = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, z, init, reset, vslot)
     ctx.cfg = (chunk_size, backend, D is not None, z is not None, init is not None)
 
 
-def _ssd_op_backward(ctx, dout, dfinal):
-    x, dt, A, B, C, D, z, init, reset = ctx.saved_tensors
+def _ssd_op_backward(ctx, dout, dfinal, dvarlen):
+    x, dt, A, B, C, D, z, init, reset, vslot = ctx.saved_tensors
     chunk_size, backend, has_D, has_z, has_init = ctx.cfg
     if dout is None:
         dout = torch.zeros_like(x)
-    g = torch.ops.fastlayers.ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, chunk_size, backend)
+    g = torch.ops.fastlayers.ssd_scan_bwd(dout, dfinal, dvarlen, x, dt, A, B, C, D, z, init, reset, vslot, chunk_size,
+                                          backend)
     return (g[0], g[1], g[2], g[3], g[4], g[5] if has_D else None, g[6] if has_z else None,
-            g[7] if has_init else None, None, None, None)
+            g[7] if has_init else None, None, None, None, None, None)
 
 
 torch.library.register_autograd("fastlayers::ssd_scan_fwd", _ssd_op_backward, setup_context=_ssd_setup)
+
+
+def _vslot(cu_seqlens, L):
+    """(1, L) int64: k at the last step of packed sequence k (zero-length ones have none), -1 elsewhere."""
+    cu = cu_seqlens.to(torch.int64)
+    k = torch.arange(cu.numel() - 1, device=cu.device)
+    valid = cu[1:] > cu[:-1]
+    slot = torch.full((L + 1,), -1, dtype=torch.int64, device=cu.device)  # [L]: where the empty ones go
+    slot.scatter_(0, torch.where(valid, cu[1:] - 1, L), torch.where(valid, k, -1))  # no data-dependent shapes
+    return slot[None, :L].contiguous()
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
@@ -298,7 +315,8 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, initi
     ``seq_idx``) required; also returns the state after each sequence's last token, ``(num_seqs, nheads,
     headdim, dstate)`` in the final states' dtype (zeros for a zero-length sequence; ``initial_states`` reach
     the first sequence), last: ``(out, [final_states,] varlen_states)``. Differentiable (mamba_ssm's is not):
-    computed after the kernel by :func:`_varlen_states` (torch ops, autograd) on every fast backend.
+    the cpu kernel writes them at the sequence ends (and takes their gradient in its backward); triton gets
+    them from :func:`_varlen_states` (torch ops, autograd) after its kernel.
 
     Backends: ``cpu`` (the recurrence in C++/OpenMP, fp32/fp64 accumulation, fp32/fp16/bf16/fp64 inputs,
     any strides; the result does not depend on ``chunk_size``), ``triton`` (the chunked SSD algorithm on
@@ -334,9 +352,16 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, initi
     Af, Bf, Cf = A.to(acc).contiguous(), B.to(acc).contiguous(), C.to(acc).contiguous()
     D2 = None if D is None else (D[:, None].expand(h, p) if D.dim() == 1 else D)
     reset = _reset(seq_idx)
-    args = (x, dtp, Af, Bf, Cf, D2, z, initial_states, reset, int(chunk_size), backend)
-    out, final = dispatch(torch.ops.fastlayers.ssd_scan_fwd, _SsdScan, _ssd_fwd, args, 8)
+    # Varlen states: the cpu kernel writes them at the sequence ends of its recurrence (and takes their
+    # gradient in its backward); the triton backend gets them from _varlen_states (torch ops) after the call.
+    in_kernel = return_varlen_states and backend == "cpu"
+    vslot = _vslot(cu_seqlens, L) if in_kernel else None
+    nseq = cu_seqlens.numel() - 1 if in_kernel else 0
+    args = (x, dtp, Af, Bf, Cf, D2, z, initial_states, reset, vslot, nseq, int(chunk_size), backend)
+    out, final, varlen = dispatch(torch.ops.fastlayers.ssd_scan_fwd, _SsdScan, _ssd_fwd, args, 8)
     res = (out, final) if return_final_states else (out,)
     if return_varlen_states:
-        res = (*res, _varlen_states(x, dtp, Af, Bf, initial_states, reset, cu_seqlens))
+        if not in_kernel:
+            varlen = _varlen_states(x, dtp, Af, Bf, initial_states, reset, cu_seqlens)
+        res = (*res, varlen)
     return res if len(res) > 1 else out
