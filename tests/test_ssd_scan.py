@@ -602,3 +602,27 @@ def test_varlen_torch_compile():
         grads.append([loss.detach()] + [leaves[k].grad for k in NAMES])
     for name, a, b in zip(("loss",) + NAMES, *grads):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_varlen_empty_sequences_at_the_ends(device, backend):
+    """Zero-length sequences first and last (cu_seqlens [0, 0, 5, 12, 12]): their states are zero, and the
+    initial states reach the first non-empty sequence (the one holding step 0)."""
+    L, cu, seq_idx = _packed([0, 5, 7, 0])
+    args = _inputs(1, L, 2, 3, 4, 1, torch.float32, _gen("varlen-ends", backend), opts=("initial_states",))
+    kw = dict(chunk_size=16, dt_softplus=True, seq_idx=seq_idx, cu_seqlens=cu, return_varlen_states=True,
+              return_final_states=True)
+    out, fin, vs = _run(backend, args, device, **kw)
+    _, r_fin, r_vs = _ref64(args, **kw)
+    assert torch.equal(vs[0], torch.zeros_like(vs[0])) and torch.equal(vs[3], torch.zeros_like(vs[3]))
+    assert_rel_err(vs[1:3], r_vs[1:3], 1e-5, "varlen_states")
+    part = {k: None if v is None else (v[:, :5] if k in ("x", "dt", "B", "C", "z") else v) for k, v in args.items()}
+    _, alone = _ref64(part, chunk_size=16, dt_softplus=True, return_final_states=True)
+    assert_rel_err(vs[1], alone[0], 1e-5, "first non-empty sequence, from the initial states")
+
+
+def test_varlen_seqlen_zero():
+    args = _inputs(1, 0, 2, 3, 4, 1, torch.float32, _gen("varlen-L0"))
+    out, vs = _run("cpu", args, seq_idx=torch.zeros(1, 0, dtype=torch.int32),
+                   cu_seqlens=torch.tensor([0, 0, 0], dtype=torch.int32), return_varlen_states=True)
+    assert out.shape == (1, 0, 2, 3) and vs.shape == (2, 2, 3, 4) and not vs.any()
