@@ -112,7 +112,7 @@ def _varlen_states(x, dt, A, B, init, reset, cu_seqlens, chunk=_VARLEN_CHUNK):
     Plain torch ops (differentiated by autograd), the chunked form: per chunk of ``chunk`` steps, with cs the
     in-chunk cumulative sum of dt A, the chunk's own contribution to its end state
     Z_c = sum_j [same segment as the end] exp(cs_last - cs_j) dt_j x_j B_j^T; the states entering the chunks
-    by S_c = [no restart in chunk c] exp(cs_last) S_{c-1} + Z_c (a loop over seqlen / chunk steps); then for a
+    by S_c = [no restart in chunk c] exp(cs_last) S_{c-1} + Z_c (a log-depth scan over the chunks); then for a
     sequence ending at e in chunk c the same two terms over the chunk's steps up to e:
     sum_{j <= e, same segment} exp(cs_e - cs_j) dt_j x_j B_j^T + [no restart in c up to e] exp(cs_e) S_{c-1}.
     O(seqlen h p n + num_seqs chunk h (p + n)) work; masked terms are selected away (torch.where), so a NaN
@@ -144,14 +144,22 @@ def _varlen_states(x, dt, A, B, init, reset, cu_seqlens, chunk=_VARLEN_CHUNK):
 
     steps = torch.arange(nc * T, device=dev).view(nc, T)
     Z = part(steps, steps[:, -1], ridc == ridc[:, -1:])
+    # S_c = a_c S_{c-1} + Z_c (S_{-1} = init) as a log-depth scan over the chunks (no per-chunk launches):
+    # after the steps of width 1, 2, 4, ... each entry holds the sum over its last `width` chunks, and
+    # (a, keep) the product of their decays / whether none of them restarts. A restart is a where, not a
+    # factor 0, so a NaN does not cross it.
     keep = (ridc[:, -1] == rid_prev)[:, None, None, None]                     # no restart in the chunk
-    decay = torch.exp(cs.view(nc, T, h)[:, -1])[:, :, None, None]
-    S = init[0].to(acc) if init is not None else xf.new_zeros(h, p, n)
-    entering = [S]
-    for c in range(nc - 1):
-        S = Z[c] + torch.where(keep[c], decay[c] * S, 0)
-        entering.append(S)
-    S_in = torch.stack(entering)                                               # (nc, h, p, n)
+    a = torch.exp(cs.view(nc, T, h)[:, -1])[:, :, None, None]
+    if init is not None:
+        Z = torch.cat([Z[:1] + torch.where(keep[:1], a[:1] * init[0].to(acc), 0), Z[1:]])
+    width = 1
+    while width < nc:
+        Z = torch.cat([Z[:width], Z[width:] + torch.where(keep[width:], a[width:] * Z[:-width], 0)])
+        a = torch.cat([a[:width], a[width:] * a[:-width]])
+        keep = torch.cat([keep[:width], keep[width:] & keep[:-width]])
+        width *= 2
+    S0 = init[0].to(acc)[None] if init is not None else xf.new_zeros(1, h, p, n)
+    S_in = torch.cat([S0, Z[:-1]])                                             # entering each chunk (nc, h, p, n)
 
     cu = cu_seqlens.to(device=dev, dtype=torch.int64)
     valid = cu[1:] > cu[:-1]
