@@ -258,7 +258,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
-             dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False):
+             dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False, cu_seqlens=None,
+             return_varlen_states=False):
     """Mamba-2 scan, ``mamba_chunk_scan_combined``'s semantics as the plain recurrence in fp32
     (``chunk_size`` does not change the result, only how the fast kernels tile it):
 
@@ -270,7 +271,19 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, initi
     ``(b, h, p, n)``. ``seq_idx`` ``(b, l)`` int: where it changes, the state restarts from zero
     (packed sequences do not leak into each other; ``initial_states`` seed position 0).
     Returns y ``(b, l, h, p)`` in x's dtype, and the final states (fp32) when asked.
+
+    ``return_varlen_states`` (b == 1, ``cu_seqlens`` ``(num_seqs + 1,)`` the offsets of the packed
+    sequences): also the state after each sequence's last token, ``(num_seqs, h, p, n)`` fp32 (zeros for
+    a zero-length sequence). Returned last: ``(y, [final_states,] varlen_states)``.
     """
+    ends = None
+    if return_varlen_states:
+        cu = [int(v) for v in cu_seqlens.tolist()]
+        ends = {}
+        for k in range(len(cu) - 1):
+            if cu[k + 1] > cu[k]:
+                ends.setdefault(cu[k + 1] - 1, []).append(k)
+        varlen = [None] * (len(cu) - 1)
     acc = stat_dtype(x.dtype)
     b, L, h, p = x.shape
     n = B.shape[-1]
@@ -285,11 +298,14 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, initi
     ys = []
     for t in range(L):
         if seq_idx is not None and t > 0:
-            same = (seq_idx[:, t] == seq_idx[:, t - 1]).to(acc)[:, None, None, None]
-            s = s * same
+            same = (seq_idx[:, t] == seq_idx[:, t - 1])[:, None, None, None]
+            s = torch.where(same, s, 0)  # not s * same: a NaN must not cross a restart
         decay = torch.exp(dtf[:, t] * Af)[:, :, None, None]                      # (b, h, 1, 1)
         s = decay * s + (dtf[:, t, :, None] * xf[:, t])[..., None] * Bf[:, t, :, None, :]
         ys.append((s * Cf[:, t, :, None, :]).sum(-1))                            # (b, h, p)
+        if ends is not None:
+            for k in ends.get(t, ()):
+                varlen[k] = s[0]
     y = torch.stack(ys, dim=1) if L else xf.new_zeros(b, 0, h, p)
     if D is not None:
         Df = D.to(acc)
@@ -297,7 +313,11 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, initi
     if z is not None:
         y = y * F.silu(z.to(acc))
     out = y.to(x.dtype)
-    return (out, s.clone()) if return_final_states else out  # a copy: s is saved for the backward
+    res = (out, s.clone()) if return_final_states else (out,)  # a copy: s is saved for the backward
+    if return_varlen_states:
+        zero = s.new_zeros(h, p, n)
+        res = (*res, torch.stack([zero if v is None else v for v in varlen]) if varlen else s.new_zeros(0, h, p, n))
+    return res if len(res) > 1 else out
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,

@@ -257,7 +257,7 @@ def test_torch_compile_fullgraph():
     (dict(C=torch.randn(2, 3, 3, 7)), "G dividing dim"),
     (dict(A=torch.randn(5, 3)), "A must have shape"),
     (dict(A=torch.randn(4)), "A must have shape"),
-    (dict(A=torch.randn(4, 3, dtype=torch.complex64)), "A must be a floating"),
+    (dict(A=torch.randn(4, 3, dtype=torch.complex64)), "complex A \\(torch.complex64\\) is not supported"),
     (dict(u=torch.ones(2, 4, 7, dtype=torch.int64)), "u must be a floating"),
     (dict(B=torch.ones(2, 3, 7, dtype=torch.int32)), "B must be a floating"),
     (dict(u=torch.randn(2, 4)), "u must be"),
@@ -273,3 +273,19 @@ def test_bad_input_raises_before_the_kernel(bad, match, monkeypatch):
     args.update(bad)
     with pytest.raises((ValueError, TypeError), match=match):
         fastlayers.selective_scan(**args, delta_softplus=True)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "cuda"])
+@pytest.mark.parametrize("which", ["A", "B", "C"])
+def test_complex_weights_are_refused(backend, which, monkeypatch):
+    """mamba_ssm's selective_scan_fn takes complex A, B, C (S4D-style); no fastlayers backend does: a
+    complex tensor is a TypeError that names it and says so, raised before any backend is looked up
+    (before, a complex A was refused only as "not a floating tensor")."""
+    import fastlayers.ops.scan as scan_mod
+    monkeypatch.setattr(scan_mod, "resolve", lambda *a, **k: pytest.fail("dispatch reached"))
+    args = list(_inputs(1, 4, 5, 3, "var", torch.float32, _gen("complex", which)))
+    i = {"A": 2, "B": 3, "C": 4}[which]
+    args[i] = torch.complex(args[i], torch.randn(args[i].shape, generator=_gen("complex-im", which)))
+    with pytest.raises(TypeError, match=f"complex {which} \\(torch.complex64\\) is not supported.*reference, cpu, cuda"):
+        with fastlayers.use_backend(backend):
+            fastlayers.selective_scan(*args)

@@ -323,7 +323,11 @@ def test_opcheck_and_torch_compile():
     reset[0, 4] = 1
     lv = [t.clone().requires_grad_() for t in (x, dt, A, B, C, D, z, init)]
     # aot_dispatch is left to the torch.compile run below (it traces the forward and backward ops too).
-    torch.library.opcheck(torch.ops.fastlayers.ssd_scan_fwd, (*lv, reset, 16, "cpu"),
+    torch.library.opcheck(torch.ops.fastlayers.ssd_scan_fwd, (*lv, reset, None, 0, 16, "cpu"),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    vslot = torch.full((2, 9), -1, dtype=torch.int64)
+    vslot[0, 3], vslot[0, 8], vslot[1, 8] = 0, 1, 2  # varlen states written by the kernel (slot 3: none)
+    torch.library.opcheck(torch.ops.fastlayers.ssd_scan_fwd, (*lv, reset, vslot, 4, 16, "cpu"),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     # ssd_scan_bwd runs (traced, with its fake kernel) in the compiled backward below.
     seq_idx = reset.cumsum(1)
@@ -378,3 +382,247 @@ def test_bad_input_raises_before_the_kernel(bad, match, monkeypatch):
 def test_default_backend_on_cuda_is_triton():
     from fastlayers.backend import DEFAULT_CUDA
     assert DEFAULT_CUDA["ssd_scan"] == "triton"
+
+
+# ----------------------------------------------------------------------------- cu_seqlens / varlen states
+# Packed sequences of awkward lengths around the chunk (16): 1, chunk-1, chunk, chunk+1, a zero-length one
+# in the middle, 3, two chunks and more. Restarts fall mid-chunk and on chunk boundaries.
+VARLEN_LENS = [1, 15, 16, 17, 0, 3, 37]
+
+
+def _packed(lens):
+    L = sum(lens)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    seq_idx = torch.cat([torch.full((m,), i, dtype=torch.int32) for i, m in enumerate(lens)])[None]
+    return L, cu, seq_idx
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("init", [False, True], ids=["noinit", "init"])
+def test_varlen_states(device, backend, dtype, init):
+    """return_varlen_states: (out, final_states, varlen_states) in mamba_ssm's order, the varlen states
+    (num_seqs, h, p, n) fp32 against the fp64 reference; the last sequence's state is the final state, a
+    zero-length sequence's is zero; initial_states seed position 0 (the first sequence)."""
+    if _small(device, backend) and dtype != torch.float32 and init:
+        pytest.skip("the triton interpreter runs bf16 once (it is slow)")
+    L, cu, seq_idx = _packed(VARLEN_LENS)
+    h, p, n, g = 4, 3, 5, 2
+    opts = ("D", "z", "dt_bias") + (("initial_states",) if init else ())
+    args = _inputs(1, L, h, p, n, g, dtype, _gen("varlen", str(dtype), init, backend), opts)
+    kw = dict(chunk_size=16, dt_softplus=True, seq_idx=seq_idx, cu_seqlens=cu, return_varlen_states=True)
+    ref_out, ref_fin, ref_vs = _ref64(args, return_final_states=True, **kw)
+    with torch.no_grad():
+        out, fin, vs = _run(backend, args, device, return_final_states=True, **kw)
+        out2, vs2 = _run(backend, args, device, **kw)   # without final states: (out, varlen_states)
+    assert vs.shape == (len(VARLEN_LENS), h, p, n) and vs.dtype == torch.float32
+    tol = REL_TOL[dtype]
+    assert_rel_err(out, ref_out, tol, "out")
+    assert_rel_err(fin, ref_fin, tol, "final_states")
+    assert_rel_err(vs, ref_vs, tol, "varlen_states")
+    for k in range(len(VARLEN_LENS)):
+        if VARLEN_LENS[k]:
+            assert_rel_err(vs[k], ref_vs[k], tol, f"varlen_states[{k}] (length {VARLEN_LENS[k]})")
+    assert torch.equal(vs[4], torch.zeros(h, p, n)), "a zero-length sequence's state is zero"
+    torch.testing.assert_close(vs[-1], fin[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out2, out) and torch.equal(vs2, vs)
+
+
+def test_varlen_reference_is_each_sequence_alone():
+    """The oracle itself: each varlen state equals the final state of that sequence run alone (the first one
+    from initial_states, the others from zero)."""
+    L, cu, seq_idx = _packed(VARLEN_LENS)
+    args = _inputs(1, L, 2, 3, 4, 1, torch.float64, _gen("varlen-ref"))
+    kw = dict(chunk_size=16, dt_softplus=True)
+    _, vs = reference.ssd_scan(**args, seq_idx=seq_idx, cu_seqlens=cu, return_varlen_states=True, **kw)
+    t0 = 0
+    for k, m in enumerate(VARLEN_LENS):
+        if m == 0:
+            assert torch.equal(vs[k], torch.zeros_like(vs[k]))
+            continue
+        part = {a: None if v is None else (v[:, t0:t0 + m] if a in ("x", "dt", "B", "C", "z") else v)
+                for a, v in args.items()}
+        part["initial_states"] = args["initial_states"] if k == 0 else None
+        _, fin = reference.ssd_scan(**part, return_final_states=True, **kw)
+        torch.testing.assert_close(vs[k], fin[0], rtol=1e-12, atol=1e-12)
+        t0 += m
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS[:3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_varlen_gradients_match_reference(device, backend, dtype):
+    """Gradients through out, final_states and varlen_states together, against the fp64 reference's."""
+    if _small(device, backend) and dtype != torch.float32:
+        pytest.skip("the triton interpreter runs fp32 only here (it is slow)")
+    L, cu, seq_idx = _packed(VARLEN_LENS)
+    h, p, n, g = 4, 3, 5, 2
+    gen = _gen("varlen-grad", str(dtype), backend)
+    args = _inputs(1, L, h, p, n, g, dtype, gen)
+    kw = dict(chunk_size=16, dt_softplus=True, seq_idx=seq_idx, cu_seqlens=cu, return_varlen_states=True,
+              return_final_states=True)
+    g_out = torch.randn(1, L, h, p, generator=gen).to(dtype)
+    g_fin = torch.randn(1, h, p, n, generator=gen)
+    g_vs = torch.randn(len(VARLEN_LENS), h, p, n, generator=gen)
+    leaves = {k: None if v is None else v.detach().to(device).requires_grad_() for k, v in args.items()}
+    with fastlayers.use_backend(backend):
+        out, fin, vs = fastlayers.ssd_scan(**leaves, **{k: v.to(device) if isinstance(v, torch.Tensor) else v
+                                                        for k, v in kw.items()})
+    torch.autograd.backward([out, fin, vs], [g_out.to(device), g_fin.to(device), g_vs.to(device)])
+    hi = {k: None if v is None else v.detach().double().requires_grad_() for k, v in args.items()}
+    r_out, r_fin, r_vs = reference.ssd_scan(**hi, **kw)
+    torch.autograd.backward([r_out, r_fin, r_vs], [g_out.double(), g_fin.double(), g_vs.double()])
+    for name in NAMES:
+        gr = leaves[name].grad.cpu()
+        assert gr.dtype == args[name].dtype and gr.shape == args[name].shape, name
+        assert_rel_err(gr, hi[name].grad, REL_TOL[dtype], f"d{name}")
+
+
+def test_varlen_gradcheck():
+    """fp64 gradcheck of the cpu path with the varlen states as an output (the kernel writes them and takes
+    their gradient): sequences of 1, 3, 0, 4 steps, chunk 4."""
+    L, cu, seq_idx = _packed([1, 3, 0, 4])
+    args = _inputs(1, L, 2, 2, 3, 1, torch.float64, _gen("varlen-gradcheck"), D_shape="h")
+    names = [k for k, v in args.items() if v is not None]
+
+    def f(*xs):
+        with fastlayers.use_backend("cpu"):
+            return fastlayers.ssd_scan(**dict(zip(names, xs)), chunk_size=4, dt_softplus=True, seq_idx=seq_idx,
+                                       cu_seqlens=cu, return_varlen_states=True, return_final_states=True)
+
+    assert torch.autograd.gradcheck(f, [args[k].detach().clone().requires_grad_() for k in names])
+
+
+@pytest.mark.parametrize("chunk", [2, 4, 64])
+def test_varlen_states_torch_form(chunk):
+    """_varlen_states (the torch form the triton backend uses) against the fp64 reference recurrence at small
+    chunks (sequence ends and restarts on and off chunk boundaries, a padded last chunk, a restart that is not
+    a cu_seqlens boundary: the state follows seq_idx), and its fp64 gradcheck."""
+    from fastlayers.ops.ssd import _reset, _varlen_states
+    lens = [1, 3, 0, 4, 2, 5]
+    L, cu, seq_idx = _packed(lens)
+    seq_idx[0, 10:] += 7  # a restart inside the last sequence (steps 10..14): its state starts over at 10
+    gen = _gen("varlen-torch", chunk)
+    args = _inputs(1, L, 2, 2, 3, 1, torch.float64, gen, opts=("initial_states",), softplus=False)
+    _, ref = reference.ssd_scan(**args, seq_idx=seq_idx, cu_seqlens=cu, return_varlen_states=True)
+    reset = _reset(seq_idx)
+    names = ("x", "dt", "A", "B", "initial_states")
+
+    def f(x, dt, A, B, init):
+        return _varlen_states(x, dt, A, B, init, reset, cu, chunk)
+
+    torch.testing.assert_close(f(*(args[k] for k in names)), ref, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(f, [args[k].detach().clone().requires_grad_() for k in names])
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_varlen_nan_stays_in_its_sequence(device, backend):
+    """A NaN in x of sequence 3 makes that sequence's state NaN (and the ones after it only if they depend on
+    it: they do not); the other sequences' states stay finite, in the same chunk too."""
+    L, cu, seq_idx = _packed(VARLEN_LENS)
+    args = _inputs(1, L, 2, 3, 4, 1, torch.float32, _gen("varlen-nan", backend))
+    args["x"][0, 40, 1, 2] = float("nan")  # sequence 3 spans steps 32..48
+    _, vs = _run(backend, args, device, chunk_size=16, dt_softplus=True, seq_idx=seq_idx, cu_seqlens=cu,
+                 return_varlen_states=True)
+    assert torch.isnan(vs[3, 1, 2]).all()
+    assert not torch.isnan(vs[[0, 1, 2, 4, 5, 6]]).any() and not torch.isnan(vs[3, 0]).any()
+
+
+def test_varlen_cu_seqlens_is_ignored_without_return_varlen_states():
+    """As in mamba_ssm: cu_seqlens is used only with return_varlen_states (batch 2 and no seq_idx are fine)."""
+    args = _inputs(2, 9, 2, 3, 4, 1, torch.float32, _gen("varlen-ignored"))
+    out = _run("cpu", args, chunk_size=16)
+    assert torch.equal(_run("cpu", args, chunk_size=16, cu_seqlens=torch.tensor([0, 4, 9])), out)
+
+
+VARLEN_BAD = [
+    (dict(cu_seqlens=None), ValueError, "needs cu_seqlens"),
+    (dict(batch=2), ValueError, "batch == 1"),
+    (dict(seq_idx=None), ValueError, "needs seq_idx"),
+    (dict(cu_seqlens=torch.tensor([0.0, 9.0])), TypeError, "cu_seqlens must be an integer"),
+    (dict(cu_seqlens=torch.tensor([[0, 9]], dtype=torch.int32)), ValueError, "cu_seqlens must have shape"),
+    (dict(cu_seqlens=torch.tensor([0], dtype=torch.int32)), ValueError, "cu_seqlens must have shape"),
+    (dict(cu_seqlens=torch.tensor([0, 5, 8], dtype=torch.int32)), ValueError, "from 0 to seqlen 9"),
+    (dict(cu_seqlens=torch.tensor([1, 5, 9], dtype=torch.int32)), ValueError, "from 0 to seqlen 9"),
+    (dict(cu_seqlens=torch.tensor([0, 6, 5, 9], dtype=torch.int32)), ValueError, "non-decreasing"),
+]
+
+
+@pytest.mark.parametrize("bad,exc,match", VARLEN_BAD, ids=lambda v: str(v)[:40])
+def test_varlen_bad_input_raises_before_the_kernel(bad, exc, match, monkeypatch):
+    from fastlayers.backends import cpu as cpu_backend
+    monkeypatch.setattr(cpu_backend, "ssd_scan_fwd", lambda *a, **k: pytest.fail("the kernel ran"))
+    b = bad.pop("batch", 1)
+    args = _inputs(b, 9, 2, 3, 4, 1, torch.float32, _gen("varlen-bad"))
+    kw = dict(seq_idx=torch.tensor([[0] * 4 + [1] * 5] * b), cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32))
+    kw.update(bad)
+    with pytest.raises(exc, match=match):
+        _run("cpu", args, return_varlen_states=True, **kw)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS[:3])
+def test_varlen_states_wide_head(device, backend):
+    """headdim 40 (the cpu forward walks blocks of 32 channels; triton blocks of BLOCK_P), fp32, with
+    gradients through the varlen states alone (out unused)."""
+    L, cu, seq_idx = _packed([5, 16, 1, 9])
+    args = _inputs(1, L, 2, 40, 6, 1, torch.float32, _gen("varlen-wide", backend), opts=("initial_states",))
+    kw = dict(chunk_size=16, dt_softplus=True, seq_idx=seq_idx, cu_seqlens=cu, return_varlen_states=True)
+    leaves = {k: None if v is None else v.detach().to(device).requires_grad_() for k, v in args.items()}
+    with fastlayers.use_backend(backend):
+        _, vs = fastlayers.ssd_scan(**leaves, **{k: v.to(device) if isinstance(v, torch.Tensor) else v
+                                                 for k, v in kw.items()})
+    g_vs = torch.randn(vs.shape, generator=_gen("varlen-wide-g"))
+    vs.backward(g_vs.to(device))
+    hi = {k: None if v is None else v.detach().double().requires_grad_() for k, v in args.items()}
+    _, r_vs = reference.ssd_scan(**hi, **kw)
+    r_vs.backward(g_vs.double())
+    assert_rel_err(vs.detach().cpu(), r_vs.detach(), 1e-5, "varlen_states")
+    for name in ("x", "dt", "A", "B", "initial_states"):
+        assert_rel_err(leaves[name].grad.cpu(), hi[name].grad, 1e-5, f"d{name}")
+    gC = leaves["C"].grad  # None where the states do not come from the kernel (triton)
+    assert gC is None or float(gC.abs().max()) == 0.0, "C does not reach the states"
+
+
+def test_varlen_torch_compile():
+    """torch.compile(fullgraph=True) of the cpu path with varlen states (the custom op with its vslot, no
+    data-dependent shapes) gives the eager loss and gradients."""
+    L, cu, seq_idx = _packed([3, 0, 8, 5])
+    args = _inputs(1, L, 2, 3, 4, 1, torch.float32, _gen("varlen-compile"))
+
+    def f(**kw):
+        out, fin, vs = fastlayers.ssd_scan(**kw, chunk_size=16, dt_softplus=True, seq_idx=seq_idx, cu_seqlens=cu,
+                                           return_final_states=True, return_varlen_states=True)
+        return (out * out).sum() + fin.sum() + (vs * vs).sum()
+
+    grads = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+        leaves = {k: v.clone().requires_grad_() for k, v in args.items()}
+        with fastlayers.use_backend("cpu"):
+            loss = fn(**leaves)
+        loss.backward()
+        grads.append([loss.detach()] + [leaves[k].grad for k in NAMES])
+    for name, a, b in zip(("loss",) + NAMES, *grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_varlen_empty_sequences_at_the_ends(device, backend):
+    """Zero-length sequences first and last (cu_seqlens [0, 0, 5, 12, 12]): their states are zero, and the
+    initial states reach the first non-empty sequence (the one holding step 0)."""
+    L, cu, seq_idx = _packed([0, 5, 7, 0])
+    args = _inputs(1, L, 2, 3, 4, 1, torch.float32, _gen("varlen-ends", backend), opts=("initial_states",))
+    kw = dict(chunk_size=16, dt_softplus=True, seq_idx=seq_idx, cu_seqlens=cu, return_varlen_states=True,
+              return_final_states=True)
+    out, fin, vs = _run(backend, args, device, **kw)
+    _, r_fin, r_vs = _ref64(args, **kw)
+    assert torch.equal(vs[0], torch.zeros_like(vs[0])) and torch.equal(vs[3], torch.zeros_like(vs[3]))
+    assert_rel_err(vs[1:3], r_vs[1:3], 1e-5, "varlen_states")
+    part = {k: None if v is None else (v[:, :5] if k in ("x", "dt", "B", "C", "z") else v) for k, v in args.items()}
+    _, alone = _ref64(part, chunk_size=16, dt_softplus=True, return_final_states=True)
+    assert_rel_err(vs[1], alone[0], 1e-5, "first non-empty sequence, from the initial states")
+
+
+def test_varlen_seqlen_zero():
+    args = _inputs(1, 0, 2, 3, 4, 1, torch.float32, _gen("varlen-L0"))
+    out, vs = _run("cpu", args, seq_idx=torch.zeros(1, 0, dtype=torch.int32),
+                   cu_seqlens=torch.tensor([0, 0, 0], dtype=torch.int32), return_varlen_states=True)
+    assert out.shape == (1, 0, 2, 3) and vs.shape == (2, 2, 3, 4) and not vs.any()

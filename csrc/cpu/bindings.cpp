@@ -317,7 +317,8 @@ PYBIND11_MODULE(_C, m) {
       "ssd_scan",
       [](const PyView& x, const PyView& D, const PyView& z, const PyView& init, const PyView& out,
          const PyView& final_state, const PyView& dout, const PyView& dfinal, const PyView& dx, const PyView& dz,
-         const PyView& dinit, uintptr_t dt, uintptr_t A, uintptr_t B, uintptr_t C, uintptr_t reset, uintptr_t ddt,
+         const PyView& dinit, const PyView& varlen, const PyView& dvarlen, uintptr_t dt, uintptr_t A, uintptr_t B,
+         uintptr_t C, uintptr_t reset, uintptr_t vslot, uintptr_t ddt,
          uintptr_t dA, uintptr_t dD, uintptr_t dB_part, uintptr_t dC_part, int64_t batch, int64_t L, int64_t H,
          int64_t Pd, int64_t N, int64_t G, uintptr_t workspace, int parts) {
         if (parts < 1) throw std::invalid_argument("fastlayers: parts must be >= 1");
@@ -328,9 +329,12 @@ PYBIND11_MODULE(_C, m) {
                       view4(init, "initial_states", false), view4(out, "out", !bwd),
                       view4(final_state, "final_states", false), view4(dout, "dout", false),
                       view4(dfinal, "dfinal_states", false), view4(dx, "dx", bwd), view4(dz, "dz", false),
-                      view4(dinit, "dinitial_states", false), P(dt), P(A), P(B), P(C),
-                      reinterpret_cast<const uint8_t*>(reset), P(ddt), P(dA), P(dD), P(dB_part), P(dC_part),
+                      view4(dinit, "dinitial_states", false), view4(varlen, "varlen_states", false),
+                      view4(dvarlen, "dvarlen_states", false), P(dt), P(A), P(B), P(C),
+                      reinterpret_cast<const uint8_t*>(reset), reinterpret_cast<const int64_t*>(vslot), P(ddt), P(dA), P(dD), P(dB_part), P(dC_part),
                       batch, L, H, Pd, N, G};
+        if ((a.varlen.p || a.dvarlen.p) && !a.vslot)
+          throw std::invalid_argument("fastlayers: ssd_scan varlen states need vslot");
         if (bwd && (!a.ddt || !a.dA || !a.dB_part || !a.dC_part || (a.D.p && !a.dD)))
           throw std::invalid_argument("fastlayers: ssd_scan backward needs ddt, dA, dB, dC (and dD) buffers");
         py::gil_scoped_release nogil;

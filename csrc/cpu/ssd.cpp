@@ -113,6 +113,7 @@ struct Item {
   int64_t b, h, g;
   const Acc *dt, *B, *C;  // dt row (stride H), B/C rows of (b, ., g) (stride G * N)
   const uint8_t* reset;   // (L,) or null
+  const int64_t* vslot;   // (L,) or null: the varlen-state slot of each step (-1: none)
   Acc A;
 };
 
@@ -126,6 +127,7 @@ FL_INLINE Item<Acc> item(const SsdScanArgs& a, int64_t r) {
   it.B = static_cast<const Acc*>(a.B) + (it.b * a.L * a.G + it.g) * a.N;
   it.C = static_cast<const Acc*>(a.C) + (it.b * a.L * a.G + it.g) * a.N;
   it.reset = a.reset ? a.reset + it.b * a.L : nullptr;
+  it.vslot = a.vslot ? a.vslot + it.b * a.L : nullptr;
   it.A = static_cast<const Acc*>(a.A)[it.h];
   return it;
 }
@@ -176,6 +178,12 @@ void fwd_items(const SsdScanArgs& a, int64_t r0, int64_t r1, Acc* ws) {
           for (int64_t p = 0; p < PB; ++p) y[p] *= zr[p] * sigmoid_acc(zr[p]);
         }
         row_out(y, a.out, it.b, t, it.h, PB, p0);
+        if (it.vslot && it.vslot[t] >= 0 && a.varlen.p) {
+          for (int64_t p = 0; p < PB; ++p) {
+            for (int64_t n = 0; n < N; ++n) tmp[n] = s[n * PB + p];
+            row_out(tmp, a.varlen, it.vslot[t], it.h, p0 + p, N);
+          }
+        }
       }
       if (a.final_state.p) {
         for (int64_t p = 0; p < PB; ++p) {
@@ -192,7 +200,7 @@ void bwd_items(const SsdScanArgs& a, int part, int64_t r0, int64_t r1, Acc* ws) 
   const int64_t L = a.L, P = a.P, N = a.N, GN = a.G * a.N, H = a.H, PN = P * N, nck = n_chunks(L);
   Acc *ck = ws, *sb = ck + nck * PN, *Hs = sb + kChunk * PN, *zero = Hs + PN, *gb = zero + PN;
   Acc *xr = gb + kChunk * P, *dtx = xr + P, *y = dtx + P, *zr = y + P, *hb = zr + P;
-  Acc *dxr = hb + P, *dzr = dxr + P, *Dr = dzr + P, *dDr = Dr + P;
+  Acc *dxr = hb + P, *dzr = dxr + P, *Dr = dzr + P, *dDr = Dr + P, *tmp = dDr + P;  // tmp: >= N
   const int64_t part_off = int64_t(part) * a.batch * a.L * GN;
   for (int64_t i = 0; i < PN; ++i) zero[i] = 0;
   for (int64_t r = r0; r < r1; ++r) {
@@ -272,6 +280,12 @@ void bwd_items(const SsdScanArgs& a, int part, int64_t r0, int64_t r1, Acc* ws) 
         const bool rs = it.reset && t > 0 && it.reset[t];
         const Acc* prev = rs ? zero : (i == 0 ? ck + c * PN : sb + (i - 1) * PN);
         const Acc dtt = it.dt[t * H], ea = exp_acc(dtt * it.A), keep = rs ? Acc(0) : ea;
+        if (it.vslot && it.vslot[t] >= 0 && a.dvarlen.p) {  // the varlen state s_t's own gradient
+          for (int64_t p = 0; p < P; ++p) {
+            row_in(a.dvarlen, it.vslot[t], it.h, p, N, tmp);
+            for (int64_t n = 0; n < N; ++n) Hs[n * P + p] += tmp[n];
+          }
+        }
         row_in(a.x, it.b, t, it.h, P, xr);
 #pragma omp simd
         for (int64_t p = 0; p < P; ++p) {

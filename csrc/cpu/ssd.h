@@ -12,11 +12,16 @@ namespace fastlayers {
 // state restarts from zero (the first step of a packed sequence; init seeds step 0 only).
 // Backward outputs: ddt (b, l, h), dA (b, h), dD (b, h, p) in the accumulator dtype, written complete;
 // dB_part, dC_part (parts, b, l, g, n): per-thread partials (heads of a group summed), zeroed by the caller.
+// Varlen states (optional): vslot (b, l) int64, k >= 0 where step t is the last of packed sequence k, else -1;
+// the forward writes the state after such a step to varlen[k] ((num_seqs, h, p, n) view); the backward adds
+// dvarlen[k] (optional) to the state gradient there.
 struct SsdScanArgs {
   View4 x, D, z, init, out, final_state;           // D, z, init, final_state: p == null when absent
   View4 dout, dfinal, dx, dz, dinit;               // backward only (dfinal, dz, dinit optional)
+  View4 varlen, dvarlen;                           // forward / backward, with vslot; p == null when absent
   const void *dt, *A, *B, *C;
   const uint8_t* reset;
+  const int64_t* vslot;
   void *ddt, *dA, *dD, *dB_part, *dC_part;
   int64_t batch, L, H, P, N, G;
 };

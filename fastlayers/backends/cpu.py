@@ -258,16 +258,17 @@ def _ssd_ws(x, L, P, N, backward, parts):
     return torch.empty(parts * _C.ssd_scan_workspace(L, P, N, backward), dtype=stat_dtype(x.dtype))
 
 
-def ssd_scan_fwd(x, dt, A, B, C, D, z, init, reset, out, final):
+def ssd_scan_fwd(x, dt, A, B, C, D, z, init, reset, out, final, varlen=None, vslot=None):
     """dt (b, l, h), A (h,), B, C (b, l, g, n): accumulator dtype, contiguous; reset (b, l) uint8 or None;
-    D (h, p) view (any strides) or None; out, final preallocated (final may be None)."""
+    D (h, p) view (any strides) or None; out, final preallocated (final may be None); varlen
+    (num_seqs, h, p, n) written at the steps where vslot (b, l) int64 contiguous is >= 0 (both or neither)."""
     batch, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     parts = _ssd_parts(batch, H, L, P, N)
     ws = _ssd_ws(x, L, P, N, False, parts)
     _C.ssd_scan(_view4(x), _view4(D), _view4(z), _view4(init), _view4(out), _view4(final), _NONE4, _NONE4, _NONE4,
-                _NONE4, _NONE4, ptr(dt), ptr(A), ptr(B), ptr(C), ptr(reset), 0, 0, 0, 0, 0,
-                batch, L, H, P, N, G, ws.data_ptr(), parts)
+                _NONE4, _NONE4, _view4(varlen), _NONE4, ptr(dt), ptr(A), ptr(B), ptr(C), ptr(reset), ptr(vslot),
+                0, 0, 0, 0, 0, batch, L, H, P, N, G, ws.data_ptr(), parts)
 
 
 def ssd_scan_bwd_parts(batch, H, L, P, N, device):
@@ -275,11 +276,12 @@ def ssd_scan_bwd_parts(batch, H, L, P, N, device):
 
 
 def ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, init, reset, dx, dz, dinit, ddt, dA_bh, dD_bh, dB_part,
-                 dC_part):
+                 dC_part, dvarlen=None, vslot=None):
     batch, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     parts = dB_part.shape[0]
     ws = _ssd_ws(x, L, P, N, True, parts)
     _C.ssd_scan(_view4(x), _view4(D), _view4(z), _view4(init), _NONE4, _NONE4, _view4(dout), _view4(dfinal),
-                _view4(dx), _view4(dz), _view4(dinit), ptr(dt), ptr(A), ptr(B), ptr(C), ptr(reset), ptr(ddt),
+                _view4(dx), _view4(dz), _view4(dinit), _NONE4, _view4(dvarlen), ptr(dt), ptr(A), ptr(B), ptr(C),
+                ptr(reset), ptr(vslot), ptr(ddt),
                 ptr(dA_bh), ptr(dD_bh), ptr(dB_part), ptr(dC_part), batch, L, H, P, N, G, ws.data_ptr(), parts)

@@ -150,6 +150,13 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
 
 # ============================================================================= selective_scan (Mamba-1)
 def _check_scan(op, u, delta, A, B, C, D, z, delta_bias):
+    for name, t in (("A", A), ("B", B), ("C", C), ("u", u), ("delta", delta), ("D", D), ("z", z),
+                    ("delta_bias", delta_bias)):
+        if isinstance(t, torch.Tensor) and t.is_complex():
+            raise TypeError(f"fastlayers.{op}: complex {name} ({t.dtype}) is not supported: mamba_ssm's "
+                            f"selective_scan_fn takes complex A, B, C (S4D-style, a complex state), but every "
+                            f"fastlayers backend (reference, cpu, cuda) keeps a real state; pass real tensors "
+                            f"(Mamba-1 models use a real A)")
     for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
         check_tensor(op, name, t)
     for name, t in (("D", D), ("z", z), ("delta_bias", delta_bias)):
