@@ -397,6 +397,31 @@ static void seq_fwd_rows(const Conv1dArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
+// Channel-last x: (b, t) items, the channels (contiguous) innermost; the masks of a step are shared by its
+// channels.
+template <typename Acc>
+static void seq_fwd_times(const Conv1dArgs& a, int64_t r0, int64_t r1) {
+  const int64_t H = a.W - 1, L = a.L;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / L, t = r % L;
+    const int32_t* sq = a.seq + b * L;
+    const int32_t cur = sq[t];
+    bool use[4] = {};
+    for (int64_t k = 0; k < a.W; ++k) use[k] = cur >= 0 && t - H + k >= 0 && sq[t - H + k] == cur;
+    const int64_t xo = b * a.x_sb + (t - H) * a.x_st, oo = b * a.o_sb + t * a.o_st;
+    for (int64_t c = 0; c < a.C; ++c) {
+      Acc o = 0;
+      if (cur >= 0) {
+        o = a.bias ? load1<Acc>(a.bias, a.b_dt, c) : Acc(0);
+        for (int64_t k = 0; k < a.W; ++k)
+          if (use[k]) o += load1<Acc>(a.w, a.w_dt, c * a.W + k) * load1<Acc>(a.x, a.x_dt, xo + c * a.x_sc + k * a.x_st);
+        if (a.silu) o = silu_acc(o);
+      }
+      store1(o, a.out, a.o_dt, oo + c * a.o_sc);
+    }
+  }
+}
+
 template <typename Acc>
 static void seq_bwd_channels(const Conv1dArgs& a, int64_t c_lo, int64_t c_hi) {
   const int64_t H = a.W - 1, L = a.L;
@@ -449,12 +474,13 @@ void causal_conv1d_fwd(const Conv1dArgs& a, void* workspace, int parts) {
   if (a.B == 0 || a.C == 0) return;
   if (a.seq) {
     if (a.L == 0) return;
-    parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(parts, a.B * a.C)));
-    parallel_parts(a.B * a.C, parts, [&](int, int64_t r0, int64_t r1) {
-      if (a.x_dt == kF64)
-        seq_fwd_rows<double>(a, r0, r1);
+    const int64_t items = a.channel_last ? a.B * a.L : a.B * a.C;
+    parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(parts, items)));
+    parallel_parts(items, parts, [&](int, int64_t r0, int64_t r1) {
+      if (a.channel_last)
+        a.x_dt == kF64 ? seq_fwd_times<double>(a, r0, r1) : seq_fwd_times<float>(a, r0, r1);
       else
-        seq_fwd_rows<float>(a, r0, r1);
+        a.x_dt == kF64 ? seq_fwd_rows<double>(a, r0, r1) : seq_fwd_rows<float>(a, r0, r1);
     });
     return;
   }

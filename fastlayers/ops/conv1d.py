@@ -365,8 +365,10 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, c
     check_same_device(op, x, conv_state=conv_state, weight=weight, bias=bias)
     if cache_seqlens is not None:
         _check_index(op, "cache_seqlens", cache_seqlens, (b,), x.device)
-        if _can_read_values(cache_seqlens) and b > 0 and int(cache_seqlens.min()) < 0:
-            raise ValueError(f"fastlayers.{op}: cache_seqlens must be >= 0; got min {int(cache_seqlens.min())}")
+        if _can_read_values(cache_seqlens) and b > 0:
+            low = int(cache_seqlens.min())  # one read on the host
+            if low < 0:
+                raise ValueError(f"fastlayers.{op}: cache_seqlens must be >= 0; got min {low}")
         cache_seqlens = cache_seqlens.contiguous()
     if conv_state_indices is not None:
         _check_index(op, "conv_state_indices", conv_state_indices, (b,), x.device)
