@@ -15,8 +15,9 @@ kernels against the reference backend), Chinchilla arithmetic in ``fastlayers.sc
 """
 from .backend import BackendUnavailable, available_backends, use_backend  # noqa: F401
 from .modules import LayerNorm, RMSNorm  # noqa: F401
-from .ops import (causal_conv1d, causal_conv1d_update, causal_conv1d_varlen_states, layer_norm, mla_decode, qkv_norm_rope,  # noqa: F401
+from .ops import (causal_conv1d, causal_conv1d_update, layer_norm, mla_decode, qkv_norm_rope,  # noqa: F401
                   qkv_norm_rope_packed, rms_norm, selective_scan, selective_state_update, ssd_scan, swiglu)
+from .ops import causal_conv1d_varlen_states  # noqa: F401
 from .mla import MLA, PagedLatentCache  # noqa: F401
 from .mamba import Mamba, Mamba2, MambaCache  # noqa: F401
 from .hybridnorm import (FeedForward, HybridNormBlock, HybridNormLM, KVCache, PostNormFFN,  # noqa: F401
