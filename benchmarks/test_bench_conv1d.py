@@ -123,3 +123,22 @@ def test_causal_conv1d_update(benchmark, copy_gbps, dtype, provider):
     with torch.no_grad():
         run(benchmark, lambda: fn(x, state, weight, bias), nbytes, copy_gbps, op="causal_conv1d_update",
             pass_="decode", shape=list(DECODE), dtype=str(dtype), provider=provider)
+
+
+@pytest.mark.parametrize("layout", ["time", "channel_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_causal_conv1d_seq_idx_forward(benchmark, copy_gbps, dtype, layout):
+    """Packed sequences (four per row, seq_idx) on the fast backend: compare with the dense forward rows
+    (the seq_idx kernels are the plainer masked ones). Bytes: x read, out written, seq_idx read."""
+    b, d, t, w = SHAPE
+    _, x, weight, bias = _inputs(b, d, t, w, dtype, layout, grad=False)
+    seq = (torch.arange(t, device=DEVICE) // max(1, t // 4)).to(torch.int32).expand(b, t).contiguous()
+
+    def f():
+        with fastlayers.use_backend(FAST):
+            return fastlayers.causal_conv1d(x, weight, bias, "silu", seq_idx=seq)
+
+    nbytes = 2 * x.numel() * x.element_size() + seq.numel() * 4
+    with torch.no_grad():
+        run(benchmark, f, nbytes, copy_gbps, op="causal_conv1d_seq_idx", pass_="forward", shape=list(SHAPE),
+            layout=layout, dtype=str(dtype), provider=FAST)

@@ -17,6 +17,7 @@ from .backend import BackendUnavailable, available_backends, use_backend  # noqa
 from .modules import LayerNorm, RMSNorm  # noqa: F401
 from .ops import (causal_conv1d, causal_conv1d_update, layer_norm, mla_decode, qkv_norm_rope,  # noqa: F401
                   qkv_norm_rope_packed, rms_norm, selective_scan, selective_state_update, ssd_scan, swiglu)
+from .ops import causal_conv1d_varlen_states  # noqa: F401
 from .mla import MLA, PagedLatentCache  # noqa: F401
 from .mamba import Mamba, Mamba2, MambaCache  # noqa: F401
 from .hybridnorm import (FeedForward, HybridNormBlock, HybridNormLM, KVCache, PostNormFFN,  # noqa: F401
@@ -25,7 +26,8 @@ from . import convert, reference  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = ["rms_norm", "layer_norm", "RMSNorm", "LayerNorm", "qkv_norm_rope", "qkv_norm_rope_packed", "swiglu",
-           "selective_scan", "selective_state_update", "ssd_scan", "causal_conv1d", "causal_conv1d_update", "mla_decode",
+           "selective_scan", "selective_state_update", "ssd_scan", "causal_conv1d", "causal_conv1d_update",
+           "causal_conv1d_varlen_states", "mla_decode",
            "MLA", "PagedLatentCache", "Mamba", "Mamba2", "MambaCache", "QKVNormAttention", "FeedForward",
            "PostNormFFN", "HybridNormBlock",
            "HybridNormLM", "KVCache", "available_backends", "use_backend", "BackendUnavailable", "reference", "convert"]

@@ -453,13 +453,18 @@ def _conv_silu(activation):
     return activation is not None
 
 
-def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, return_final_states=False):
+def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, return_final_states=False,
+                  seq_idx=None):
     """Reference of ``fastlayers.causal_conv1d`` (Tri Dao's ``causal_conv1d_fn``): depthwise causal conv.
 
     ``out[b, c, t] = act(bias[c] + sum_k weight[c, k] * x[b, c, t - (width - 1) + k])`` with x at negative
     times taken from ``initial_states`` ``(batch, dim, width - 1)`` (zeros when None); computed in fp32
     (fp64 for fp64 x), rounded once to x's dtype. ``final_states``: the last ``width - 1`` inputs of the
-    sequence prefixed by the initial states, ``(batch, dim, width - 1)`` in x's dtype."""
+    sequence prefixed by the initial states, ``(batch, dim, width - 1)`` in x's dtype.
+
+    ``seq_idx`` ``(batch, seqlen)`` int (packed sequences; no initial or final states with it): the tap
+    at time s counts for the output at t only when ``seq_idx[b, s] == seq_idx[b, t]``; times before 0 never
+    count; outputs at ``seq_idx < 0`` (padding) are 0."""
     silu = _conv_silu(activation)
     acc = stat_dtype(x.dtype)
     b, d, t = x.shape
@@ -469,36 +474,91 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, re
     else:
         xx = torch.cat([initial_states.to(acc), x.to(acc)], dim=-1)
     w = weight.to(acc)
-    out = sum(w[:, k, None] * xx[..., k:k + t] for k in range(width))
+    if seq_idx is None:
+        out = sum(w[:, k, None] * xx[..., k:k + t] for k in range(width))
+    else:
+        sq = seq_idx.long()
+        sp = F.pad(sq, (width - 1, 0), value=-1)[:, None, :]  # times before 0: never the same sequence
+        cur = sq[:, None, :]
+        zero = xx.new_zeros(())
+        out = sum(w[:, k, None] * torch.where((sp[..., k:k + t] == cur) & (cur >= 0), xx[..., k:k + t], zero)
+                  for k in range(width))
     if bias is not None:
         out = out + bias.to(acc)[:, None]
     if silu:
         out = F.silu(out)
+    if seq_idx is not None:
+        out = torch.where(seq_idx[:, None, :] >= 0, out, out.new_zeros(()))
     out = out.to(x.dtype)
     if not return_final_states:
         return out
     return out, xx[..., t:].to(x.dtype, copy=True)  # a copy, not a view of xx: callers may modify it
 
 
-def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+def causal_conv1d_varlen_states(x, cu_seqlens, state_len):
+    """Reference of ``fastlayers.causal_conv1d_varlen_states``: x ``(total_tokens, dim)`` packed sequences,
+    ``cu_seqlens`` ``(batch + 1,)``; returns ``(batch, dim, state_len)`` in x's dtype: the last
+    ``state_len`` inputs of each sequence, zeros at the left where the sequence is shorter."""
+    batch = cu_seqlens.shape[0] - 1
+    states = x.new_zeros((batch, state_len, x.shape[1])).transpose(1, 2)  # channel-last, as causal-conv1d
+    for i in range(batch):
+        start, end = int(cu_seqlens[i]), int(cu_seqlens[i + 1])
+        n = min(end - start, state_len)
+        if n > 0:
+            states[i, :, state_len - n:] = x[end - n:end].t()
+    return states
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None,
+                         conv_state_indices=None):
     """Reference of ``fastlayers.causal_conv1d_update`` (decode): ``conv_state`` ``(batch, dim, state_len)``,
     ``state_len >= width - 1``, holds the latest inputs; x ``(batch, dim)`` or ``(batch, dim, seqlen)``.
-    Returns the conv outputs of the new steps (like x) and shifts x into ``conv_state`` in place."""
+    Returns the conv outputs of the new steps (like x) and shifts x into ``conv_state`` in place.
+
+    ``cache_seqlens`` ``(batch,)``: conv_state is a circular buffer; the history of row b ends just before
+    position ``cache_seqlens[b] % state_len`` and x is written from there on (wrapping; cache_seqlens is
+    not changed). ``conv_state_indices`` ``(batch,)``: row b uses ``conv_state[conv_state_indices[b]]``; a
+    negative index is a padded row: output 0, no state touched."""
     silu = _conv_silu(activation)
     acc = stat_dtype(x.dtype)
     squeeze = x.dim() == 2
     xs = x[..., None] if squeeze else x
-    t = xs.shape[-1]
+    bsz, d, t = xs.shape
     width, state_len = weight.shape[1], conv_state.shape[-1]
-    xx = torch.cat([conv_state.to(acc), xs.to(acc)], dim=-1)
+    h = width - 1
     w = weight.to(acc)
-    base = state_len - (width - 1)
-    out = sum(w[:, k, None] * xx[..., base + k:base + k + t] for k in range(width))
-    if bias is not None:
-        out = out + bias.to(acc)[:, None]
-    if silu:
-        out = F.silu(out)
-    conv_state.copy_(xx[..., t:])
+    if cache_seqlens is None and conv_state_indices is None:  # vectorised (and differentiable, for the models)
+        xx = torch.cat([conv_state.to(acc), xs.to(acc)], dim=-1)
+        base = state_len - h
+        out = sum(w[:, k, None] * xx[..., base + k:base + k + t] for k in range(width))
+        if bias is not None:
+            out = out + bias.to(acc)[:, None]
+        if silu:
+            out = F.silu(out)
+        conv_state.copy_(xx[..., t:])
+        out = out.to(x.dtype)
+        return out[..., 0] if squeeze else out
+    out = xs.new_zeros((bsz, d, t), dtype=acc)
+    for b in range(bsz):
+        slot = b if conv_state_indices is None else int(conv_state_indices[b])
+        if slot < 0:
+            continue
+        st = conv_state[slot]
+        if cache_seqlens is None:
+            hist = st[:, state_len - h:]
+        else:
+            pos = int(cache_seqlens[b]) % state_len
+            hist = st[:, [(pos - h + i) % state_len for i in range(h)]]
+        xx = torch.cat([hist.to(acc), xs[b].to(acc)], dim=-1)
+        o = sum(w[:, k, None] * xx[:, k:k + t] for k in range(width))
+        if bias is not None:
+            o = o + bias.to(acc)[:, None]
+        out[b] = F.silu(o) if silu else o
+        if cache_seqlens is None:
+            st.copy_(torch.cat([st, xs[b].to(st.dtype)], dim=-1)[:, t:])
+        else:
+            for j in range(t):
+                st[:, (pos + j) % state_len] = xs[b, :, j]
     out = out.to(x.dtype)
     return out[..., 0] if squeeze else out
 

@@ -407,12 +407,20 @@ def test_causal_conv1d_bad_input(bad, exc, match, no_kernels):
         fastlayers.causal_conv1d(**args)
 
 
-def test_causal_conv1d_unsupported_options():
-    x, w = torch.randn(1, 2, 3), torch.randn(2, 4)
-    with pytest.raises(NotImplementedError, match="seq_idx"):
-        fastlayers.causal_conv1d(x, w, seq_idx=torch.zeros(1, 3, dtype=torch.int32))
-    with pytest.raises(NotImplementedError, match="cache_seqlens"):
-        fastlayers.causal_conv1d_update(x[..., 0], torch.zeros(1, 2, 3), w, cache_seqlens=torch.zeros(1))
+@pytest.mark.parametrize("bad,exc,match", [
+    (dict(seq_idx=torch.zeros(2, 5, dtype=torch.int64)), TypeError, "seq_idx must be int32"),
+    (dict(seq_idx=torch.zeros(2, 4, dtype=torch.int32)), ValueError, r"seq_idx must have shape \(2, 5\)"),
+    (dict(seq_idx=torch.zeros(2, 5).numpy()), TypeError, "seq_idx must be a torch.Tensor"),
+    (dict(initial_states=torch.randn(2, 4, 3)), ValueError, "initial_states must be None when seq_idx"),
+    (dict(return_final_states=True), ValueError, "return_final_states must be False when seq_idx"),
+])
+def test_causal_conv1d_seq_idx_bad_input(bad, exc, match, no_kernels):
+    """causal-conv1d's rules for packed sequences: no initial or final states with seq_idx; int32 ids."""
+    args = dict(x=torch.randn(2, 4, 5), weight=torch.randn(4, 4), bias=torch.randn(4), activation="silu",
+                seq_idx=torch.zeros(2, 5, dtype=torch.int32))
+    args.update(bad)
+    with pytest.raises(exc, match=match):
+        fastlayers.causal_conv1d(**args)
 
 
 @pytest.mark.parametrize("bad,exc,match", [
@@ -435,3 +443,376 @@ def test_update_bad_input_leaves_state_untouched(bad, exc, match, no_kernels):
     with pytest.raises(exc, match=match):
         fastlayers.causal_conv1d_update(**args)
     assert torch.equal(args["conv_state"], before), "conv_state was modified by a call that failed"
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (dict(cache_seqlens=torch.zeros(2)), TypeError, "cache_seqlens must be int32"),
+    (dict(cache_seqlens=torch.zeros(3, dtype=torch.int32)), ValueError, r"cache_seqlens must have shape \(2,\)"),
+    (dict(cache_seqlens=torch.tensor([0, -1], dtype=torch.int32)), ValueError, "cache_seqlens must be >= 0"),
+    (dict(conv_state_indices=torch.tensor([0, 1])), TypeError, "conv_state_indices must be int32"),
+    (dict(conv_state_indices=torch.tensor([0, 3], dtype=torch.int32)), ValueError,
+     r"conv_state_indices must be < conv_state.shape\[0\] = 3"),
+    (dict(conv_state_indices=torch.tensor([1, 1], dtype=torch.int32)), ValueError, "must be distinct"),
+    (dict(conv_state_indices=torch.tensor([[0, 1]], dtype=torch.int32)), ValueError,
+     r"conv_state_indices must have shape \(2,\)"),
+    (dict(conv_state_indices=None), ValueError, r"conv_state must have shape \(2, 4, state_len\)"),
+])
+def test_update_options_bad_input_leaves_state_untouched(bad, exc, match, no_kernels):
+    """cache_seqlens / conv_state_indices checked (types, shapes and values) before the state is touched."""
+    g = _gen("bad-update-options")
+    args = dict(x=torch.randn(2, 4, generator=g), conv_state=torch.randn(3, 4, 3, generator=g),
+                weight=torch.randn(4, 4, generator=g), bias=torch.randn(4, generator=g), activation="silu",
+                cache_seqlens=torch.tensor([1, 5], dtype=torch.int32),
+                conv_state_indices=torch.tensor([2, 0], dtype=torch.int32))
+    args.update(bad)
+    before = args["conv_state"].clone()
+    with pytest.raises(exc, match=match):
+        fastlayers.causal_conv1d_update(**args)
+    assert torch.equal(args["conv_state"], before), "conv_state was modified by a call that failed"
+
+
+# ----------------------------------------------------------------------------- packed sequences (seq_idx)
+def _seq_idx(b, seqlen, g, pad=True):
+    """(b, seqlen) int32 sequence ids: runs of random lengths, ids that skip values (zero-length sequences),
+    and (pad) a run of -1 padding at the end of row 0 and in the middle of the last row."""
+    rows = []
+    for i in range(b):
+        ids, cur = [], int(torch.randint(0, 3, (1,), generator=g))
+        while len(ids) < seqlen:
+            ids += [cur] * int(torch.randint(1, 7, (1,), generator=g))
+            cur += int(torch.randint(1, 3, (1,), generator=g))  # a step of 2 skips an id: an empty sequence
+        rows.append(ids[:seqlen])
+    s = torch.tensor(rows, dtype=torch.int32)
+    if pad and seqlen > 2:
+        s[0, -2:] = -1
+        s[-1, seqlen // 2] = -1
+    return s
+
+
+def _split_oracle(x, weight, bias, act, seq_idx):
+    """The conv of each run of equal ids on its own (zeros before it), 0 at padding: packed sequences
+    computed without masks, in fp64."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for bi in range(x.shape[0]):
+        s = seq_idx[bi].tolist()
+        t0 = 0
+        while t0 < len(s):
+            t1 = t0
+            while t1 < len(s) and s[t1] == s[t0]:
+                t1 += 1
+            if s[t0] >= 0:
+                seg = x[bi:bi + 1, :, t0:t1].double().cpu()
+                out[bi, :, t0:t1] = reference.causal_conv1d(seg, _up(weight).cpu(), None if bias is None else
+                                                            _up(bias).cpu(), act)[0]
+            t0 = t1
+    return out
+
+
+@pytest.mark.parametrize("width", [2, 3, 4])
+def test_seq_idx_reference_is_per_sequence_conv(width):
+    """The reference's masks equal convolving each packed sequence on its own (increasing ids, gaps,
+    padding)."""
+    g = _gen("seq-ref", width)
+    x = torch.randn(3, 5, 37, generator=g, dtype=torch.float64)
+    weight, bias, _ = _params(3, 5, width, torch.float64, "cpu", g, init=False)
+    seq = _seq_idx(3, 37, g)
+    got = reference.causal_conv1d(x, weight, bias, "silu", seq_idx=seq)
+    torch.testing.assert_close(got, _split_oracle(x, weight, bias, "silu", seq), rtol=1e-12, atol=1e-12)
+    assert (got[0, :, -2:] == 0).all(), "padding outputs are 0"
+
+
+def _seq_case(device, backend, dtype, seqlen, width):
+    if not is_interpreted(device, backend):
+        return True
+    return (dtype == torch.bfloat16 and seqlen == 37) or (dtype == torch.float32 and width == 3)
+
+
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("seqlen", [1, 5, 37])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_seq_idx_forward(device, backend, dtype, seqlen, width, layout):
+    if not _seq_case(device, backend, dtype, seqlen, width):
+        pytest.skip("interpreter: a few shapes")
+    d = 3 if is_interpreted(device, backend) else 123
+    g = _gen("seq-fwd", dtype, seqlen, width, layout)
+    x = _x(2, d, seqlen, dtype, device, g, layout, scale=2.0)
+    weight, bias, _ = _params(2, d, width, dtype, device, g, init=False)
+    seq = _seq_idx(2, seqlen, g).to(device)
+    with fastlayers.use_backend(backend):
+        out = fastlayers.causal_conv1d(x, weight, bias, "silu", seq_idx=seq)
+    hi = reference.causal_conv1d(_up(x), _up(weight), _up(bias), "silu", seq_idx=seq)
+    lo = reference.causal_conv1d(x, weight, bias, "silu", seq_idx=seq)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert_close_to_ref(out, hi, lo, "out")
+    if seqlen > 2:
+        assert (out[0, :, -2:] == 0).all(), "padding outputs must be 0"
+
+
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
+@pytest.mark.parametrize("variant", ["plain", "bias_silu"])
+def test_seq_idx_forward_variants_and_strides(device, backend, variant):
+    """No bias / no activation, a strided x (a slice of a wider channel-last buffer, as Mamba-2's xBC)."""
+    g = _gen("seq-var", variant)
+    d, seqlen, width = 6, 11, 4
+    buf = torch.randn(2, seqlen, 2 * d + 3, generator=g).to(device)
+    x = buf[:, :, 1:1 + d].transpose(1, 2)  # channel-last, batch and time strides of the wide buffer
+    weight, bias, _ = _params(2, d, width, torch.float32, device, g, bias=variant != "plain", init=False)
+    act = None if variant == "plain" else "silu"
+    seq = _seq_idx(2, seqlen, g).to(device)
+    with fastlayers.use_backend(backend):
+        out = fastlayers.causal_conv1d(x, weight, bias, act, seq_idx=seq)
+        out_t = fastlayers.causal_conv1d(x.contiguous(), weight, bias, act, seq_idx=seq)
+    hi = reference.causal_conv1d(_up(x), _up(weight), _up(bias), act, seq_idx=seq)
+    assert_close_to_ref(out, hi, reference.causal_conv1d(x, weight, bias, act, seq_idx=seq), "out")
+    assert_close_to_ref(out_t, hi, reference.causal_conv1d(x, weight, bias, act, seq_idx=seq), "out (time)")
+
+
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_seq_idx_nan_stays_in_its_sequence(device, backend, layout):
+    """A NaN input poisons the outputs of its own sequence within the window, never another sequence's
+    and never padding (0); the gradients likewise."""
+    g = _gen("seq-nan", layout)
+    x = _x(1, 3, 12, torch.float32, device, g, layout)
+    weight, bias, _ = _params(1, 3, 4, torch.float32, device, g, init=False)
+    seq = torch.tensor([[0, 0, 0, 0, 1, 1, 1, -1, 3, 3, 3, 3]], dtype=torch.int32).to(device)
+    x[0, 1, 3] = float("nan")   # last step of sequence 0: seq 1 right after must not see it
+    x[0, 2, 7] = float("nan")   # a padding step: nobody sees it
+    with fastlayers.use_backend(backend):
+        out = fastlayers.causal_conv1d(x, weight, bias, "silu", seq_idx=seq)
+    nan = torch.isnan(out.cpu())
+    assert nan[0, 1, 3] and nan.sum() == 1, nan
+    assert (out[0, :, 7] == 0).all()
+    hi = reference.causal_conv1d(_up(x), _up(weight), _up(bias), "silu", seq_idx=seq)
+    assert_close_to_ref(out, hi, reference.causal_conv1d(x, weight, bias, "silu", seq_idx=seq), "out")
+    # dx: the NaN x only reaches dweight (through its own product); dx stays finite outside
+    xl = x.detach().clone().requires_grad_()
+    with fastlayers.use_backend(backend):
+        o = fastlayers.causal_conv1d(xl, weight, bias, "silu", seq_idx=seq)
+    o.backward(torch.ones_like(o).masked_fill(torch.isnan(o), 0.0))
+    xr = _up(x).detach().clone().requires_grad_()
+    orf = reference.causal_conv1d(xr, _up(weight), _up(bias), "silu", seq_idx=seq)
+    orf.backward(torch.ones_like(orf).masked_fill(torch.isnan(orf), 0.0))
+    assert torch.equal(torch.isnan(xl.grad.cpu()), torch.isnan(xr.grad.cpu()))
+
+
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_seq_idx_backward(device, backend, dtype, width, layout):
+    interp = is_interpreted(device, backend)
+    if interp and not (dtype == torch.bfloat16 or (dtype == torch.float32 and width == 4)):
+        pytest.skip("interpreter: bf16, and fp32 at width 4")
+    d, seqlen = (3, 37) if interp else (123, 37)
+    g = _gen("seq-bwd", dtype, width, layout)
+    x = _x(2, d, seqlen, dtype, device, g, layout)
+    weight, bias, _ = _params(2, d, width, dtype, device, g, init=False)
+    seq = _seq_idx(2, seqlen, g).to(device)
+    dout = torch.randn(2, d, seqlen, generator=g).to(dtype).to(device)
+
+    def grads(fn, x, weight, bias):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+        (fn(*leaves).double() * dout.double()).sum().backward()
+        return [t.grad for t in leaves]
+
+    def fast(x, w, b):
+        with fastlayers.use_backend(backend):
+            return fastlayers.causal_conv1d(x, w, b, "silu", seq_idx=seq)
+
+    got = grads(fast, x, weight, bias)
+    want = grads(lambda x, w, b: reference.causal_conv1d(x, w, b, "silu", seq_idx=seq), _up(x), _up(weight),
+                 _up(bias))
+    for name, a, w, t in zip(("dx", "dweight", "dbias"), got, want, (x, weight, bias)):
+        assert a.dtype == t.dtype and a.shape == t.shape, name
+        assert_rel_err(a, w, REL_TOL[dtype], name)
+    assert (got[0][0, :, -2:] == 0).all(), "no gradient reaches padding inputs"
+
+
+@pytest.mark.parametrize("backend,layout,act", [("cpu", "time", "silu"), ("cpu", "channel_last", "silu"),
+                                                 ("cpu", "time", None), ("reference", "channel_last", "silu")])
+def test_seq_idx_gradcheck(backend, layout, act):
+    g = _gen("seq-gradcheck", backend, layout, act)
+    x = _x(2, 3, 9, torch.float64, "cpu", g, layout).requires_grad_()
+    weight, bias, _ = _params(2, 3, 3, torch.float64, "cpu", g, init=False)
+    weight.requires_grad_()
+    bias.requires_grad_()
+    seq = torch.tensor([[0, 0, 0, 1, 1, 3, 3, 3, 3], [5, -1, 6, 6, 6, 6, -1, -1, 7]], dtype=torch.int32)
+
+    def f(x, weight, bias):
+        with fastlayers.use_backend(backend):
+            return fastlayers.causal_conv1d(x, weight, bias, act, seq_idx=seq)
+
+    assert torch.autograd.gradcheck(f, (x, weight, bias))
+
+
+# ----------------------------------------------------------------------------- varlen states
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES + [pytest.param("cpu", "reference", id="reference")])
+@pytest.mark.parametrize("state_len", [0, 1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_varlen_states(device, backend, dtype, state_len):
+    """Against the final states of each sequence convolved on its own (zero-length and short sequences
+    included), for a strided x."""
+    g = _gen("varlen", dtype, state_len)
+    lens = [5, 0, 1, 12, 2, 0]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    total, d = int(cu[-1]), 123
+    buf = torch.randn(total, d + 7, generator=g).to(dtype).to(device)
+    x = buf[:, 3:3 + d]
+    with fastlayers.use_backend(backend):
+        st = fastlayers.causal_conv1d_varlen_states(x, cu.to(device), state_len)
+    assert st.shape == (len(lens), d, state_len) and st.dtype == dtype
+    if state_len > 1:
+        assert st.stride(1) == 1, "channel-last in memory, as causal-conv1d returns it"
+    for i, n in enumerate(lens):
+        seg = x[int(cu[i]):int(cu[i + 1])].t().cpu()          # (d, n)
+        want = torch.cat([torch.zeros(d, state_len, dtype=dtype), seg], dim=1)[:, seg.shape[1]:]
+        assert torch.equal(st[i].cpu(), want), i
+    assert torch.equal(st.cpu(), reference.causal_conv1d_varlen_states(x.cpu(), cu, state_len))
+
+
+def test_varlen_states_bad_input():
+    x = torch.randn(6, 4)
+    with pytest.raises(TypeError, match="cu_seqlens must be int32"):
+        fastlayers.causal_conv1d_varlen_states(x, torch.tensor([0, 6]), 3)
+    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
+        fastlayers.causal_conv1d_varlen_states(x, torch.tensor([0, 4, 2], dtype=torch.int32), 3)
+    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
+        fastlayers.causal_conv1d_varlen_states(x, torch.tensor([0, 7], dtype=torch.int32), 3)
+    with pytest.raises(ValueError, match="state_len must be an int"):
+        fastlayers.causal_conv1d_varlen_states(x, torch.tensor([0, 6], dtype=torch.int32), -1)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        fastlayers.causal_conv1d_varlen_states(x[None], torch.tensor([0, 6], dtype=torch.int32), 3)
+
+
+# ----------------------------------------------------------------------------- update: circular buffer, slots
+def _update_case(device, backend, dtype):
+    return not is_interpreted(device, backend) or dtype != torch.float16
+
+
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES + [pytest.param("cpu", "reference", id="reference")])
+@pytest.mark.parametrize("state_len,seqlen", [(3, 1), (5, 2), (4, 7), (6, 6)])
+@pytest.mark.parametrize("width", [2, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_update_circular_equals_shift(device, backend, dtype, width, state_len, seqlen):
+    """A circular buffer at offset p (cache_seqlens, any value, wrapped) holding the rotated shift-mode
+    state gives the shift mode's outputs, and afterwards holds the shift mode's new state rotated by
+    p + seqlen; cache_seqlens itself is not changed."""
+    if state_len < width - 1:
+        pytest.skip("state_len < width - 1")
+    if not _update_case(device, backend, dtype):
+        pytest.skip("interpreter: fp32 and bf16")
+    g = _gen("circ", dtype, width, state_len, seqlen)
+    b, d = 3, 123
+    lin = torch.randn(b, d, state_len, generator=g).to(dtype).to(device)
+    x = torch.randn(b, d, seqlen, generator=g).to(dtype).to(device)
+    weight, bias, _ = _params(b, d, width, dtype, device, g, init=False)
+    p = torch.tensor([0, 7, 2 * state_len + 1], dtype=torch.int32)
+    idx = lambda k: (p[:, None].long() + k + torch.arange(state_len)[None, :]) % state_len  # noqa: E731
+    circ = torch.empty_like(lin)
+    for i in range(b):
+        circ[i][:, idx(0)[i]] = lin[i]
+    cache = p.to(device)
+    lin_ref = lin.clone()
+    want = reference.causal_conv1d_update(x, lin_ref, weight, bias, "silu")
+    with fastlayers.use_backend(backend):
+        out = fastlayers.causal_conv1d_update(x, circ, weight, bias, "silu", cache_seqlens=cache)
+    hi = reference.causal_conv1d_update(_up(x), _up(lin), _up(weight), _up(bias), "silu")
+    assert_close_to_ref(out, hi, want, "out")
+    assert torch.equal(cache.cpu(), p), "cache_seqlens is not updated by the op"
+    for i in range(b):
+        assert torch.equal(circ[i][:, idx(seqlen)[i]].cpu(), lin_ref[i].cpu()), f"state of row {i}"
+
+
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES + [pytest.param("cpu", "reference", id="reference")])
+@pytest.mark.parametrize("circular", [False, True])
+@pytest.mark.parametrize("seqlen", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_update_state_indices(device, backend, dtype, seqlen, circular):
+    """conv_state_indices: row b updates slot idx[b] exactly as a plain update of that slot would; padded rows
+    (negative ids, as causal-conv1d) give 0 and touch nothing; unused slots are untouched."""
+    g = _gen("slots", dtype, seqlen, circular)
+    b, d, S, width, slots = 4, 123, 5, 4, 7
+    pool = torch.randn(slots, d, S, generator=g).to(dtype).to(device)
+    x = torch.randn(b, d, seqlen, generator=g).to(dtype).to(device)
+    weight, bias, _ = _params(b, d, width, dtype, device, g, init=False)
+    ids = torch.tensor([5, -1, 0, 2], dtype=torch.int32)
+    cache = torch.tensor([3, 9, 0, 11], dtype=torch.int32) if circular else None
+    before = pool.clone()
+    with fastlayers.use_backend(backend):
+        out = fastlayers.causal_conv1d_update(x, pool, weight, bias, "silu", cache_seqlens=None if cache is None
+                                              else cache.to(device), conv_state_indices=ids.to(device))
+    assert (out[1] == 0).all(), "a padded row's output is 0"
+    for s in set(range(slots)) - {5, 0, 2}:
+        assert torch.equal(pool[s], before[s]), f"slot {s} is not used and must not change"
+    for r, s in ((0, 5), (2, 0), (3, 2)):
+        st = before[s:s + 1].clone()
+        lo = reference.causal_conv1d_update(x[r:r + 1], st, weight, bias, "silu",
+                                            None if cache is None else cache[r:r + 1])
+        hi = reference.causal_conv1d_update(_up(x[r:r + 1]), _up(before[s:s + 1]), _up(weight), _up(bias), "silu",
+                                            None if cache is None else cache[r:r + 1])
+        assert_close_to_ref(out[r:r + 1], hi, lo, f"row {r}")
+        assert torch.equal(pool[s:s + 1].cpu(), st.cpu()), f"slot {s}"
+
+
+@pytest.mark.parametrize("device,backend", TRITON_GPU_CASES)
+def test_update_options_strided_and_nan(device, backend):
+    """Strided x / out-of-order state strides, NaN in the history of one row stays in that row."""
+    g = _gen("upd-strided")
+    b, d, S, width = 3, 5, 4, 3
+    pool = torch.randn(4, S, d, generator=g).to(device).transpose(1, 2)  # channel-last state
+    xs = torch.randn(b, 2 * d, 2, generator=g).to(device)[:, ::2]        # a strided x
+    weight, bias, _ = _params(b, d, width, torch.float32, device, g, init=False)
+    pool[3, 1, 1] = float("nan")
+    ids = torch.tensor([3, 0, 1], dtype=torch.int32).to(device)
+    cache = torch.tensor([3, 1, 4], dtype=torch.int32).to(device)
+    ref_pool = pool.clone()
+    with fastlayers.use_backend(backend):
+        out = fastlayers.causal_conv1d_update(xs, pool, weight, bias, None, cache_seqlens=cache,
+                                              conv_state_indices=ids)
+    lo = reference.causal_conv1d_update(xs, ref_pool, weight, bias, None, cache, ids)
+    assert torch.equal(torch.isnan(out.cpu()), torch.isnan(lo.cpu()))
+    assert torch.isnan(out[0, 1]).any() and not torch.isnan(out[1:]).any()
+    torch.testing.assert_close(out, lo, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert torch.equal(torch.nan_to_num(pool.cpu(), 7.0), torch.nan_to_num(ref_pool.cpu(), 7.0))
+
+
+def test_options_opcheck_and_compile():
+    """The custom ops with seq_idx / cache_seqlens / conv_state_indices pass opcheck, and torch.compile
+    (fullgraph) of a packed-sequence prefill + a slotted circular decode step matches eager (cpu)."""
+    g = _gen("opcheck-options")
+    seq = torch.tensor([[0, 0, 1, 1, 1, -1], [2, 2, 2, 2, 3, 3]], dtype=torch.int32)
+    for layout in LAYOUTS:
+        x = _x(2, 3, 6, torch.float32, "cpu", g, layout)
+        weight, bias, _ = _params(2, 3, 4, torch.float32, "cpu", g, init=False)
+        torch.library.opcheck(torch.ops.fastlayers.causal_conv1d_fwd,
+                              (x, weight, bias, None, True, False, "cpu", seq))
+        torch.library.opcheck(torch.ops.fastlayers.causal_conv1d_bwd,
+                              (torch.randn(2, 3, 6, generator=g), None, x, weight, bias, None, True, "cpu", seq))
+    pool = torch.randn(4, 3, 5, generator=g)
+    cache = torch.tensor([7, 2], dtype=torch.int32)
+    ids = torch.tensor([3, -1], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.fastlayers.causal_conv1d_update,
+                          (torch.randn(2, 3, 2, generator=g), pool, weight, bias, True, "cpu", cache, ids))
+
+    xbc = torch.randn(2, 6, 3, generator=g)
+    step = torch.randn(2, 3, generator=g)
+
+    def f(xbc, weight, bias, pool):
+        y = fastlayers.causal_conv1d(xbc.transpose(1, 2), weight, bias, "silu", seq_idx=seq)
+        z = fastlayers.causal_conv1d_update(step, pool, weight.detach(), bias.detach(), "silu",
+                                            cache_seqlens=cache, conv_state_indices=ids)
+        return (y * 2).square().sum(), z
+
+    res = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+        leaves = [t.clone().requires_grad_() for t in (xbc, weight, bias)]
+        p = pool.clone()
+        with fastlayers.use_backend("cpu"):
+            loss, z = fn(*leaves, p)
+            loss.backward()
+        res.append([loss.detach(), z, p] + [t.grad for t in leaves])
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b)

@@ -217,7 +217,7 @@ PYBIND11_MODULE(_C, m) {
          int i_dt, uintptr_t out, S3 os, int o_dt, uintptr_t fin, S3 fs, int f_dt, uintptr_t dout, S3 ds, int d_dt,
          uintptr_t dfin, S3 dfs, int df_dt, uintptr_t dx, S3 dxs, int dx_dt, uintptr_t dinit, S3 dis, int di_dt,
          uintptr_t dw, uintptr_t db, int64_t B, int64_t C, int64_t L, int64_t W, bool silu, bool channel_last,
-         uintptr_t workspace, int parts) {
+         uintptr_t workspace, int parts, uintptr_t seq) {
         check_dtype(x_dt, "x", true);
         check_dtype(w_dt, "weight", true);
         if (bias) check_dtype(b_dt, "bias", true);
@@ -236,6 +236,9 @@ PYBIND11_MODULE(_C, m) {
         a.dinit = P(dinit), a.di_sb = dis[0], a.di_sc = dis[1], a.di_st = dis[2], a.di_dt = di_dt;
         a.dw = P(dw), a.db = P(db), a.B = B, a.C = C, a.L = L, a.W = W, a.silu = silu;
         a.channel_last = channel_last;
+        a.seq = static_cast<const int32_t*>(P(seq));
+        if (seq && (init || fin || dfin || dinit))
+          throw std::invalid_argument("fastlayers: causal_conv1d with seq_idx takes no initial/final states");
         if (dout) {
           check_dtype(d_dt, "dout", true);
           check_dtype(dx_dt, "dx", true);
@@ -260,7 +263,7 @@ PYBIND11_MODULE(_C, m) {
       "causal_conv1d_update",
       [](uintptr_t x, S3 xs, int x_dt, uintptr_t state, S3 ss, int s_dt, uintptr_t w, int w_dt, uintptr_t bias,
          int b_dt, uintptr_t out, S3 os, int o_dt, int64_t B, int64_t C, int64_t L, int64_t S, int64_t W, bool silu,
-         int parts) {
+         int parts, uintptr_t cache_seqlens, uintptr_t idx) {
         check_dtype(x_dt, "x", true);
         check_dtype(w_dt, "weight", true);
         check_dtype(o_dt, "out", true);
@@ -270,11 +273,13 @@ PYBIND11_MODULE(_C, m) {
           throw std::invalid_argument("fastlayers: causal_conv1d_update needs width 2..4 and state_len >= width - 1");
         if (parts < 1) throw std::invalid_argument("fastlayers: parts must be >= 1");
         Conv1dUpdateArgs a{P(x), xs[0], xs[1], xs[2], x_dt, P(state), ss[0], ss[1], ss[2], s_dt, P(w), w_dt,
-                           P(bias), b_dt, P(out), os[0], os[1], os[2], o_dt, B, C, L, S, W, silu};
+                           P(bias), b_dt, P(out), os[0], os[1], os[2], o_dt, B, C, L, S, W, silu,
+                           static_cast<const int32_t*>(P(cache_seqlens)), static_cast<const int32_t*>(P(idx))};
         py::gil_scoped_release nogil;
         cpu::causal_conv1d_update(a, parts);
       },
-      "Causal conv1d decode step: out from [conv_state, x], conv_state shifted in place.");
+      "Causal conv1d decode step: out from [conv_state, x], conv_state shifted in place (or, with cache_seqlens, "
+      "a circular buffer; with idx, state rows chosen per sequence, negative: padded).");
   // selective_scan: forward when dout is absent (address 0), else backward.
   m.def(
       "selective_scan",

@@ -367,8 +367,123 @@ static void write_final(const Conv1dArgs& a, int parts) {
   }
 }
 
+// ----------------------------------------------------------------------------- packed sequences (seq_idx)
+// A scalar path over (b, c) rows (forward) or channels (backward), any strides: the taps are masked by the
+// sequence ids, so the vectorised chunk kernels above are not used. Masked taps are skipped, not multiplied
+// by zero (a NaN of another sequence must not leak in).
+template <typename Acc>
+static void seq_fwd_rows(const Conv1dArgs& a, int64_t r0, int64_t r1) {
+  const int64_t H = a.W - 1, L = a.L;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / a.C, c = r % a.C;
+    Acc w[4] = {};
+    for (int k = 0; k < a.W; ++k) w[k] = load1<Acc>(a.w, a.w_dt, c * a.W + k);
+    const Acc bias = a.bias ? load1<Acc>(a.bias, a.b_dt, c) : Acc(0);
+    const int32_t* sq = a.seq + b * L;
+    const int64_t xo = b * a.x_sb + c * a.x_sc, oo = b * a.o_sb + c * a.o_sc;
+    for (int64_t t = 0; t < L; ++t) {
+      const int32_t cur = sq[t];
+      Acc o = 0;
+      if (cur >= 0) {
+        o = bias;
+        for (int64_t k = 0; k < a.W; ++k) {
+          const int64_t s = t - H + k;
+          if (s >= 0 && sq[s] == cur) o += w[k] * load1<Acc>(a.x, a.x_dt, xo + s * a.x_st);
+        }
+        if (a.silu) o = silu_acc(o);
+      }
+      store1(o, a.out, a.o_dt, oo + t * a.o_st);
+    }
+  }
+}
+
+// Channel-last x: (b, t) items, the channels (contiguous) innermost; the masks of a step are shared by its
+// channels.
+template <typename Acc>
+static void seq_fwd_times(const Conv1dArgs& a, int64_t r0, int64_t r1) {
+  const int64_t H = a.W - 1, L = a.L;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / L, t = r % L;
+    const int32_t* sq = a.seq + b * L;
+    const int32_t cur = sq[t];
+    bool use[4] = {};
+    for (int64_t k = 0; k < a.W; ++k) use[k] = cur >= 0 && t - H + k >= 0 && sq[t - H + k] == cur;
+    const int64_t xo = b * a.x_sb + (t - H) * a.x_st, oo = b * a.o_sb + t * a.o_st;
+    for (int64_t c = 0; c < a.C; ++c) {
+      Acc o = 0;
+      if (cur >= 0) {
+        o = a.bias ? load1<Acc>(a.bias, a.b_dt, c) : Acc(0);
+        for (int64_t k = 0; k < a.W; ++k)
+          if (use[k]) o += load1<Acc>(a.w, a.w_dt, c * a.W + k) * load1<Acc>(a.x, a.x_dt, xo + c * a.x_sc + k * a.x_st);
+        if (a.silu) o = silu_acc(o);
+      }
+      store1(o, a.out, a.o_dt, oo + c * a.o_sc);
+    }
+  }
+}
+
+template <typename Acc>
+static void seq_bwd_channels(const Conv1dArgs& a, int64_t c_lo, int64_t c_hi) {
+  const int64_t H = a.W - 1, L = a.L;
+  for (int64_t c = c_lo; c < c_hi; ++c) {
+    Acc w[4] = {}, dw[4] = {}, db = 0;
+    for (int k = 0; k < a.W; ++k) w[k] = load1<Acc>(a.w, a.w_dt, c * a.W + k);
+    const Acc bias = a.bias ? load1<Acc>(a.bias, a.b_dt, c) : Acc(0);
+    for (int64_t b = 0; b < a.B; ++b) {
+      const int32_t* sq = a.seq + b * L;
+      const int64_t xo = b * a.x_sb + c * a.x_sc, go = b * a.d_sb + c * a.d_sc, dxo = b * a.dx_sb + c * a.dx_sc;
+      Acc gh[4] = {};  // gh[j] = g(t - j), g = dout * act'(pre), 0 at padding
+      for (int64_t t = 0; t < L + H; ++t) {
+        for (int64_t j = H; j > 0; --j) gh[j] = gh[j - 1];
+        Acc g = 0;
+        if (t < L && sq[t] >= 0) {
+          const int32_t cur = sq[t];
+          g = load1<Acc>(a.dout, a.d_dt, go + t * a.d_st);
+          if (a.silu) {
+            Acc pre = bias;
+            for (int64_t k = 0; k < a.W; ++k) {
+              const int64_t s = t - H + k;
+              if (s >= 0 && sq[s] == cur) pre += w[k] * load1<Acc>(a.x, a.x_dt, xo + s * a.x_st);
+            }
+            g *= dsilu_acc(pre);
+          }
+          db += g;
+          for (int64_t k = 0; k < a.W; ++k) {
+            const int64_t s = t - H + k;
+            if (s >= 0 && sq[s] == cur) dw[k] += g * load1<Acc>(a.x, a.x_dt, xo + s * a.x_st);
+          }
+        }
+        gh[0] = g;
+        const int64_t s = t - H;  // dx[s] = sum_k w[k] g(s + H - k) over outputs of s's sequence
+        if (s >= 0) {
+          Acc d = 0;
+          for (int64_t k = 0; k < a.W; ++k) {
+            const int64_t tt = t - k;
+            if (tt < L && sq[tt] == sq[s]) d += w[k] * gh[k];
+          }
+          store1(d, a.dx, a.dx_dt, dxo + s * a.dx_st);
+        }
+      }
+    }
+    for (int k = 0; k < a.W; ++k) static_cast<Acc*>(a.dw)[c * a.W + k] = dw[k];
+    if (a.db) static_cast<Acc*>(a.db)[c] = db;
+  }
+}
+
 void causal_conv1d_fwd(const Conv1dArgs& a, void* workspace, int parts) {
   if (a.B == 0 || a.C == 0) return;
+  if (a.seq) {
+    if (a.L == 0) return;
+    const int64_t items = a.channel_last ? a.B * a.L : a.B * a.C;
+    parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(parts, items)));
+    parallel_parts(items, parts, [&](int, int64_t r0, int64_t r1) {
+      if (a.channel_last)
+        a.x_dt == kF64 ? seq_fwd_times<double>(a, r0, r1) : seq_fwd_times<float>(a, r0, r1);
+      else
+        a.x_dt == kF64 ? seq_fwd_rows<double>(a, r0, r1) : seq_fwd_rows<float>(a, r0, r1);
+    });
+    return;
+  }
   if (a.L > 0) {
     const int64_t items = a.channel_last
                               ? a.B * ((a.C + kClBlock - 1) / kClBlock) * ((a.L + kClChunk - 1) / kClChunk)
@@ -385,6 +500,16 @@ void causal_conv1d_fwd(const Conv1dArgs& a, void* workspace, int parts) {
 
 void causal_conv1d_bwd(const Conv1dArgs& a, void* workspace, int parts) {
   if (a.C == 0) return;
+  if (a.seq) {
+    parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(parts, a.C)));
+    parallel_parts(a.C, parts, [&](int, int64_t c0, int64_t c1) {
+      if (a.x_dt == kF64)
+        seq_bwd_channels<double>(a, c0, c1);
+      else
+        seq_bwd_channels<float>(a, c0, c1);
+    });
+    return;
+  }
   const int64_t items = a.channel_last ? (a.C + kClBlock - 1) / kClBlock : a.C;
   run_items(a, items, workspace, parts, conv_bwd_f32, conv_bwd_f64);
 }
@@ -476,7 +601,63 @@ void update_f64(const Conv1dUpdateArgs& a, int64_t r0, int64_t r1) { update_dt<k
 FL_CLONES void update_f16(const Conv1dUpdateArgs& a, int64_t r0, int64_t r1) { update_dt<kF16>(a, r0, r1); }
 FL_CLONES void update_bf16(const Conv1dUpdateArgs& a, int64_t r0, int64_t r1) { update_dt<kBF16>(a, r0, r1); }
 
+// Circular buffer (cache_seqlens) and/or state slots (idx): a scalar path over (b, c) rows, any strides.
+template <typename Acc>
+static void update_ext_rows(const Conv1dUpdateArgs& a, int64_t r0, int64_t r1) {
+  const int64_t H = a.W - 1, S = a.S, L = a.L, es = dtype_size(a.x_dt);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / a.C, c = r % a.C;
+    const int64_t slot = a.idx ? int64_t(a.idx[b]) : b;
+    const int64_t xo = b * a.x_sb + c * a.x_sc, oo = b * a.o_sb + c * a.o_sc;
+    if (slot < 0) {  // padded row: zeros out, no state
+      for (int64_t t = 0; t < L; ++t) store1(Acc(0), a.out, a.o_dt, oo + t * a.o_st);
+      continue;
+    }
+    const int64_t so = slot * a.s_sb + c * a.s_sc;
+    Acc w[4] = {}, xv[4] = {};
+    for (int k = 0; k < a.W; ++k) w[k] = load1<Acc>(a.w, a.w_dt, c * a.W + k);
+    const Acc bias = a.bias ? load1<Acc>(a.bias, a.b_dt, c) : Acc(0);
+    const int64_t pos = a.cache_seqlens ? int64_t(a.cache_seqlens[b]) % S : 0;
+    for (int64_t i = 0; i < H; ++i) {
+      const int64_t e = a.cache_seqlens ? (pos - H + i + S) % S : S - H + i;
+      xv[i] = load1<Acc>(a.state, a.s_dt, so + e * a.s_st);
+    }
+    for (int64_t t = 0; t < L; ++t) {
+      xv[H] = load1<Acc>(a.x, a.x_dt, xo + t * a.x_st);
+      Acc o = bias;
+      for (int64_t k = 0; k < a.W; ++k) o += w[k] * xv[k];
+      if (a.silu) o = silu_acc(o);
+      store1(o, a.out, a.o_dt, oo + t * a.o_st);
+      for (int64_t k = 0; k < H; ++k) xv[k] = xv[k + 1];
+    }
+    char* st = static_cast<char*>(a.state);
+    const char* xs = static_cast<const char*>(a.x);
+    if (a.cache_seqlens) {  // the last min(L, S) inputs land at (pos + t) % S
+      for (int64_t t = std::max<int64_t>(0, L - S); t < L; ++t)
+        std::memcpy(st + (so + ((pos + t) % S) * a.s_st) * es, xs + (xo + t * a.x_st) * es, es);
+    } else {  // shift: element e takes element e + L of [state, x]; reads run ahead of writes
+      for (int64_t e = 0; e < S; ++e) {
+        const int64_t f = e + L;
+        const char* src = f < S ? st + (so + f * a.s_st) * es : xs + (xo + (f - S) * a.x_st) * es;
+        std::memmove(st + (so + e * a.s_st) * es, src, es);
+      }
+    }
+  }
+}
+
 void causal_conv1d_update(const Conv1dUpdateArgs& a, int parts) {
+  if (a.cache_seqlens || a.idx) {
+    const int64_t rows = a.B * a.C;
+    if (rows == 0) return;
+    parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(parts, rows)));
+    parallel_parts(rows, parts, [&](int, int64_t r0, int64_t r1) {
+      if (a.x_dt == kF64)
+        update_ext_rows<double>(a, r0, r1);
+      else
+        update_ext_rows<float>(a, r0, r1);
+    });
+    return;
+  }
   const int64_t rows = a.B * ((a.C + kUpdBlock - 1) / kUpdBlock);  // (sequence, channel block) items
   if (rows == 0) return;
   parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(parts, rows)));

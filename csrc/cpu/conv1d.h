@@ -27,6 +27,9 @@ struct Conv1dArgs {
   void* dw; void* db;
   int64_t B, C, L, W;
   bool silu, channel_last;
+  // Packed sequences (null: one sequence per row): seq (B, L) int32, contiguous. The tap at time s counts for
+  // the output at t only when seq[b, s] == seq[b, t]; outputs at seq < 0 are 0. No init/final with it.
+  const int32_t* seq;
 };
 
 // Decode step: x (B, C, L) new inputs (any strides), state (B, C, S) with S >= W - 1 (any
@@ -39,6 +42,11 @@ struct Conv1dUpdateArgs {
   void* out; int64_t o_sb, o_sc, o_st; int o_dt;
   int64_t B, C, L, S, W;
   bool silu;
+  // cache_seqlens (B,) int32 (null: shift mode): state is a circular buffer, history before position
+  // cache_seqlens[b] % S, x written from there. idx (B,) int32 (null: row b is state b): row b uses state
+  // idx[b]; idx[b] < 0: out 0, state untouched.
+  const int32_t* cache_seqlens;
+  const int32_t* idx;
 };
 
 namespace cpu {

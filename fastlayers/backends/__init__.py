@@ -115,7 +115,7 @@ x, out, dout and dx are ``(B, C, L)`` in one of two layouts, chosen by x: time-c
 ``(B, L, C)`` tensor transposed); any batch stride. The op copies x once when it is in neither
 layout and gives out/dout/dx the layout of x. W (width) is 2, 3 or 4; H = W - 1.
 
-``causal_conv1d_fwd(x, weight, bias, initial_states, out, final_states, silu)``
+``causal_conv1d_fwd(x, weight, bias, initial_states, out, final_states, silu, seq_idx=None)``
     x               (B, C, L) input, L >= 1; fp32/fp16/bf16 (fp64 on cpu only)
     weight          (C, W) contiguous, any floating dtype
     bias            (C,) contiguous or None
@@ -125,12 +125,16 @@ layout and gives out/dout/dx the layout of x. W (width) is 2, 3 or 4; H = W - 1.
     final_states    (B, C, H) output (any strides) or None: x at times L - H .. L - 1 (from
                     initial_states, or zero, where negative)
     silu            bool
+    seq_idx         (B, L) int32 contiguous, or None (passed by keyword, only when given; then
+                    initial_states and final_states are None): the tap at time s counts for the
+                    output at t only when seq_idx[b, s] == seq_idx[b, t] (a select, not a product
+                    with 0); out is 0 where seq_idx < 0
   Accumulated in fp32 (fp64 for fp64 x), rounded once.
 
 ``causal_conv1d_bwd_parts(B, C, L, device) -> int``
     number P of partial rows the backward writes into dw_part/db_part.
 
-``causal_conv1d_bwd(dout, dfinal_states, x, weight, bias, initial_states, silu, dx, dinitial_states, dw_part, db_part)``
+``causal_conv1d_bwd(dout, dfinal_states, x, weight, bias, initial_states, silu, dx, dinitial_states, dw_part, db_part, seq_idx=None)``
     dout            (B, C, L) grad of out, layout of x
     dfinal_states   (B, C, H) grad of final_states (any strides) or None
     x, weight, bias, initial_states, silu: as in the forward (the pre-activation is recomputed)
@@ -139,14 +143,21 @@ layout and gives out/dout/dx the layout of x. W (width) is 2, 3 or 4; H = W - 1.
     dw_part         (P, C, W) stat dtype output: partial sums of g * x(shifted) (every row written)
     db_part         (P, C) stat dtype output or None: partial sums of g
   with g = dout * act'(pre); dx and dinitial_states are sum_k weight[c, k] g[t + H - k] plus
-  dfinal_states at the positions final_states copied.
+  dfinal_states at the positions final_states copied. With seq_idx (keyword; no initial/final states):
+  the taps masked as in the forward, g = 0 where seq_idx < 0.
 
-``causal_conv1d_update(x, conv_state, weight, bias, out, silu)``
+``causal_conv1d_update(x, conv_state, weight, bias, out, silu, cache_seqlens=None, state_indices=None)``
     x           (B, C, T) new inputs, any strides; T >= 0
     conv_state  (B, C, S), S >= H, dtype of x, any strides; updated in place to the last S
                 elements of [conv_state, x] along time (read before written)
     weight, bias: as in the forward
     out         (B, C, T) output, contiguous: the conv over [conv_state[..., S - H:], x]
+    cache_seqlens (B,) int32 >= 0 contiguous, or None (keyword, only when given): conv_state is a
+                circular buffer: history = elements (p - H .. p - 1) mod S with p = cache_seqlens[b] % S,
+                x[t] written at (p + t) mod S (the last min(T, S) inputs); nothing shifted
+    state_indices (B,) int32 contiguous, or None (keyword): row b uses conv_state[state_indices[b]]
+                (conv_state (slots, C, S)); distinct, < slots (checked by the op); negative: out 0,
+                no state read or written
 Contract for the Mamba-1 scan (``selective_scan_*``)
 ----------------------------------------------------
 ``selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, out, last, GB, GC, delta_softplus)``

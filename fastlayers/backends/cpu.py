@@ -174,7 +174,7 @@ def _conv_workspace(x, W, items):
     return ws, parts
 
 
-def causal_conv1d_fwd(x, weight, bias, initial_states, out, final_states, silu):
+def causal_conv1d_fwd(x, weight, bias, initial_states, out, final_states, silu, seq_idx=None):
     B, C, L = x.shape
     W = weight.shape[1]
     cl = _conv_channel_last(x)
@@ -182,7 +182,8 @@ def causal_conv1d_fwd(x, weight, bias, initial_states, out, final_states, silu):
     _C.causal_conv1d(ptr(x), _s(x), code(x), ptr(weight), code(weight), ptr(bias), code(bias),
                      ptr(initial_states), _s(initial_states), code(initial_states), ptr(out), _s(out), code(out),
                      ptr(final_states), _s(final_states), code(final_states), 0, (0, 0, 0), -1, 0, (0, 0, 0), -1,
-                     0, (0, 0, 0), -1, 0, (0, 0, 0), -1, 0, 0, B, C, L, W, bool(silu), cl, ws.data_ptr(), parts)
+                     0, (0, 0, 0), -1, 0, (0, 0, 0), -1, 0, 0, B, C, L, W, bool(silu), cl, ws.data_ptr(), parts,
+                     ptr(seq_idx))
 
 
 def causal_conv1d_bwd_parts(B, C, L, device):
@@ -190,7 +191,7 @@ def causal_conv1d_bwd_parts(B, C, L, device):
 
 
 def causal_conv1d_bwd(dout, dfinal_states, x, weight, bias, initial_states, silu, dx, dinitial_states,
-                      dw_part, db_part):
+                      dw_part, db_part, seq_idx=None):
     B, C, L = x.shape
     W = weight.shape[1]
     cl = _conv_channel_last(x)
@@ -200,15 +201,16 @@ def causal_conv1d_bwd(dout, dfinal_states, x, weight, bias, initial_states, silu
                      -1, ptr(dout), _s(dout), code(dout), ptr(dfinal_states), _s(dfinal_states),
                      code(dfinal_states), ptr(dx), _s(dx), code(dx), ptr(dinitial_states), _s(dinitial_states),
                      code(dinitial_states), ptr(dw_part), ptr(db_part), B, C, L, W, bool(silu), cl, ws.data_ptr(),
-                     parts)
+                     parts, ptr(seq_idx))
 
 
-def causal_conv1d_update(x, conv_state, weight, bias, out, silu):
+def causal_conv1d_update(x, conv_state, weight, bias, out, silu, cache_seqlens=None, state_indices=None):
     B, C, L = x.shape
     _C.causal_conv1d_update(ptr(x), _s(x), code(x), ptr(conv_state), _s(conv_state), code(conv_state),
                             ptr(weight), code(weight), ptr(bias), code(bias), ptr(out), _s(out), code(out),
                             B, C, L, conv_state.shape[2], weight.shape[1], bool(silu),
-                            _conv_parts(B * C * (conv_state.shape[2] + L), B * C))
+                            _conv_parts(B * C * (conv_state.shape[2] + L), B * C), ptr(cache_seqlens),
+                            ptr(state_indices))
 def _scan_ws(u, L, N, backward, parts):
     return torch.empty(parts * _C.selective_scan_workspace(L, N, backward), dtype=stat_dtype(u.dtype))
 

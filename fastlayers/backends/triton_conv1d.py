@@ -339,6 +339,214 @@ if IMPORT_ERROR is None:
         tl.debug_barrier()
         tl.store(STATE + s_row[:, None] + j[None, :] * stride_st, new, mask=m)
 
+    # ------------------------------------------------------------------------- packed sequences (seq_idx)
+    @triton.jit
+    def _seq_at(SEQ, s_row, t, L):
+        """seq_idx at times `t` (int32 [len(t)]), -1 outside 0 .. L-1 (never equal to a valid id)."""
+        ok = (t >= 0) & (t < L)
+        return tl.load(SEQ + s_row + tl.where(ok, t, 0), mask=ok, other=-1)
+
+    @triton.jit
+    def _mx(X, x_row, stride_xt, c_ok, t, L, s_src, s_dst):
+        """x at times `t`, zero where seq(t) differs from s_dst (a select: a NaN there does not leak)."""
+        v = _x_tile(X, X, x_row, x_row, stride_xt, 0, c_ok, t, L, 1, False)
+        return tl.where((s_src == s_dst)[None, :], v, 0.0)
+
+    @triton.jit
+    def _pre_seq(X, x_row, stride_xt, c_ok, u, L, su, sm1, sm2, sm3, bias, v0, v1, v2, v3, W: tl.constexpr):
+        """bias + sum_j v_j x[u - j] over the taps of u's sequence (sm_j: seq at u - j)."""
+        acc = bias[:, None] + v0[:, None] * _mx(X, x_row, stride_xt, c_ok, u, L, su, su)
+        acc += v1[:, None] * _mx(X, x_row, stride_xt, c_ok, u - 1, L, sm1, su)
+        if W > 2:
+            acc += v2[:, None] * _mx(X, x_row, stride_xt, c_ok, u - 2, L, sm2, su)
+        if W > 3:
+            acc += v3[:, None] * _mx(X, x_row, stride_xt, c_ok, u - 3, L, sm3, su)
+        return acc
+
+    @triton.jit
+    def _g_seq(X, DOUT, x_row, g_row, stride_xt, stride_gt, c_ok, u, L, su, sm1, sm2, sm3, bias, v0, v1, v2, v3,
+               W: tl.constexpr, SILU: tl.constexpr):
+        """g = dout * act'(pre) at times u, zero at padding (seq < 0) and outside 0 .. L-1."""
+        g = _dout_tile(DOUT, g_row, stride_gt, c_ok, u, L)
+        if SILU:
+            g = _dsilu(g, _pre_seq(X, x_row, stride_xt, c_ok, u, L, su, sm1, sm2, sm3, bias, v0, v1, v2, v3, W))
+        return tl.where((su >= 0)[None, :], g, 0.0)
+
+    @triton.jit
+    def _conv_fwd_seq_kernel(X, Wt, BIAS, SEQ, OUT, stride_xb, stride_xc, stride_xt, stride_ob, stride_oc, stride_ot,
+                             C, L, W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                             BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+        pid_t = tl.program_id(1)
+        b = tl.cast(tl.program_id(2), tl.int64)
+        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        c64 = tl.cast(c, tl.int64)
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        x_row = b * stride_xb + c64 * stride_xc
+        s_row = b * L
+        v0, v1, v2, v3 = _lag_taps(Wt, c, c_ok, W)
+        if HAS_BIAS:
+            bias = tl.cast(tl.load(BIAS + c, mask=c_ok, other=0.0), tl.float32)
+        else:
+            bias = tl.zeros([BLOCK_C], tl.float32)
+        s0 = _seq_at(SEQ, s_row, t, L)
+        acc = _pre_seq(X, x_row, stride_xt, c_ok, t, L, s0, _seq_at(SEQ, s_row, t - 1, L),
+                       _seq_at(SEQ, s_row, t - 2, L), _seq_at(SEQ, s_row, t - 3, L), bias, v0, v1, v2, v3, W)
+        if SILU:
+            acc = acc / (1.0 + tl.exp(-acc))
+        acc = tl.where((s0 >= 0)[None, :], acc, 0.0)  # padding: 0
+        o_ptr = OUT + (b * stride_ob + c64 * stride_oc)[:, None] + tl.cast(t, tl.int64)[None, :] * stride_ot
+        _store_out(o_ptr, acc, c_ok[:, None] & (t < L)[None, :])
+
+    @triton.jit
+    def _conv_bwd_seq_kernel(X, Wt, BIAS, SEQ, DOUT, DX, DW, DB, stride_xb, stride_xc, stride_xt,
+                             stride_gb, stride_gc, stride_gt, stride_dxb, stride_dxc, stride_dxt,
+                             C, L, t_per_prog, NSPLIT, W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                             BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+        """As _conv_bwd_kernel (same split and partial rows), the taps masked by the sequence ids:
+        dx[t] = sum_j v_j g[t + j] over outputs t + j of t's sequence; dv_j = sum_t g[t] x[t - j] over
+        inputs of t's sequence; g = 0 at padding."""
+        pid_bs = tl.program_id(1)
+        b = tl.cast(pid_bs // NSPLIT, tl.int64)
+        split = pid_bs % NSPLIT
+        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        c64 = tl.cast(c, tl.int64)
+        x_row = b * stride_xb + c64 * stride_xc
+        g_row = b * stride_gb + c64 * stride_gc
+        dx_row = b * stride_dxb + c64 * stride_dxc
+        s_row = b * L
+        v0, v1, v2, v3 = _lag_taps(Wt, c, c_ok, W)
+        if HAS_BIAS:
+            bias = tl.cast(tl.load(BIAS + c, mask=c_ok, other=0.0), tl.float32)
+        else:
+            bias = tl.zeros([BLOCK_C], tl.float32)
+        dv0 = tl.zeros([BLOCK_C], tl.float32)
+        dv1 = tl.zeros([BLOCK_C], tl.float32)
+        dv2 = tl.zeros([BLOCK_C], tl.float32)
+        dv3 = tl.zeros([BLOCK_C], tl.float32)
+        db = tl.zeros([BLOCK_C], tl.float32)
+        t_start = split * t_per_prog
+        t_end = tl.minimum(t_start + t_per_prog, L)
+        for t0 in range(t_start, t_end, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            sm3 = _seq_at(SEQ, s_row, t - 3, L)
+            sm2 = _seq_at(SEQ, s_row, t - 2, L)
+            sm1 = _seq_at(SEQ, s_row, t - 1, L)
+            s0 = _seq_at(SEQ, s_row, t, L)
+            sp1 = _seq_at(SEQ, s_row, t + 1, L)
+            sp2 = _seq_at(SEQ, s_row, t + 2, L)
+            sp3 = _seq_at(SEQ, s_row, t + 3, L)
+            g0 = _g_seq(X, DOUT, x_row, g_row, stride_xt, stride_gt, c_ok, t, L, s0, sm1, sm2, sm3, bias,
+                        v0, v1, v2, v3, W, SILU)
+            g1 = _g_seq(X, DOUT, x_row, g_row, stride_xt, stride_gt, c_ok, t + 1, L, sp1, s0, sm1, sm2, bias,
+                        v0, v1, v2, v3, W, SILU)
+            dx = v0[:, None] * g0 + v1[:, None] * tl.where((sp1 == s0)[None, :], g1, 0.0)
+            if W > 2:
+                g2 = _g_seq(X, DOUT, x_row, g_row, stride_xt, stride_gt, c_ok, t + 2, L, sp2, sp1, s0, sm1, bias,
+                            v0, v1, v2, v3, W, SILU)
+                dx += v2[:, None] * tl.where((sp2 == s0)[None, :], g2, 0.0)
+            if W > 3:
+                g3 = _g_seq(X, DOUT, x_row, g_row, stride_xt, stride_gt, c_ok, t + 3, L, sp3, sp2, sp1, s0, bias,
+                            v0, v1, v2, v3, W, SILU)
+                dx += v3[:, None] * tl.where((sp3 == s0)[None, :], g3, 0.0)
+            _store_out(DX + dx_row[:, None] + tl.cast(t, tl.int64)[None, :] * stride_dxt, dx,
+                       c_ok[:, None] & (t < L)[None, :])
+            db += tl.sum(g0, axis=1)  # g0 is zero at t >= L
+            dv0 += tl.sum(g0 * _mx(X, x_row, stride_xt, c_ok, t, L, s0, s0), axis=1)
+            dv1 += tl.sum(g0 * _mx(X, x_row, stride_xt, c_ok, t - 1, L, sm1, s0), axis=1)
+            if W > 2:
+                dv2 += tl.sum(g0 * _mx(X, x_row, stride_xt, c_ok, t - 2, L, sm2, s0), axis=1)
+            if W > 3:
+                dv3 += tl.sum(g0 * _mx(X, x_row, stride_xt, c_ok, t - 3, L, sm3, s0), axis=1)
+        dw_row = DW + (tl.cast(pid_bs, tl.int64) * C + c64) * W
+        tl.store(dw_row + (W - 1), dv0, mask=c_ok)
+        tl.store(dw_row + (W - 2), dv1, mask=c_ok)
+        if W > 2:
+            tl.store(dw_row + (W - 3), dv2, mask=c_ok)
+        if W > 3:
+            tl.store(dw_row + (W - 4), dv3, mask=c_ok)
+        if HAS_BIAS:
+            tl.store(DB + tl.cast(pid_bs, tl.int64) * C + c64, db, mask=c_ok)
+
+    # ------------------------------------------------------------------------- update: circular buffer / slots
+    @triton.jit
+    def _hist_col(X, STATE, x_row, s_row, stride_xt, stride_st, c_ok, i, S, T, pos, CIRC: tl.constexpr):
+        """Element i (-H <= i < T) of the window sequence [history, x] of each channel, storage dtype: i < 0
+        is the history (circular: state[(pos + i) mod S]; shift mode: state[S + i]), i >= 0 is x[i]."""
+        iv = i + tl.zeros_like(c_ok.to(tl.int32))
+        in_s = iv < 0
+        if CIRC:
+            e = (pos + iv + S) % S
+        else:
+            e = S + iv
+        e = tl.where(in_s, e, 0)
+        xi = tl.where(in_s, 0, iv)
+        sv = tl.load(STATE + s_row + tl.cast(e, tl.int64) * stride_st, mask=c_ok & in_s, other=0.0)
+        xv = tl.load(X + x_row + tl.cast(xi, tl.int64) * stride_xt, mask=c_ok & (iv >= 0) & (iv < T), other=0.0)
+        return tl.where(in_s, sv, xv)
+
+    @triton.jit
+    def _conv_update_ext_kernel(X, STATE, Wt, BIAS, OUT, CACHE, IDX, stride_xb, stride_xc, stride_xt, stride_sb,
+                                stride_sc, stride_st, stride_ob, stride_oc, stride_ot, C, S, T,
+                                W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, CIRC: tl.constexpr,
+                                HAS_IDX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        b = tl.cast(tl.program_id(1), tl.int64)
+        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        c64 = tl.cast(c, tl.int64)
+        if HAS_IDX:
+            slot = tl.cast(tl.load(IDX + b), tl.int64)
+        else:
+            slot = b
+        valid = (slot + c64 * 0) >= 0  # a vector (interpreter: no scalar masks); negative: a padded row
+        cv = c_ok & valid
+        x_row = b * stride_xb + c64 * stride_xc
+        s_row = tl.where(valid, slot, 0) * stride_sb + c64 * stride_sc
+        o_row = b * stride_ob + c64 * stride_oc
+        if CIRC:
+            pos = tl.load(CACHE + b) % S
+        else:
+            pos = 0
+        v0, v1, v2, v3 = _lag_taps(Wt, c, c_ok, W)
+        if HAS_BIAS:
+            bias = tl.cast(tl.load(BIAS + c, mask=c_ok, other=0.0), tl.float32)
+        else:
+            bias = tl.zeros([BLOCK_C], tl.float32)
+        for t in range(0, T):
+            acc = bias + v0 * tl.cast(_hist_col(X, STATE, x_row, s_row, stride_xt, stride_st, cv, t, S, T, pos, CIRC),
+                                      tl.float32)
+            acc += v1 * tl.cast(_hist_col(X, STATE, x_row, s_row, stride_xt, stride_st, cv, t - 1, S, T, pos, CIRC),
+                                tl.float32)
+            if W > 2:
+                acc += v2 * tl.cast(_hist_col(X, STATE, x_row, s_row, stride_xt, stride_st, cv, t - 2, S, T, pos,
+                                              CIRC), tl.float32)
+            if W > 3:
+                acc += v3 * tl.cast(_hist_col(X, STATE, x_row, s_row, stride_xt, stride_st, cv, t - 3, S, T, pos,
+                                              CIRC), tl.float32)
+            if SILU:
+                acc = acc / (1.0 + tl.exp(-acc))
+            _store_out(OUT + o_row + t * stride_ot, tl.where(valid, acc, 0.0), c_ok)
+        j = tl.arange(0, BLOCK_S)
+        if CIRC:  # the last min(T, S) inputs land at (pos + t) % S
+            n = tl.minimum(T, S)
+            tx = T - n + j
+            m = cv[:, None] & (j < n)[None, :]
+            new = tl.load(X + x_row[:, None] + tl.cast(tx, tl.int64)[None, :] * stride_xt, mask=m, other=0.0)
+            dst = tl.cast((pos + tx) % S, tl.int64)
+        else:  # state[j] <- column j + T of [state, x]
+            i = j + T
+            in_s = i < S
+            si = tl.where(in_s, i, 0)
+            xi = tl.where(in_s, 0, i - S)
+            m = cv[:, None] & (j < S)[None, :]
+            sv = tl.load(STATE + s_row[:, None] + si[None, :] * stride_st, mask=m & in_s[None, :], other=0.0)
+            xv = tl.load(X + x_row[:, None] + xi[None, :] * stride_xt, mask=m & (~in_s)[None, :], other=0.0)
+            new = tl.where(in_s[None, :], sv, xv)
+            dst = tl.cast(j, tl.int64)
+        tl.debug_barrier()  # every read of the state (above) before any write
+        tl.store(STATE + s_row[:, None] + dst[None, :] * stride_st, new, mask=m)
+
 
 # ----------------------------------------------------------------------------- launches
 def _check_dtype(x):
@@ -353,7 +561,7 @@ def _s3(t):
     return (0, 0, 0) if t is None else tuple(t.stride())
 
 
-def causal_conv1d_fwd(x, weight, bias, initial_states, out, final_states, silu):
+def causal_conv1d_fwd(x, weight, bias, initial_states, out, final_states, silu, seq_idx=None):
     _check_dtype(x)
     B, C, L = x.shape
     W = weight.shape[1]
@@ -361,6 +569,12 @@ def causal_conv1d_fwd(x, weight, bias, initial_states, out, final_states, silu):
         return
     block_c, block_t, num_warps = _conv_config(C, L, _channel_last(x))
     grid = (triton.cdiv(C, block_c), triton.cdiv(L, block_t), B)
+    if seq_idx is not None:
+        assert initial_states is None and final_states is None
+        args = (x, weight, bias, seq_idx, out, *_s3(x), *_s3(out), C, L)
+        meta = dict(W=W, HAS_BIAS=bias is not None, SILU=bool(silu), BLOCK_C=block_c, BLOCK_T=block_t)
+        _launch(_conv_fwd_seq_kernel, grid, x.device, args, meta, num_warps)
+        return
     args = (x, weight, bias, initial_states, out, final_states, *_s3(x), *_s3(initial_states), *_s3(out),
             *_s3(final_states), C, L)
     meta = dict(W=W, HAS_BIAS=bias is not None, HAS_INIT=initial_states is not None,
@@ -381,7 +595,7 @@ def causal_conv1d_bwd_parts(B, C, L, device):
 
 
 def causal_conv1d_bwd(dout, dfinal_states, x, weight, bias, initial_states, silu, dx, dinitial_states,
-                      dw_part, db_part):
+                      dw_part, db_part, seq_idx=None):
     _check_dtype(x)
     B, C, L = x.shape
     W = weight.shape[1]
@@ -396,6 +610,13 @@ def causal_conv1d_bwd(dout, dfinal_states, x, weight, bias, initial_states, silu
     if B == 0:
         return
     grid = (triton.cdiv(C, block_c), B * nsplit)
+    if seq_idx is not None:
+        assert initial_states is None and dfinal_states is None
+        args = (x, weight, bias, seq_idx, dout, dx, dw_part, db_part, *_s3(x), *_s3(dout), *_s3(dx), C, L, t_per,
+                nsplit)
+        meta = dict(W=W, HAS_BIAS=bias is not None, SILU=bool(silu), BLOCK_C=block_c, BLOCK_T=block_t)
+        _launch(_conv_bwd_seq_kernel, grid, x.device, args, meta, num_warps)
+        return
     args = (x, weight, bias, initial_states, dout, dfinal_states, dx, dinitial_states, dw_part, db_part,
             *_s3(x), *_s3(initial_states), *_s3(dout), *_s3(dfinal_states), *_s3(dx), *_s3(dinitial_states),
             C, L, t_per, nsplit)
@@ -405,7 +626,7 @@ def causal_conv1d_bwd(dout, dfinal_states, x, weight, bias, initial_states, silu
     _launch(_conv_bwd_kernel, grid, x.device, args, meta, num_warps)
 
 
-def causal_conv1d_update(x, conv_state, weight, bias, out, silu):
+def causal_conv1d_update(x, conv_state, weight, bias, out, silu, cache_seqlens=None, state_indices=None):
     _check_dtype(x)
     B, C, T = x.shape
     S, W = conv_state.shape[2], weight.shape[1]
@@ -414,6 +635,13 @@ def causal_conv1d_update(x, conv_state, weight, bias, out, silu):
     block_c = min(UPDATE_BLOCK_C, _next_pow2(C))
     block_s = _next_pow2(S)
     grid = (triton.cdiv(C, block_c), B)
+    if cache_seqlens is not None or state_indices is not None:
+        args = (x, conv_state, weight, bias, out, cache_seqlens, state_indices, *_s3(x), *_s3(conv_state),
+                *_s3(out), C, S, T)
+        meta = dict(W=W, HAS_BIAS=bias is not None, SILU=bool(silu), CIRC=cache_seqlens is not None,
+                    HAS_IDX=state_indices is not None, BLOCK_C=block_c, BLOCK_S=block_s)
+        _launch(_conv_update_ext_kernel, grid, x.device, args, meta, _num_warps(block_c * block_s))
+        return
     args = (x, conv_state, weight, bias, out, *_s3(x), *_s3(conv_state), *_s3(out), C, S, T)
     meta = dict(W=W, HAS_BIAS=bias is not None, SILU=bool(silu), BLOCK_C=block_c, BLOCK_S=block_s)
     _launch(_conv_update_kernel, grid, x.device, args, meta, _num_warps(block_c * block_s))
@@ -517,6 +745,9 @@ AOT_KERNELS = {} if IMPORT_ERROR is not None else {
     "conv1d_fwd": _conv_fwd_kernel,
     "conv1d_bwd": _conv_bwd_kernel,
     "conv1d_update": _conv_update_kernel,
+    "conv1d_fwd_seq": _conv_fwd_seq_kernel,
+    "conv1d_bwd_seq": _conv_bwd_seq_kernel,
+    "conv1d_update_ext": _conv_update_ext_kernel,
 }
 
 
