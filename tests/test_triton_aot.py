@@ -29,6 +29,7 @@ def test_aot_compile(cc):
     kinds = {k.description.split()[0] for k in kernels}
     assert kinds == {"norm_fwd", "norm_bwd", "head_norm_rope_fwd", "head_norm_rope_bwd", "swiglu_fwd",
                      "swiglu_bwd", "selective_state_update", "conv1d_fwd", "conv1d_bwd", "conv1d_update",
+                     "conv1d_fwd_seq", "conv1d_bwd_seq", "conv1d_update_ext",
                      "ssd_fwd", "ssd_bwd_dstates", "ssd_bwd_chunk"}, kinds
     for k in kernels:
         ptx = k.asm["ptx"]
@@ -36,7 +37,7 @@ def test_aot_compile(cc):
         targets = re.findall(r"^\.target\s+(\S+)", ptx, re.MULTILINE)
         assert targets and targets[0].startswith(f"sm_{cc}"), f"{k.description}: PTX targets {targets}, " \
                                                               f"expected sm_{cc}"
-        entry = (r"^\.visible \.entry _(norm|head_norm_rope|swiglu|conv)_(fwd|bwd|update)_kernel"
+        entry = (r"^\.visible \.entry _(norm|head_norm_rope|swiglu|conv)_(fwd|bwd|update)(_seq|_ext)?_kernel"
                  r"|^\.visible \.entry _state_update_kernel|^\.visible \.entry _ssd_(fwd|bwd_dstates|bwd_chunk)_kernel")
         assert re.search(entry, ptx, re.MULTILINE), f"{k.description}: no kernel entry in the PTX"
         assert k.asm.get("cubin"), f"{k.description}: ptxas produced no cubin"
@@ -60,3 +61,10 @@ def test_aot_flags_cover_family():
         assert any(m["BLOCK_M"] > 1 for m in metas), f"{kind}: no multi-row tile"
         dtypes = {v[2]["X"] for v in variants if v[-1].startswith(kind)}
         assert len(dtypes) == 3, f"{kind}: dtypes {dtypes}"
+    from fastlayers.backends import triton_conv1d
+    variants = triton_conv1d.aot_variants()
+    for kind, flags in (("conv1d_update_ext", ("HAS_BIAS", "SILU", "CIRC", "HAS_IDX")),
+                        ("conv1d_fwd_seq", ("HAS_BIAS", "SILU")), ("conv1d_bwd_seq", ("HAS_BIAS", "SILU"))):
+        metas = [v[4] for v in variants if v[-1].startswith(kind + " ")]
+        for f in flags:
+            assert {m[f] for m in metas} == {True, False}, f"{kind}: {f} not compiled both ways"

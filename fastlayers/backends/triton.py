@@ -42,7 +42,7 @@ BWD_TILE = 4096
 MAX_BLOCK_M = 64
 
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-              torch.int64: "i64"}
+              torch.int64: "i64", torch.int32: "i32"}
 
 
 def _next_pow2(n):

@@ -657,6 +657,13 @@ _BWD_ARGS = ("X", "Wt", "BIAS", "INIT", "DOUT", "DFINAL", "DX", "DINIT", "DW", "
              "stride_dit", "C", "L", "t_per_prog", "NSPLIT")
 _UPDATE_ARGS = ("X", "STATE", "Wt", "BIAS", "OUT", "stride_xb", "stride_xc", "stride_xt", "stride_sb", "stride_sc",
                 "stride_st", "stride_ob", "stride_oc", "stride_ot", "C", "S", "T")
+_FWD_SEQ_ARGS = ("X", "Wt", "BIAS", "SEQ", "OUT", "stride_xb", "stride_xc", "stride_xt", "stride_ob", "stride_oc",
+                 "stride_ot", "C", "L")
+_BWD_SEQ_ARGS = ("X", "Wt", "BIAS", "SEQ", "DOUT", "DX", "DW", "DB", "stride_xb", "stride_xc", "stride_xt",
+                 "stride_gb", "stride_gc", "stride_gt", "stride_dxb", "stride_dxc", "stride_dxt", "C", "L",
+                 "t_per_prog", "NSPLIT")
+_UPDATE_EXT_ARGS = ("X", "STATE", "Wt", "BIAS", "OUT", "CACHE", "IDX", "stride_xb", "stride_xc", "stride_xt",
+                    "stride_sb", "stride_sc", "stride_st", "stride_ob", "stride_oc", "stride_ot", "C", "S", "T")
 _AOT_SMS = 132  # H100 SXM, for the launch configurations
 
 
@@ -714,6 +721,42 @@ def _update_variant(dt, B, C, S, W, bias, silu):
     return "conv1d_update", _UPDATE_ARGS, tensors, ints, meta, nw, what
 
 
+def _fwd_seq_variant(dt, B, C, L, W, cl, bias, silu):
+    bc, bt, nw = _conv_config(C, L, cl)
+    tensors = dict(X=dt, Wt=dt, BIAS=dt if bias else None, SEQ=torch.int32, OUT=dt)
+    meta = dict(W=W, HAS_BIAS=bias, SILU=silu, BLOCK_C=bc, BLOCK_T=bt)
+    ints = dict(C=C, L=L, **_unit_strides(("x", "o"), cl))
+    what = (f"conv1d_fwd_seq {str(dt)[6:]} B={B} C={C} L={L} W={W} {'channel-last' if cl else 'time-contiguous'} "
+            f"[{_flags(meta, ('HAS_BIAS', 'SILU'))}] BLOCK={bc}x{bt} warps={nw}{_novec(dt, L, cl, bc * bt, nw)}")
+    return "conv1d_fwd_seq", _FWD_SEQ_ARGS, tensors, ints, meta, nw, what
+
+
+def _bwd_seq_variant(dt, B, C, L, W, cl, bias, silu):
+    bc, bt, nw = _conv_config(C, L, cl)
+    nsplit, t_per = _bwd_split(B, C, L, bc, bt, 4 * _AOT_SMS)
+    f32 = torch.float32
+    tensors = dict(X=dt, Wt=dt, BIAS=dt if bias else None, SEQ=torch.int32, DOUT=dt, DX=dt, DW=f32,
+                   DB=f32 if bias else None)
+    meta = dict(W=W, HAS_BIAS=bias, SILU=silu, BLOCK_C=bc, BLOCK_T=bt)
+    ints = dict(C=C, L=L, t_per_prog=t_per, NSPLIT=nsplit, **_unit_strides(("x", "g", "dx"), cl))
+    what = (f"conv1d_bwd_seq {str(dt)[6:]} B={B} C={C} L={L} W={W} {'channel-last' if cl else 'time-contiguous'} "
+            f"[{_flags(meta, ('HAS_BIAS', 'SILU'))}] BLOCK={bc}x{bt} split={nsplit} warps={nw}"
+            f"{_novec(dt, L, cl, bc * bt, nw)}")
+    return "conv1d_bwd_seq", _BWD_SEQ_ARGS, tensors, ints, meta, nw, what
+
+
+def _update_ext_variant(dt, B, C, S, W, bias, silu, circ, idx):
+    bc, bs = min(UPDATE_BLOCK_C, _next_pow2(C)), _next_pow2(S)
+    nw = _num_warps(bc * bs)
+    tensors = dict(X=dt, STATE=dt, Wt=dt, BIAS=dt if bias else None, OUT=dt, CACHE=torch.int32 if circ else None,
+                   IDX=torch.int32 if idx else None)
+    meta = dict(W=W, HAS_BIAS=bias, SILU=silu, CIRC=circ, HAS_IDX=idx, BLOCK_C=bc, BLOCK_S=bs)
+    ints = dict(C=C, S=S, T=1, stride_xc=1, stride_xt=1, stride_sc=S, stride_st=1, stride_oc=1, stride_ot=1)
+    what = (f"conv1d_update_ext {str(dt)[6:]} B={B} C={C} S={S} W={W} "
+            f"[{_flags(meta, ('HAS_BIAS', 'SILU', 'CIRC', 'HAS_IDX'))}] BLOCK={bc}x{bs} warps={nw} novec")
+    return "conv1d_update_ext", _UPDATE_EXT_ARGS, tensors, ints, meta, nw, what
+
+
 def aot_variants(full=False):
     """Representative launches of the conv1d kernels, in the format of ``triton._aot_variants``: both
     layouts, every flag on and off, widths 2..4, every dtype, at Mamba-2 sizes (B 4, C 4096, L 2048) with
@@ -730,6 +773,14 @@ def aot_variants(full=False):
         _bwd_variant(f16, 8, 768, 4096, 2, True, False, False, True, True),
         _update_variant(bf16, 16, 8192, 3, 4, True, True),
         _update_variant(f32, 1, 100, 5, 2, False, False),
+        # packed sequences (seq_idx), the circular / slotted decode update
+        _fwd_seq_variant(bf16, 1, 4096, 8192, 4, True, True, True),
+        _fwd_seq_variant(f32, 2, 1536, 123, 2, False, False, False),
+        _bwd_seq_variant(bf16, 1, 4096, 8192, 4, True, True, True),
+        _bwd_seq_variant(f32, 2, 1536, 123, 3, False, False, False),
+        _update_ext_variant(bf16, 16, 8192, 3, 4, True, True, True, True),
+        _update_ext_variant(f32, 4, 100, 5, 2, False, False, True, False),
+        _update_ext_variant(f16, 4, 100, 3, 4, True, False, False, True),
     ]
     if full:
         for dt in (f32, f16, bf16):
