@@ -105,9 +105,9 @@ EXCEPTIONS = [
     ("_ssd_bwd_chunk_kernel", "*", "issue 21: ssd_scan backward chunk kernel (~9 KB stack, ~15 KB spills) to be "
                                    "split into GEMM-shaped kernels (DESIGN.md section 8)"),
     ("_ssd_fwd_kernel", "*", "ssd_scan forward (and the backward's recompute): the 32 x 128 fp32 state and the "
-                             "chunk tiles exceed the registers at 8 warps; no issue filed yet"),
+                             "chunk tiles exceed the registers at 8 warps; issue 21 (point 2: no spills, no stack)"),
     ("scan_bwd<1>", "*", "CUDA selective_scan backward, N <= 32: __launch_bounds__(128, 4) caps it at 128 registers, "
-                         "a 4-8 B spill; no issue filed yet"),
+                         "a 4-8 B spill; issue 21 (point 1: the block-parallel rebuild)"),
 ]
 
 
