@@ -97,6 +97,16 @@ if IMPORT_ERROR is None:
         return v0, v1, v2, v3
 
     @triton.jit
+    def _taps_bias(Wt, BIAS, c, c_ok, W: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """_lag_taps, then the bias (zero without one): fp32 [BLOCK_C] each."""
+        v0, v1, v2, v3 = _lag_taps(Wt, c, c_ok, W)
+        if HAS_BIAS:
+            bias = tl.cast(tl.load(BIAS + c, mask=c_ok, other=0.0), tl.float32)
+        else:
+            bias = tl.zeros_like(v0)
+        return v0, v1, v2, v3, bias
+
+    @triton.jit
     def _pre_act(X, INIT, x_row, i_row, stride_xt, stride_it, c_ok, t, L, bias, v0, v1, v2, v3,
                  W: tl.constexpr, HAS_INIT: tl.constexpr):
         """bias + sum_j v_j x[t - j], fp32 [BLOCK_C, len(t)]."""
@@ -125,11 +135,7 @@ if IMPORT_ERROR is None:
         t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         x_row = b * stride_xb + c64 * stride_xc
         i_row = b * stride_ib + c64 * stride_ic
-        v0, v1, v2, v3 = _lag_taps(Wt, c, c_ok, W)
-        if HAS_BIAS:
-            bias = tl.cast(tl.load(BIAS + c, mask=c_ok, other=0.0), tl.float32)
-        else:
-            bias = tl.zeros([BLOCK_C], tl.float32)
+        v0, v1, v2, v3, bias = _taps_bias(Wt, BIAS, c, c_ok, W, HAS_BIAS)
         acc = _pre_act(X, INIT, x_row, i_row, stride_xt, stride_it, c_ok, t, L, bias, v0, v1, v2, v3, W, HAS_INIT)
         if SILU:
             acc = acc / (1.0 + tl.exp(-acc))
@@ -238,11 +244,7 @@ if IMPORT_ERROR is None:
         g_row = b * stride_gb + c64 * stride_gc
         df_row = b * stride_dfb + c64 * stride_dfc
         dx_row = b * stride_dxb + c64 * stride_dxc
-        v0, v1, v2, v3 = _lag_taps(Wt, c, c_ok, W)
-        if HAS_BIAS:
-            bias = tl.cast(tl.load(BIAS + c, mask=c_ok, other=0.0), tl.float32)
-        else:
-            bias = tl.zeros([BLOCK_C], tl.float32)
+        v0, v1, v2, v3, bias = _taps_bias(Wt, BIAS, c, c_ok, W, HAS_BIAS)
         dv0 = tl.zeros([BLOCK_C], tl.float32)
         dv1 = tl.zeros([BLOCK_C], tl.float32)
         dv2 = tl.zeros([BLOCK_C], tl.float32)
@@ -306,11 +308,7 @@ if IMPORT_ERROR is None:
         x_row = b * stride_xb + c64 * stride_xc
         s_row = b * stride_sb + c64 * stride_sc
         o_row = b * stride_ob + c64 * stride_oc
-        v0, v1, v2, v3 = _lag_taps(Wt, c, c_ok, W)
-        if HAS_BIAS:
-            bias = tl.cast(tl.load(BIAS + c, mask=c_ok, other=0.0), tl.float32)
-        else:
-            bias = tl.zeros([BLOCK_C], tl.float32)
+        v0, v1, v2, v3, bias = _taps_bias(Wt, BIAS, c, c_ok, W, HAS_BIAS)
         for t in range(0, T):  # new step t is column S + t of [state, x]
             i = S + t
             acc = bias + v0 * tl.cast(_cat_col(X, STATE, x_row, s_row, stride_xt, stride_st, c_ok, i, S, T),
@@ -384,11 +382,7 @@ if IMPORT_ERROR is None:
         t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         x_row = b * stride_xb + c64 * stride_xc
         s_row = b * L
-        v0, v1, v2, v3 = _lag_taps(Wt, c, c_ok, W)
-        if HAS_BIAS:
-            bias = tl.cast(tl.load(BIAS + c, mask=c_ok, other=0.0), tl.float32)
-        else:
-            bias = tl.zeros([BLOCK_C], tl.float32)
+        v0, v1, v2, v3, bias = _taps_bias(Wt, BIAS, c, c_ok, W, HAS_BIAS)
         s0 = _seq_at(SEQ, s_row, t, L)
         acc = _pre_seq(X, x_row, stride_xt, c_ok, t, L, s0, _seq_at(SEQ, s_row, t - 1, L),
                        _seq_at(SEQ, s_row, t - 2, L), _seq_at(SEQ, s_row, t - 3, L), bias, v0, v1, v2, v3, W)
@@ -416,11 +410,7 @@ if IMPORT_ERROR is None:
         g_row = b * stride_gb + c64 * stride_gc
         dx_row = b * stride_dxb + c64 * stride_dxc
         s_row = b * L
-        v0, v1, v2, v3 = _lag_taps(Wt, c, c_ok, W)
-        if HAS_BIAS:
-            bias = tl.cast(tl.load(BIAS + c, mask=c_ok, other=0.0), tl.float32)
-        else:
-            bias = tl.zeros([BLOCK_C], tl.float32)
+        v0, v1, v2, v3, bias = _taps_bias(Wt, BIAS, c, c_ok, W, HAS_BIAS)
         dv0 = tl.zeros([BLOCK_C], tl.float32)
         dv1 = tl.zeros([BLOCK_C], tl.float32)
         dv2 = tl.zeros([BLOCK_C], tl.float32)
@@ -508,11 +498,7 @@ if IMPORT_ERROR is None:
             pos = tl.load(CACHE + b) % S
         else:
             pos = 0
-        v0, v1, v2, v3 = _lag_taps(Wt, c, c_ok, W)
-        if HAS_BIAS:
-            bias = tl.cast(tl.load(BIAS + c, mask=c_ok, other=0.0), tl.float32)
-        else:
-            bias = tl.zeros([BLOCK_C], tl.float32)
+        v0, v1, v2, v3, bias = _taps_bias(Wt, BIAS, c, c_ok, W, HAS_BIAS)
         for t in range(0, T):
             acc = bias + v0 * tl.cast(_hist_col(X, STATE, x_row, s_row, stride_xt, stride_st, cv, t, S, T, pos, CIRC),
                                       tl.float32)
