@@ -107,6 +107,19 @@ if IMPORT_ERROR is None:
         return v0, v1, v2, v3, bias
 
     @triton.jit
+    def _store_dw_db(DW, DB, pid_bs, C, c64, c_ok, dv0, dv1, dv2, dv3, db, W: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """Partial row pid_bs of dw_part (P, C, W) / db_part (P, C); weight[:, k] has lag W - 1 - k."""
+        dw_row = DW + (tl.cast(pid_bs, tl.int64) * C + c64) * W
+        tl.store(dw_row + (W - 1), dv0, mask=c_ok)
+        tl.store(dw_row + (W - 2), dv1, mask=c_ok)
+        if W > 2:
+            tl.store(dw_row + (W - 3), dv2, mask=c_ok)
+        if W > 3:
+            tl.store(dw_row + (W - 4), dv3, mask=c_ok)
+        if HAS_BIAS:
+            tl.store(DB + tl.cast(pid_bs, tl.int64) * C + c64, db, mask=c_ok)
+
+    @triton.jit
     def _pre_act(X, INIT, x_row, i_row, stride_xt, stride_it, c_ok, t, L, bias, v0, v1, v2, v3,
                  W: tl.constexpr, HAS_INIT: tl.constexpr):
         """bias + sum_j v_j x[t - j], fp32 [BLOCK_C, len(t)]."""
@@ -274,16 +287,7 @@ if IMPORT_ERROR is None:
                                                  v2, v3, W, HAS_INIT, HAS_DFINAL, SILU)
             di_ptr = DINIT + (b * stride_dib + c64 * stride_dic)[:, None] + j[None, :] * stride_dit
             _store_out(di_ptr, di, c_ok[:, None] & ((j < H) & (split + j * 0 == 0))[None, :])
-        # partial row pid_bs of dw_part (P, C, W) / db_part (P, C); weight[:, k] has lag W - 1 - k
-        dw_row = DW + (tl.cast(pid_bs, tl.int64) * C + c64) * W
-        tl.store(dw_row + (W - 1), dv0, mask=c_ok)
-        tl.store(dw_row + (W - 2), dv1, mask=c_ok)
-        if W > 2:
-            tl.store(dw_row + (W - 3), dv2, mask=c_ok)
-        if W > 3:
-            tl.store(dw_row + (W - 4), dv3, mask=c_ok)
-        if HAS_BIAS:
-            tl.store(DB + tl.cast(pid_bs, tl.int64) * C + c64, db, mask=c_ok)
+        _store_dw_db(DW, DB, pid_bs, C, c64, c_ok, dv0, dv1, dv2, dv3, db, W, HAS_BIAS)
 
     @triton.jit
     def _cat_col(X, STATE, x_row, s_row, stride_xt, stride_st, c_ok, i, S, T):
@@ -449,15 +453,7 @@ if IMPORT_ERROR is None:
                 dv2 += tl.sum(g0 * _mx(X, x_row, stride_xt, c_ok, t - 2, L, sm2, s0), axis=1)
             if W > 3:
                 dv3 += tl.sum(g0 * _mx(X, x_row, stride_xt, c_ok, t - 3, L, sm3, s0), axis=1)
-        dw_row = DW + (tl.cast(pid_bs, tl.int64) * C + c64) * W
-        tl.store(dw_row + (W - 1), dv0, mask=c_ok)
-        tl.store(dw_row + (W - 2), dv1, mask=c_ok)
-        if W > 2:
-            tl.store(dw_row + (W - 3), dv2, mask=c_ok)
-        if W > 3:
-            tl.store(dw_row + (W - 4), dv3, mask=c_ok)
-        if HAS_BIAS:
-            tl.store(DB + tl.cast(pid_bs, tl.int64) * C + c64, db, mask=c_ok)
+        _store_dw_db(DW, DB, pid_bs, C, c64, c_ok, dv0, dv1, dv2, dv3, db, W, HAS_BIAS)
 
     # ------------------------------------------------------------------------- update: circular buffer / slots
     @triton.jit
